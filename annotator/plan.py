@@ -1,0 +1,121 @@
+"""`annotate plan`: what a run would do (rows, buckets, padding, tokens, FLOPs) without loading a model."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from annotator.batching import MERGE_SIZE, image_token_count, plan_window
+from annotator.recipe import Recipe
+from annotator.sources import open_source, row_inputs
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The sizes that set a Qwen2-VL forward pass's cost."""
+
+    text_hidden: int = 1536
+    text_layers: int = 28
+    text_heads: int = 12
+    text_kv_heads: int = 2
+    text_intermediate: int = 8960
+    vocab: int = 151936
+    vision_depth: int = 32
+    vision_dim: int = 1280
+    vision_mlp_ratio: int = 4
+    patch_dim: int = 3 * 2 * 14 * 14
+
+    @classmethod
+    def from_config(cls, config: Any) -> Architecture:
+        text, vision = config.text_config, config.vision_config
+        return cls(
+            text.hidden_size,
+            text.num_hidden_layers,
+            text.num_attention_heads,
+            text.num_key_value_heads,
+            text.intermediate_size,
+            text.vocab_size,
+            vision.depth,
+            vision.embed_dim,
+            vision.mlp_ratio,
+        )
+
+
+QWEN2_VL_2B = Architecture()
+
+
+def forward_flops(grid: tuple[int, int, int], sequence_length: int, arch: Architecture = QWEN2_VL_2B) -> dict:
+    """Matmul FLOPs (2 per multiply-add) of one scoring forward: vision tower + language model, last-position head."""
+    patches = grid[0] * grid[1] * grid[2]
+    d = arch.vision_dim
+    vision_block = 2 * patches * (4 * d * d + 2 * arch.vision_mlp_ratio * d * d) + 4 * patches * patches * d
+    merged_dim = d * MERGE_SIZE**2
+    merger = 2 * (patches // MERGE_SIZE**2) * (merged_dim * merged_dim + merged_dim * arch.text_hidden)
+    vision = 2 * patches * arch.patch_dim * d + arch.vision_depth * vision_block + merger
+    h, n = arch.text_hidden, sequence_length
+    kv = h // arch.text_heads * arch.text_kv_heads
+    text_layer = 2 * n * (2 * h * h + 2 * h * kv + 3 * h * arch.text_intermediate) + 4 * n * n * h
+    text = arch.text_layers * text_layer + 2 * h * arch.vocab
+    return {"vision": vision, "text": text, "total": vision + text}
+
+
+def plan_recipe(recipe: Recipe, max_rows: int | None = None) -> dict[str, Any]:
+    """Read the input's headers and texts, plan every window, and add it all up."""
+    from annotator.models import load_tokenizer
+    from annotator.prompt import PromptBuilder
+
+    source = open_source(recipe.input, recipe.prompt)
+    tokenizer = load_tokenizer(recipe.model.name, recipe.model.revision)
+    if tokenizer is None:
+        from annotator.models import build_tiny_tokenizer
+
+        tokenizer = build_tiny_tokenizer()
+        tokenizer_note = f"tokenizer of {recipe.model.name!r} unavailable offline: text lengths approximate"
+    else:
+        tokenizer_note = None
+    builder = PromptBuilder(tokenizer, recipe.prompt)
+    columns = [recipe.input.image_column] + ([recipe.input.text_column] if recipe.prompt.query is None else [])
+    grids: Counter[tuple[int, int, int]] = Counter()
+    errors: Counter[str] = Counter()
+    rows = real = padded = batches = 0
+    flops = {"vision": 0, "text": 0, "total": 0}
+    for window in source.windows(recipe.batching.window, columns=columns):
+        inputs = row_inputs(window, recipe.input, recipe.prompt.query)
+        plan = plan_window(
+            inputs,
+            builder.question_tokens([r.text for r in inputs]),
+            builder,
+            recipe.model.min_pixels,
+            recipe.model.max_pixels,
+            recipe.input.max_image_pixels,
+            recipe.batching.max_batch_tokens,
+            recipe.batching.max_batch_size,
+        )
+        rows += window.rows
+        errors.update(e.split(" (", 1)[0] for e in plan.errors.values())
+        real += plan.real_tokens
+        padded += plan.padded_tokens
+        batches += len(plan.batches)
+        for batch in plan.batches:
+            for row in batch:
+                grids[row.grid] += 1
+                for part, value in forward_flops(row.grid, row.length).items():
+                    flops[part] += value
+        if max_rows is not None and rows >= max_rows:
+            break
+    scorable = sum(grids.values())
+    return {
+        "rows": rows,
+        "total_rows": source.total_rows,
+        "scorable": scorable,
+        "errors": dict(errors.most_common()),
+        "batches": batches,
+        "buckets": [{"grid": list(g), "image_tokens": image_token_count(g), "rows": n} for g, n in grids.most_common()],
+        "real_tokens": real,
+        "padded_tokens": padded,
+        "padding_efficiency": round(real / padded, 4) if padded else None,
+        "flops": flops,
+        "flops_per_pair": flops["total"] / scorable if scorable else None,
+        "note": tokenizer_note,
+    }

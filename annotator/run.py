@@ -1,0 +1,409 @@
+"""Run: wire source -> plan -> preprocess -> score -> sink, with resume, signals, progress and summary."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections import Counter, deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from annotator import __version__
+from annotator.batching import PlannedRow, WindowPlan, plan_window
+from annotator.errors import EXIT_RESUMABLE, AnnotatorError, RunInterrupted
+from annotator.images import image_kind
+from annotator.recipe import Recipe, frozen_recipe_yaml, load_recipe, merge, parse_overrides, validate_recipe
+from annotator.sink import RunFolder, output_schema, window_table
+from annotator.sources import Window, open_source, row_inputs
+
+RESULT_KEYS_HINT = "model, prompt, pixels, answers, input columns, threshold"
+
+
+@dataclass
+class WindowState:
+    """A window between planning and commit: results fill in as its batches are scored."""
+
+    window: Window
+    plan: WindowPlan
+    pending: int
+    probs: list[float | None] = field(default_factory=list)
+    masses: list[float | None] = field(default_factory=list)
+    errors: list[str | None] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self) -> None:
+        rows = self.window.rows
+        self.probs, self.masses, self.errors = [None] * rows, [None] * rows, [None] * rows
+        for position, error in self.plan.errors.items():
+            self.errors[position] = error
+
+    def record(self) -> dict[str, Any]:
+        scored = sum(p is not None for p in self.probs)
+        kinds = Counter(image_kind(e) for e in self.errors if e is not None)
+        return {
+            "start": self.window.start,
+            "rows": self.window.rows,
+            "scored": scored,
+            "errors": self.window.rows - scored,
+            "error_kinds": dict(kinds),
+            "truncated_texts": self.plan.truncated,
+            "real_tokens": self.plan.real_tokens,
+            "padded_tokens": self.plan.padded_tokens,
+            "seconds": round(time.perf_counter() - self.started, 3),
+            "committed_at": time.time(),
+        }
+
+
+class StopRequest:
+    """Ctrl-C / SIGTERM: the first asks to stop after the current batch, the second exits at once."""
+
+    def __init__(self, console) -> None:
+        self.console = console
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.requested:
+            os._exit(EXIT_RESUMABLE)  # committed windows are safe on disk; resume redoes the rest
+        self.requested = True
+        self.console.print(
+            f"[yellow]{signal.Signals(signum).name}: stopping after the current batch "
+            "(press Ctrl-C again to quit at once)...[/]"
+        )
+
+    def __enter__(self) -> StopRequest:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def find_latest_unfinished(root: Path = Path("outputs")) -> Path:
+    candidates = [RunFolder(p.parent) for p in root.glob("**/manifest.json")]
+    unfinished = [f for f in candidates if not f.finished]
+    if not unfinished:
+        raise AnnotatorError(
+            f"No unfinished run under {str(root)!r}. Pass the run folder: `annotate resume OUTPUT_DIR`."
+        )
+    return max(unfinished, key=lambda f: f.manifest_path.stat().st_mtime).root
+
+
+def prepare_run(recipe: Recipe, overwrite: bool) -> tuple[RunFolder, Any]:
+    """Check the input and the output folder (no model yet) and create the run folder."""
+    source = open_source(recipe.input, recipe.prompt)
+    folder = RunFolder(recipe.output_dir)
+    if folder.exists() and not overwrite:
+        if folder.finished:
+            raise AnnotatorError(
+                f"{str(folder.root)!r} already holds a finished run. Use another `output.dir`, or add "
+                "--overwrite to replace it."
+            )
+        raise AnnotatorError(
+            f"{str(folder.root)!r} holds an unfinished run. Continue it with `annotate resume {folder.root}`, "
+            "or add --overwrite to start again from scratch."
+        )
+    folder.acquire_lock()
+    if overwrite and folder.exists():
+        _remove_run_contents(folder)
+    folder.create(frozen_recipe_yaml(recipe), _manifest(recipe, source))
+    return folder, source
+
+
+def _remove_run_contents(folder: RunFolder) -> None:
+    import shutil
+
+    for path in (folder.data_dir, folder.journal_dir):
+        shutil.rmtree(path, ignore_errors=True)
+    for path in (folder.summary_path, folder.manifest_path, folder.recipe_path):
+        path.unlink(missing_ok=True)
+
+
+def _manifest(recipe: Recipe, source: Any) -> dict[str, Any]:
+    return {
+        "annotator_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "result_fingerprint": recipe.result_fingerprint(),
+        "input_fingerprint": source.fingerprint(),
+        "window": recipe.batching.window,
+        "total_rows": source.total_rows,
+        "limit": recipe.input.limit,
+    }
+
+
+def prepare_resume(output_dir: Path, overrides: list[str]) -> tuple[Recipe, RunFolder, Any]:
+    """Reload the frozen recipe, refuse result-changing edits and changed input, take the lock."""
+    folder = RunFolder(output_dir)
+    if not folder.exists():
+        raise AnnotatorError(
+            f"{str(output_dir)!r} is not a run folder (no manifest.json). Start it with `annotate run`."
+        )
+    if folder.finished:
+        raise AnnotatorError(f"The run in {str(output_dir)!r} is already finished; see `annotate status {output_dir}`.")
+    import yaml
+
+    frozen = yaml.safe_load(folder.recipe_path.read_text(encoding="utf-8"))
+    recipe = validate_recipe(merge(frozen, parse_overrides(overrides)), source=str(folder.recipe_path))
+    manifest = folder.manifest()
+    if recipe.result_fingerprint() != manifest["result_fingerprint"]:
+        raise AnnotatorError(
+            f"These --set values change results ({RESULT_KEYS_HINT}), so the resumed output would mix two "
+            f"settings. Resume without them, or start a new run with `annotate run ... --overwrite`."
+        )
+    if recipe.batching.window != manifest["window"]:
+        raise AnnotatorError(
+            f"`batching.window` cannot change on resume (the run uses {manifest['window']}): windows are the unit "
+            "of resume. Drop that --set."
+        )
+    source = open_source(recipe.input, recipe.prompt)
+    if source.fingerprint() != manifest["input_fingerprint"] or source.total_rows != manifest["total_rows"]:
+        raise AnnotatorError(
+            f"The input has changed since this run started (files, sizes or contents differ from "
+            f"{str(folder.manifest_path)!r}). Resuming would mix results of two inputs; start a new run with "
+            "--overwrite instead."
+        )
+    folder.acquire_lock()
+    return recipe, folder, source
+
+
+class Annotator:
+    """One process annotating a run folder: plans windows, keeps workers busy, scores, commits in order."""
+
+    def __init__(self, recipe: Recipe, folder: RunFolder, source: Any, console, progress: bool = True) -> None:
+        self.recipe = recipe
+        self.folder = folder
+        self.source = source
+        self.console = console
+        self.show_progress = progress
+        self.max_batch_tokens = recipe.batching.max_batch_tokens
+        self.rows_done = 0
+        self.errors_done = 0
+
+    def run(self) -> dict[str, Any]:
+        try:
+            return self._run()
+        finally:
+            self.folder.release_lock()
+
+    def _run(self) -> dict[str, Any]:
+        from annotator.models import load_model
+        from annotator.preprocess import Preprocessor, resolve_workers
+        from annotator.prompt import PromptBuilder
+        from annotator.scoring import Scorer
+
+        recipe = self.recipe
+        self.folder.clean_leftovers()
+        committed = self.folder.committed()
+        m = recipe.model
+        loaded = load_model(m.name, m.revision, m.dtype, m.device, m.attn_implementation)
+        self.builder = PromptBuilder(loaded.tokenizer, recipe.prompt)
+        self.scorer = Scorer(loaded, self.builder)
+        self.schema = output_schema(self.source.schema, recipe.input.image_column)
+        workers = resolve_workers(recipe.batching.workers)
+        started = time.perf_counter()
+        with (
+            Preprocessor(workers, recipe.batching.image_timeout_s) as self.preprocessor,
+            StopRequest(self.console) as stop,
+            self._progress(committed) as self.progress,
+        ):
+            self._loop(self._windows_to_do(committed), stop, lookahead=max(2 * recipe.batching.max_batch_size, 8))
+        elapsed = time.perf_counter() - started
+        return self.finish(elapsed, loaded.device)
+
+    def _windows_to_do(self, committed: dict[int, dict]) -> Iterator[Window]:
+        first = 0
+        while first in committed:
+            first += 1
+        for window in self.source.windows(self.recipe.batching.window, first):
+            if window.index not in committed:
+                yield window
+
+    def _plan(self, window: Window) -> WindowState:
+        recipe = self.recipe
+        rows = row_inputs(window, recipe.input, recipe.prompt.query)
+        texts = self.builder.question_tokens([r.text for r in rows])
+        plan = plan_window(
+            rows,
+            texts,
+            self.builder,
+            recipe.model.min_pixels,
+            recipe.model.max_pixels,
+            recipe.input.max_image_pixels,
+            self.max_batch_tokens,
+            recipe.batching.max_batch_size,
+        )
+        self._advance(0, len(plan.errors))
+        return WindowState(window, plan, pending=len(plan.batches))
+
+    def _loop(self, windows: Iterator[Window], stop: StopRequest, lookahead: int) -> None:
+        from annotator.preprocess import ImageJob
+
+        open_windows: deque[WindowState] = deque()
+        planned: deque[tuple[WindowState, list[PlannedRow]]] = deque()
+        submitted: deque[tuple[WindowState, list[PlannedRow], list[int]]] = deque()
+        max_pixels = self.recipe.input.max_image_pixels
+        while True:
+            while self.preprocessor.in_flight < lookahead:
+                if not planned:
+                    window = next(windows, None)
+                    if window is None:
+                        break
+                    state = self._plan(window)
+                    open_windows.append(state)
+                    planned.extend((state, batch) for batch in state.plan.batches)
+                    continue
+                state, batch = planned.popleft()
+                tickets = [self.preprocessor.submit(ImageJob(r.image, r.resized, max_pixels)) for r in batch]
+                submitted.append((state, batch, tickets))
+            while open_windows and open_windows[0].pending == 0:
+                self._commit(open_windows.popleft())
+            if not submitted:
+                break
+            if stop.requested:
+                raise RunInterrupted(self._interrupted_message())
+            state, batch, tickets = submitted.popleft()
+            self._score_batch(state, batch, [self.preprocessor.result(t) for t in tickets])
+            state.pending -= 1
+
+    def _score_batch(self, state: WindowState, batch: list[PlannedRow], images: list) -> None:
+        from annotator.scoring import ScoreInput, score_splitting_on_oom
+
+        ready, inputs = [], []
+        for row, image in zip(batch, images, strict=True):
+            if isinstance(image, str):
+                state.errors[row.position] = image
+            else:
+                ready.append(row)
+                inputs.append(ScoreInput(image, row.grid, row.text))
+        if inputs:
+
+            def lower_budget() -> None:
+                padded = len(inputs) * max(r.length for r in ready)
+                self.max_batch_tokens = max(1, min(self.max_batch_tokens, padded // 2))
+
+            for row, score in zip(ready, score_splitting_on_oom(self.scorer, inputs, lower_budget), strict=True):
+                state.probs[row.position] = score.prob
+                state.masses[row.position] = score.answer_mass
+        self._advance(len(ready), len(batch) - len(ready))
+
+    def _commit(self, state: WindowState) -> None:
+        window = state.window
+        table = window_table(
+            window.table,
+            self.schema,
+            window.start,
+            state.probs,
+            state.masses,
+            state.errors,
+            self.recipe.output.threshold,
+        )
+        record = state.record()
+        record["positives"] = sum(bool(v) for v in table.column("label").to_pylist())
+        self.folder.write_window(window.index, table, record)
+
+    def _interrupted_message(self) -> str:
+        return (
+            f"Stopped. Committed windows are safe in {self.folder.root}; the window in progress was dropped. "
+            f"Continue with: annotate resume {self.folder.root}"
+        )
+
+    def _advance(self, scored: int, errors: int) -> None:
+        self.rows_done += scored + errors
+        self.errors_done += errors
+        if self.progress is not None:
+            self.progress.update(self.task, advance=scored + errors, errors=self.errors_done)
+
+    def _progress(self, committed: dict[int, dict]):
+        from contextlib import nullcontext
+
+        self.progress = None
+        if not self.show_progress:
+            return nullcontext()
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            _rate_column(),
+            TextColumn("[red]{task.fields[errors]} errors"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
+        )
+        done = sum(r["rows"] for r in committed.values())
+        self.errors_done = sum(r["errors"] for r in committed.values())
+        self.task = progress.add_task(
+            self.recipe.name, total=self.source.total_rows, completed=done, errors=self.errors_done
+        )
+        return progress
+
+    def finish(self, elapsed: float, device: Any) -> dict[str, Any]:
+        summary = summarize(self.folder)
+        session_rows = self.rows_done
+        summary.update(
+            {
+                "finished": True,
+                "model": self.recipe.model.name,
+                "device": str(device),
+                "session_rows": session_rows,
+                "session_seconds": round(elapsed, 3),
+                "pairs_per_s": round(session_rows / elapsed, 3) if elapsed > 0 else None,
+            }
+        )
+        if summary["rows"] != self.source.total_rows and self.source.total_rows is not None:
+            raise RunInterrupted(
+                f"The run folder holds {summary['rows']} rows but the input has {self.source.total_rows}; "
+                f"run `annotate resume {self.folder.root}`."
+            )
+        self.folder.write_summary(summary)
+        return summary
+
+
+def _rate_column():
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class RateColumn(ProgressColumn):
+        """Rows per second over the recent past."""
+
+        def render(self, task) -> Text:
+            return Text(f"{task.speed:,.1f} rows/s" if task.speed else "- rows/s")
+
+    return RateColumn()
+
+
+def summarize(folder: RunFolder) -> dict[str, Any]:
+    """Counts over every committed window, from the journals alone (no data file is read)."""
+    records = folder.committed()
+    kinds: Counter[str] = Counter()
+    for r in records.values():
+        kinds.update(r.get("error_kinds", {}))
+    padded = sum(r["padded_tokens"] for r in records.values())
+    return {
+        "rows": sum(r["rows"] for r in records.values()),
+        "scored": sum(r["scored"] for r in records.values()),
+        "errors": sum(r["errors"] for r in records.values()),
+        "positives": sum(r.get("positives", 0) for r in records.values()),
+        "error_kinds": dict(kinds.most_common()),
+        "truncated_texts": sum(r.get("truncated_texts", 0) for r in records.values()),
+        "windows": len(records),
+        "padding_efficiency": round(sum(r["real_tokens"] for r in records.values()) / padded, 4) if padded else None,
+    }
+
+
+def run_recipe(recipe_path: str, overrides: list[str], overwrite: bool, console, progress: bool = True) -> dict:
+    recipe = load_recipe(recipe_path, overrides)
+    folder, source = prepare_run(recipe, overwrite)
+    return Annotator(recipe, folder, source, console, progress).run()
+
+
+def resume_run(output_dir: str | None, overrides: list[str], console, progress: bool = True) -> dict:
+    root = Path(output_dir) if output_dir else find_latest_unfinished()
+    recipe, folder, source = prepare_resume(root, overrides)
+    return Annotator(recipe, folder, source, console, progress).run()

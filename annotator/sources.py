@@ -1,0 +1,227 @@
+"""Sources: stream input rows as windows of consecutive rows, from parquet files or Hugging Face datasets."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from annotator.errors import AnnotatorError
+from annotator.images import ImageRef, read_path
+from annotator.recipe import OUTPUT_COLUMNS, InputConfig, PromptConfig
+
+
+@dataclass(slots=True)
+class Window:
+    """Rows [start, start + len(table)) of the input: the unit of sorting, of output and of resume."""
+
+    index: int
+    start: int
+    table: pa.Table
+    base_dirs: list[str | None]  # folder that relative image paths of each row resolve against
+
+    @property
+    def rows(self) -> int:
+        return self.table.num_rows
+
+
+@dataclass(frozen=True, slots=True)
+class RowInput:
+    """A row's image reference and text, or the reason it cannot be scored."""
+
+    image: ImageRef | None
+    text: str | None
+    error: str | None = None
+
+
+def _is_image_type(t: pa.DataType) -> bool:
+    if pa.types.is_struct(t):
+        names = {t.field(i).name for i in range(t.num_fields)}
+        return bool(names & {"bytes", "path"})
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _is_text_type(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)
+
+
+def check_schema(schema: pa.Schema, config: InputConfig, prompt: PromptConfig, where: str) -> None:
+    """Missing columns, unusable types and name clashes, reported before any model is loaded."""
+    columns = ", ".join(f"{f.name} ({f.type})" for f in schema)
+    wanted = {"input.image_column": config.image_column, "input.id_column": config.id_column}
+    if prompt.query is None:
+        wanted["input.text_column"] = config.text_column
+    for key, column in wanted.items():
+        if column is not None and column not in schema.names:
+            raise AnnotatorError(
+                f"Column {column!r} (`{key}`) is not in {where}. Its columns are: {columns}. "
+                f"Set `{key}` to one of them, e.g. --set {key}=<column>."
+            )
+    image_type = schema.field(config.image_column).type
+    if not _is_image_type(image_type):
+        raise AnnotatorError(
+            f"Column {config.image_column!r} (`input.image_column`) has type {image_type}, which cannot hold "
+            "images. It must hold Hugging Face Image structs {bytes, path}, encoded image bytes, or paths. "
+            f"Columns in {where}: {columns}."
+        )
+    if prompt.query is None:
+        text_type = schema.field(config.text_column).type
+        if not _is_text_type(text_type):
+            raise AnnotatorError(
+                f"Column {config.text_column!r} (`input.text_column`) has type {text_type}, not text. Point "
+                f"`input.text_column` at a string column, or set `prompt.query` to a fixed text. Columns: {columns}."
+            )
+    clashes = [c for c in OUTPUT_COLUMNS if c in schema.names]
+    if clashes:
+        raise AnnotatorError(
+            f"The input already has column(s) {', '.join(clashes)}, which annotator writes. Rename or drop them "
+            "first (an earlier run's output? then export or re-run from the original input)."
+        )
+
+
+def row_inputs(window: Window, config: InputConfig, query: str | None) -> list[RowInput]:
+    """Image references and texts of a window's rows; nothing is decoded here."""
+    images = window.table.column(config.image_column).to_pylist()
+    texts = [query] * window.rows if query is not None else window.table.column(config.text_column).to_pylist()
+    rows = []
+    for value, text, base_dir in zip(images, texts, window.base_dirs, strict=True):
+        ref, error = _image_ref(value, base_dir)
+        rows.append(RowInput(ref, text, error))
+    return rows
+
+
+def _image_ref(value: object, base_dir: str | None) -> tuple[ImageRef | None, str | None]:
+    if value is None:
+        return None, "image: missing (null)"
+    if isinstance(value, dict):
+        data, path = value.get("bytes"), value.get("path")
+        if data:
+            return ImageRef(data=bytes(data)), None
+        if path:
+            return ImageRef(path=read_path(path, base_dir)), None
+        return None, "image: missing (struct has neither bytes nor path)"
+    if isinstance(value, bytes | bytearray | memoryview):
+        return ImageRef(data=bytes(value)), None
+    if isinstance(value, str):
+        return (ImageRef(path=read_path(value, base_dir)), None) if value else (None, "image: missing (empty path)")
+    return None, f"image: unsupported value ({type(value).__name__})"
+
+
+def resolve_parquet_files(spec: str) -> list[Path]:
+    path = Path(spec)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.parquet") if not p.name.startswith((".", "_")))
+    else:
+        files = sorted(Path(p) for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+    if not files:
+        raise AnnotatorError(
+            f"`input.parquet` = {spec!r} matches no parquet file. Give a file, a folder holding .parquet "
+            "files, or a glob such as data/*.parquet (relative paths are taken from the current folder)."
+        )
+    return files
+
+
+def _footer_hash(path: Path) -> str:
+    with open(path, "rb") as f:
+        f.seek(-8, os.SEEK_END)
+        footer_length = int.from_bytes(f.read(4), "little")
+        f.seek(-8 - footer_length, os.SEEK_END)
+        return hashlib.sha256(f.read(footer_length)).hexdigest()[:16]
+
+
+class ParquetSource:
+    """Parquet files read in order as record batches; windows can start anywhere without reading earlier rows."""
+
+    def __init__(self, config: InputConfig, prompt: PromptConfig) -> None:
+        self.config = config
+        self.files = resolve_parquet_files(config.parquet)
+        try:
+            self._metadata = [pq.ParquetFile(f).metadata for f in self.files]
+            self.schema = pq.read_schema(self.files[0])
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise AnnotatorError(
+                f"Cannot read parquet input {config.parquet!r}: {exc}. Is it a parquet file?"
+            ) from None
+        for f in self.files[1:]:
+            if not pq.read_schema(f).remove_metadata().equals(self.schema.remove_metadata()):
+                raise AnnotatorError(
+                    f"Parquet file {str(f)!r} has a different schema from {str(self.files[0])!r}; "
+                    "all input files must share one schema."
+                )
+        check_schema(self.schema, config, prompt, f"{config.parquet!r}")
+        available = sum(m.num_rows for m in self._metadata)
+        self.total_rows = min(available, config.limit) if config.limit else available
+
+    def fingerprint(self) -> list[dict]:
+        """Names, sizes and footer hashes: changes when any input file is replaced or edited."""
+        return [
+            {"file": str(f.resolve()), "size": f.stat().st_size, "footer_sha256": _footer_hash(f)} for f in self.files
+        ]
+
+    def _batches_from(self, start: int, columns: list[str] | None) -> Iterator[tuple[pa.RecordBatch, str]]:
+        """Record batches of the input from row `start` on, each with the folder of its file."""
+        offset = 0
+        for path, metadata in zip(self.files, self._metadata, strict=True):
+            if offset + metadata.num_rows <= start:
+                offset += metadata.num_rows
+                continue
+            parquet = pq.ParquetFile(path)
+            first_group, group_offset = 0, offset
+            while first_group < metadata.num_row_groups:
+                group_rows = metadata.row_group(first_group).num_rows
+                if group_offset + group_rows > start:
+                    break
+                group_offset += group_rows
+                first_group += 1
+            skip = max(0, start - group_offset)
+            groups = list(range(first_group, metadata.num_row_groups))
+            for batch in parquet.iter_batches(batch_size=1024, row_groups=groups, columns=columns):
+                if skip >= batch.num_rows:
+                    skip -= batch.num_rows
+                    continue
+                yield batch.slice(skip), str(path.parent)
+                skip = 0
+            offset += metadata.num_rows
+
+    def windows(self, size: int, first: int = 0, columns: list[str] | None = None) -> Iterator[Window]:
+        """Windows `first`, `first + 1`, ... of `size` rows (the last may be shorter)."""
+        index, start = first, first * size
+        pending: list[pa.RecordBatch] = []
+        dirs: list[str | None] = []
+        for batch, folder in self._batches_from(start, columns):
+            while batch.num_rows:
+                end = min(size - len(dirs), self.total_rows - start - len(dirs))
+                if end <= 0:
+                    break
+                taken = batch.slice(0, end)
+                pending.append(taken)
+                dirs.extend([folder] * taken.num_rows)
+                batch = batch.slice(taken.num_rows)
+                if len(dirs) == size or start + len(dirs) == self.total_rows:
+                    yield Window(index, start, _concat(pending), dirs)
+                    index, start, pending, dirs = index + 1, start + len(dirs), [], []
+            if start >= self.total_rows:
+                return
+        if dirs:
+            yield Window(index, start, _concat(pending), dirs)
+
+
+def _concat(batches: list[pa.RecordBatch]) -> pa.Table:
+    return pa.concat_tables([pa.Table.from_batches([b]) for b in batches])
+
+
+def open_source(config: InputConfig, prompt: PromptConfig):
+    """The source for a recipe's `input` section."""
+    if config.parquet is not None:
+        return ParquetSource(config, prompt)
+    from annotator.hf_source import HFSource
+
+    return HFSource(config, prompt)

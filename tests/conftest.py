@@ -1,0 +1,111 @@
+"""Shared fixtures: an isolated cache and output folder per test, the tiny model built once per session."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "recipes" / "data" / "demo.parquet"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_cache(tmp_path_factory) -> Path:
+    """A cache folder holding the tiny model, built once for the whole session."""
+    cache = tmp_path_factory.mktemp("annotator-cache")
+    from annotator.models import TINY_VERSION, make_tiny_model
+
+    make_tiny_model(cache / f"tiny-qwen2-vl-{TINY_VERSION}")
+    return cache
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch, tiny_model_cache) -> None:
+    """Every test runs in its own folder, with the shared tiny model and no network."""
+    monkeypatch.setenv("ANNOTATOR_CACHE", str(tiny_model_cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_model_cache):
+    """The tiny model loaded once (float32, CPU), from its folder."""
+    from annotator.models import TINY_VERSION, load_model
+
+    return load_model(str(tiny_model_cache / f"tiny-qwen2-vl-{TINY_VERSION}"), None, "float32", "cpu", "sdpa")
+
+
+def jpeg_bytes(width: int, height: int, seed: int = 0, mode: str = "RGB", fmt: str = "JPEG", **save) -> bytes:
+    """A noisy but smooth synthetic photo, so resizing and decoding differences show up."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, size=(max(1, height // 16), max(1, width // 16), 3), dtype=np.uint8)
+    image = Image.fromarray(small, "RGB").resize((width, height), Image.Resampling.BILINEAR)
+    if mode != "RGB":
+        image = image.convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save)
+    return buffer.getvalue()
+
+
+def write_dataset(path: Path, images: list, captions: list, **extra_columns) -> Path:
+    """A parquet file with an HF Image struct column `image` and a `caption` column."""
+    structs = [
+        None if img is None else (img if isinstance(img, dict) else {"bytes": img, "path": None}) for img in images
+    ]
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    columns = {"image": pa.array(structs, image_type), "caption": pa.array(captions, pa.string())}
+    columns.update({k: pa.array(v) for k, v in extra_columns.items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+def write_recipe(path: Path, parquet: Path | str, output_dir: Path | str, **sections) -> Path:
+    """A recipe using the tiny model on `parquet`; `sections` override whole sections' keys."""
+    import yaml
+
+    recipe = {
+        "name": "test",
+        "input": {"parquet": str(parquet), "image_column": "image", "text_column": "caption"},
+        "model": {"name": "tiny", "min_pixels": 3136, "max_pixels": 56 * 56 * 4},
+        "batching": {"window": 8, "max_batch_size": 4, "workers": 0},
+        "output": {"dir": str(output_dir)},
+    }
+    for section, values in sections.items():
+        recipe[section] = {**recipe.get(section, {}), **values}
+    path.write_text(yaml.safe_dump(recipe, allow_unicode=True))
+    return path
+
+
+def read_output(output_dir: Path) -> pa.Table:
+    files = sorted((Path(output_dir) / "data").glob("part-*.parquet"))
+    return pa.concat_tables([pq.read_table(f) for f in files])
+
+
+MIXED_SIZES = [(756, 476), (320, 240), (240, 320), (100, 900), (64, 64), (500, 500), (1000, 200), (30, 30)]
+CAPTIONS = [
+    "a cat",
+    "a photo of a dog on the street",
+    "red",
+    "a small blue car parked next to a large green tree in the city",
+    "coffee",
+    "an astronaut in space with a rocket",
+    "grass",
+    "a black and white photo of a man with a camera on a table",
+]
+
+
+@pytest.fixture
+def mixed_parquet(tmp_path) -> Path:
+    """Sixteen rows of different image sizes and caption lengths."""
+    images = [jpeg_bytes(w, h, seed=i) for i, (w, h) in enumerate(MIXED_SIZES * 2)]
+    captions = CAPTIONS + CAPTIONS[::-1]
+    return write_dataset(tmp_path / "in" / "mixed.parquet", images, captions, idx=list(range(16)))

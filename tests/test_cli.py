@@ -1,0 +1,164 @@
+"""The command line end to end with the tiny model, and the user errors it reports (exit 1, no traceback)."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from annotator.cli import app
+from tests.conftest import DEMO, read_output, write_recipe
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_run_end_to_end(tmp_path, mixed_parquet):
+    recipe = write_recipe(tmp_path / "r.yaml", mixed_parquet, tmp_path / "out", output={"threshold": 0.4})
+    result = invoke("run", recipe, "--no-progress")
+    assert result.exit_code == 0, result.output
+    table = read_output(tmp_path / "out")
+    source = pq.read_table(mixed_parquet)
+    assert table.num_rows == source.num_rows
+    assert table.column("row_id").to_pylist() == list(range(source.num_rows))
+    assert table.column("idx").to_pylist() == source.column("idx").to_pylist(), "input order is kept"
+    assert table.column("caption").to_pylist() == source.column("caption").to_pylist()
+    prob = np.array(table.column("prob").to_pylist(), dtype=np.float32)
+    assert ((prob >= 0) & (prob <= 1)).all()
+    assert table.column("label").to_pylist() == [bool(p >= np.float32(0.4)) for p in prob]
+    assert table.column("error").null_count == table.num_rows
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["rows"] == summary["scored"] == 16
+    assert summary["positives"] == sum(table.column("label").to_pylist())
+    assert 0 < summary["padding_efficiency"] <= 1
+    frozen = yaml.safe_load((tmp_path / "out" / "recipe.yaml").read_text())
+    assert frozen["output"]["threshold"] == 0.4 and frozen["model"]["name"] == "tiny"
+
+
+def test_output_loads_with_datasets_as_image_feature(tmp_path):
+    import datasets
+
+    recipe = write_recipe(tmp_path / "r.yaml", DEMO, tmp_path / "out")
+    assert invoke("run", recipe, "--no-progress", "--limit", "5").exit_code == 0
+    ds = datasets.load_dataset("parquet", data_files=str(tmp_path / "out" / "data" / "*.parquet"), split="train")
+    assert len(ds) == 5
+    assert isinstance(ds.features["image"], datasets.Image)
+    assert ds.features["prob"].dtype == "float32" and ds.features["label"].dtype == "bool"
+    assert ds[0]["image"].size == (451, 300)
+
+
+def test_set_overrides_and_limit(tmp_path, mixed_parquet):
+    recipe = write_recipe(tmp_path / "r.yaml", mixed_parquet, tmp_path / "out")
+    result = invoke(
+        "run",
+        recipe,
+        "--no-progress",
+        "--limit",
+        "5",
+        "--set",
+        "batching.max_batch_size=2",
+        "--set",
+        "prompt.query=a cat",
+    )
+    assert result.exit_code == 0, result.output
+    frozen = yaml.safe_load((tmp_path / "out" / "recipe.yaml").read_text())
+    assert frozen["batching"]["max_batch_size"] == 2 and frozen["prompt"]["query"] == "a cat"
+    assert read_output(tmp_path / "out").num_rows == 5
+
+
+def test_run_into_a_finished_run_stops_unless_overwrite(tmp_path, mixed_parquet):
+    recipe = write_recipe(tmp_path / "r.yaml", mixed_parquet, tmp_path / "out")
+    assert invoke("run", recipe, "--no-progress", "--limit", "3").exit_code == 0
+    again = invoke("run", recipe, "--no-progress", "--limit", "3")
+    assert again.exit_code == 1 and "already holds a finished run" in again.output
+    assert invoke("run", recipe, "--no-progress", "--limit", "4", "--overwrite").exit_code == 0
+    assert read_output(tmp_path / "out").num_rows == 4
+
+
+def test_plan_reports_buckets_without_a_model(tmp_path, mixed_parquet, monkeypatch):
+    import annotator.models
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("plan must not load a model")
+
+    monkeypatch.setattr(annotator.models, "load_model", no_model)
+    recipe = write_recipe(tmp_path / "r.yaml", mixed_parquet, tmp_path / "out")
+    result = invoke("plan", recipe, "--json")
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.output)
+    assert plan["rows"] == plan["scorable"] == 16
+    assert sum(b["rows"] for b in plan["buckets"]) == 16
+    assert 0 < plan["padding_efficiency"] <= 1
+    assert plan["flops"]["total"] > plan["flops"]["vision"] > 0
+    assert invoke("plan", recipe).exit_code == 0
+
+
+def test_status_of_a_finished_run(tmp_path, mixed_parquet):
+    recipe = write_recipe(tmp_path / "r.yaml", mixed_parquet, tmp_path / "out")
+    assert invoke("run", recipe, "--no-progress").exit_code == 0
+    result = invoke("status", tmp_path / "out", "--json")
+    status = json.loads(result.output)
+    assert status["state"] == "finished" and status["rows_done"] == 16 and status["lock"] == "free"
+    assert status["positives"] + status["negatives"] == 16
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"batching": {"max_batch_sise": 4}}, "`batching.max_batch_sise` is not a recipe key"),
+        ({"batching": {"max_batch_sise": 4}}, "Did you mean `batching.max_batch_size`?"),
+        ({"batching": {"max_batch_size": "many"}}, "`batching.max_batch_size`"),
+        ({"input": {"text_column": "captions"}}, "Column 'captions' (`input.text_column`) is not in"),
+        ({"input": {"text_column": "captions"}}, "Its columns are: image"),
+        ({"input": {"image_column": "idx"}}, "has type int64, which cannot hold images"),
+        ({"input": {"text_column": "idx"}}, "has type int64, not text"),
+        ({"input": {"parquet": "missing/*.parquet"}}, "matches no parquet file"),
+        ({"prompt": {"question": "no placeholder"}}, "must contain `{text}`"),
+        ({"output": {"threshold": 2}}, "`output.threshold`"),
+    ],
+)
+def test_recipe_errors_exit_1_with_a_message(tmp_path, mixed_parquet, change, expected):
+    recipe = yaml.safe_load(write_recipe(tmp_path / "r.yaml", mixed_parquet, tmp_path / "out").read_text())
+    for section, values in change.items():
+        recipe.setdefault(section, {}).update(values)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    result = invoke("run", tmp_path / "r.yaml", "--no-progress")
+    assert result.exit_code == 1
+    assert expected in result.output.replace("\n", " ")
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out" / "data").exists(), "nothing is written before the recipe is valid"
+
+
+def test_missing_recipe_file_and_bad_yaml(tmp_path):
+    result = invoke("run", tmp_path / "nope.yaml")
+    assert result.exit_code == 1 and "does not exist" in result.output
+    (tmp_path / "bad.yaml").write_text("name: [unclosed")
+    result = invoke("run", tmp_path / "bad.yaml")
+    assert result.exit_code == 1 and "not valid YAML" in result.output
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    assert "must be a YAML mapping" in invoke("run", tmp_path / "list.yaml").output
+
+
+def test_unreachable_hub_model_is_one_clear_error(tmp_path, mixed_parquet):
+    recipe = write_recipe(tmp_path / "r.yaml", mixed_parquet, tmp_path / "out", model={"name": "nobody/no-such-model"})
+    result = invoke("run", recipe, "--no-progress")
+    assert result.exit_code == 1
+    assert "Could not load model 'nobody/no-such-model'" in result.output.replace("\n", " ")
+    assert "tiny" in result.output
+
+
+def test_help_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from annotator.cli import app; "
+        "app(['--help'], standalone_mode=False); print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("False")

@@ -1,0 +1,100 @@
+"""Scoring: batched and bucketed results equal one-at-a-time results, and both equal the model's own path."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from annotator.batching import grid_thw, plan_window
+from annotator.images import ImageRef, decode_resized
+from annotator.prompt import PromptBuilder
+from annotator.recipe import PromptConfig
+from annotator.scoring import ScoreInput, Scorer, score_splitting_on_oom
+from annotator.sources import RowInput
+from tests.conftest import CAPTIONS, MIXED_SIZES, jpeg_bytes
+
+MIN_PIXELS, MAX_PIXELS = 3136, 56 * 56 * 4
+
+
+@pytest.fixture(scope="module")
+def rows():
+    images = [jpeg_bytes(w, h, seed=i) for i, (w, h) in enumerate(MIXED_SIZES * 2)]
+    return [RowInput(ImageRef(data=d), c, None) for d, c in zip(images, CAPTIONS + CAPTIONS[::-1], strict=True)]
+
+
+def score_rows(tiny, rows, max_batch_tokens, max_batch_size):
+    builder = PromptBuilder(tiny.tokenizer, PromptConfig())
+    scorer = Scorer(tiny, builder)
+    texts = builder.question_tokens([r.text for r in rows])
+    plan = plan_window(rows, texts, builder, MIN_PIXELS, MAX_PIXELS, 10**9, max_batch_tokens, max_batch_size)
+    probs, masses = [None] * len(rows), [None] * len(rows)
+    for batch in plan.batches:
+        inputs = [ScoreInput(decode_resized(r.image, r.resized, 10**9), r.grid, r.text) for r in batch]
+        for row, score in zip(batch, scorer.score(inputs), strict=True):
+            probs[row.position], masses[row.position] = score.prob, score.answer_mass
+    return np.array(probs), np.array(masses), plan
+
+
+def test_batched_equals_one_at_a_time(tiny, rows):
+    single_p, single_m, single_plan = score_rows(tiny, rows, max_batch_tokens=10**6, max_batch_size=1)
+    batched_p, batched_m, batched_plan = score_rows(tiny, rows, max_batch_tokens=2000, max_batch_size=8)
+    assert len(single_plan.batches) == len(rows)
+    assert any(len(b) > 1 for b in batched_plan.batches), "the batched run must really batch"
+    assert len({len(r.text.ids) for b in batched_plan.batches for r in b}) > 1, "texts of several lengths"
+    assert len({r.grid for b in batched_plan.batches for r in b}) > 3, "images of several sizes"
+    assert single_p.std() > 0.05, "the tiny model's answers must depend on the input, or equality proves nothing"
+    np.testing.assert_allclose(batched_p, single_p, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(batched_m, single_m, atol=1e-6, rtol=1e-4)
+    assert ((batched_p >= 0) & (batched_p <= 1)).all()
+    assert ((batched_m > 0) & (batched_m <= 1)).all()
+
+
+def test_score_equals_the_models_own_processor_and_rope_path(tiny):
+    """Reference: transformers' image processor, the model's own 3-D positions, full logits."""
+    builder = PromptBuilder(tiny.tokenizer, PromptConfig())
+    data = jpeg_bytes(756, 476, seed=3)
+    text = builder.question_tokens(["a cat"])[0]
+    grid = grid_thw(476, 756, MIN_PIXELS, MAX_PIXELS)
+    ours = Scorer(tiny, builder).score(
+        [ScoreInput(decode_resized(ImageRef(data=data), (grid[1] * 14, grid[2] * 14), 10**9, draft=False), grid, text)]
+    )[0]
+
+    processor = Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    pixels = processor(images=[Image.open(io.BytesIO(data)).convert("RGB")], return_tensors="pt")
+    ids = torch.tensor([builder.sequence(grid[1] * grid[2] // 4, text)])
+    with torch.no_grad():
+        logits = tiny.model(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            mm_token_type_ids=(ids == builder.image_pad_id).long(),
+            pixel_values=pixels["pixel_values"],
+            image_grid_thw=pixels["image_grid_thw"],
+            use_cache=False,
+        ).logits[0, -1]
+    probs = logits.softmax(-1)
+    y, n = probs[builder.positive_id].item(), probs[builder.negative_id].item()
+    assert ours.prob == pytest.approx(y / (y + n), abs=1e-5)
+    assert ours.answer_mass == pytest.approx(y + n, rel=1e-4)
+
+
+def test_out_of_memory_splits_the_batch_and_keeps_every_row(tiny, rows):
+    builder = PromptBuilder(tiny.tokenizer, PromptConfig())
+    scorer = Scorer(tiny, builder)
+    texts = builder.question_tokens([r.text for r in rows[:6]])
+    plan = plan_window(rows[:6], texts, builder, MIN_PIXELS, MAX_PIXELS, 10**9, 10**6, 6)
+    (batch,) = plan.batches
+    inputs = [ScoreInput(decode_resized(r.image, r.resized, 10**9), r.grid, r.text) for r in batch]
+    expected = scorer.score(inputs)
+
+    def fail_when_large(batch_size: int) -> None:
+        if batch_size > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    scorer.forward_hook = fail_when_large
+    splits = []
+    got = score_splitting_on_oom(scorer, inputs, lambda: splits.append(1))
+    assert len(got) == len(inputs) and splits
+    np.testing.assert_allclose([s.prob for s in got], [s.prob for s in expected], atol=1e-5)
