@@ -129,10 +129,15 @@ class RunFolder:
         return records
 
     def clean_leftovers(self) -> int:
-        """Delete hidden files of writes that never completed; returns how many."""
+        """Delete hidden files of writes that never completed and end a torn journal line; returns files deleted."""
         leftovers = [p for p in self.data_dir.iterdir() if p.name.startswith((".", "_"))]
         for path in leftovers:
             path.unlink(missing_ok=True)
+        if self.journal_path.is_file() and self.journal_path.stat().st_size:
+            with open(self.journal_path, "rb+") as journal:
+                journal.seek(-1, os.SEEK_END)
+                if journal.read(1) != b"\n":
+                    journal.write(b"\n")  # a killed append: the torn line stays unparseable, the next one is whole
         return len(leftovers)
 
     def write_window(self, index: int, table: pa.Table, record: dict[str, Any]) -> None:

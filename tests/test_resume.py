@@ -1,0 +1,272 @@
+"""Crash safety: kill -9 / Ctrl-C / SIGTERM at any instant, then `annotate resume`, gives the uninterrupted output."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from annotator.cli import app
+from tests.conftest import jpeg_bytes, read_output, write_dataset, write_recipe
+
+runner = CliRunner()
+ROWS = 120
+
+
+def annotate(*args: str | Path) -> subprocess.Popen:
+    """`annotate ...` in its own process, as a user would start it."""
+    command = [sys.executable, "-c", "from annotator.cli import app; app()", *map(str, args)]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    sizes = [(320, 240), (240, 320), (400, 120), (280, 280), (360, 240)]
+    images = [jpeg_bytes(*sizes[i % len(sizes)], seed=i) for i in range(ROWS)]
+    captions = [f"caption number {i} " + "word " * (i % 7) for i in range(ROWS)]
+    return write_dataset(tmp_path_factory.mktemp("input") / "in.parquet", images, captions)
+
+
+def make_recipe(folder: Path, dataset: Path, name: str, **batching) -> Path:
+    return write_recipe(
+        folder / f"{name}.yaml",
+        dataset,
+        folder / name,
+        model={"max_pixels": 28 * 28 * 64},  # large enough that a window takes a killable while
+        batching={"window": 6, "max_batch_size": 4, "workers": 0, **batching},
+    )
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, dataset, tiny_model_cache) -> Path:
+    """The folder of an uninterrupted run, made once for the module."""
+    folder = tmp_path_factory.mktemp("reference")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ANNOTATOR_CACHE", str(tiny_model_cache))
+        assert invoke("run", make_recipe(folder, dataset, "reference"), "--no-progress").exit_code == 0
+    return folder / "reference"
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run):
+    return read_output(reference_run)
+
+
+def journal_lines(output: Path) -> int:
+    journal = output / "journal" / "main.jsonl"
+    return len(journal.read_text().splitlines()) if journal.exists() else 0
+
+
+def assert_same_output(output: Path, reference) -> None:
+    table = read_output(output)
+    assert table.column("row_id").to_pylist() == list(range(ROWS)), "every row once, in order"
+    assert table.column("prob").to_pylist() == reference.column("prob").to_pylist()
+    assert table.column("caption").to_pylist() == reference.column("caption").to_pylist()
+    assert not [p for p in (output / "data").iterdir() if p.name.startswith((".", "_"))]
+    assert json.loads((output / "summary.json").read_text())["rows"] == ROWS
+
+
+def test_kill_9_at_random_instants_then_resume_is_exact(tmp_path, dataset, reference):
+    rng = random.Random(7)
+    output = tmp_path / "killed"
+    process = annotate("run", make_recipe(tmp_path, dataset, "killed"), "--no-progress")
+    kills = 0
+    for _ in range(3):
+        # Kill once some windows are committed, at a random moment within the next window or two.
+        target = journal_lines(output) + rng.randint(1, 4)
+        deadline = time.monotonic() + 120
+        while journal_lines(output) < target and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, 0.3))
+        if process.poll() is not None:
+            break
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        kills += 1
+        assert not (output / "summary.json").exists()
+        process = annotate("resume", output, "--no-progress")
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, out
+    assert kills >= 2, "the run finished before it could be killed; make it longer"
+    assert_same_output(output, reference)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_then_resume(tmp_path, dataset, reference, signum):
+    output = tmp_path / "interrupted"
+    process = annotate("run", make_recipe(tmp_path, dataset, "interrupted"), "--no-progress")
+    deadline = time.monotonic() + 120
+    while journal_lines(output) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signum)
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 2, out
+    assert f"annotate resume {output}" in out.replace("\n", "")
+    assert not (output / "lock").exists()
+    status = json.loads(invoke("status", output, "--json").output)
+    assert status["state"] == "interrupted" and status["next"] == f"annotate resume {output}"
+    assert 0 < status["rows_done"] < ROWS
+    assert invoke("resume", output, "--no-progress").exit_code == 0
+    assert_same_output(output, reference)
+
+
+def interrupted_copy(run: Path, destination: Path, keep_windows: int) -> Path:
+    """A copy of a finished run turned into one that stopped after `keep_windows` windows."""
+    shutil.copytree(run, destination)
+    (destination / "summary.json").unlink()
+    journal = destination / "journal" / "main.jsonl"
+    journal.write_text("".join(journal.read_text().splitlines(keepends=True)[:keep_windows]))
+    for path in sorted((destination / "data").glob("part-*.parquet"))[keep_windows:]:
+        path.unlink()
+    return destination
+
+
+def test_resume_refuses_changed_input(tmp_path, dataset):
+    own = tmp_path / "in.parquet"
+    shutil.copy(dataset, own)
+    recipe = make_recipe(tmp_path, own, "changed")
+    assert invoke("run", recipe, "--no-progress", "--limit", "12").exit_code == 0
+    output = interrupted_copy(tmp_path / "changed", tmp_path / "partial", keep_windows=1)
+    table = pq.read_table(own)
+    pq.write_table(table.slice(1).append_column("extra", [list(range(ROWS - 1))]), own)
+    result = invoke("resume", output, "--no-progress")
+    assert result.exit_code == 1 and "input has changed" in result.output
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["model.max_pixels=3136", "prompt.question=is {text} here?", "prompt.system=Be terse.", "model.name=other"],
+)
+def test_resume_refuses_result_changing_overrides(tmp_path, dataset, reference_run, override):
+    output = interrupted_copy(reference_run, tmp_path / "partial", keep_windows=3)
+    result = invoke("resume", output, "--set", override, "--no-progress")
+    assert result.exit_code == 1 and "change results" in result.output
+
+
+def test_resume_accepts_a_changed_batch_size(tmp_path, dataset, reference_run, reference):
+    output = interrupted_copy(reference_run, tmp_path / "partial", keep_windows=3)
+    result = invoke(
+        "resume",
+        output,
+        "--set",
+        "batching.max_batch_size=1",
+        "--set",
+        "batching.max_batch_tokens=999",
+        "--no-progress",
+    )
+    assert result.exit_code == 0, result.output
+    table = read_output(output)
+    assert table.column("row_id").to_pylist() == list(range(ROWS))
+    for got, want in zip(table.column("prob").to_pylist(), reference.column("prob").to_pylist(), strict=True):
+        assert got == pytest.approx(want, abs=1e-5)
+
+
+def test_resume_refuses_a_changed_window(tmp_path, dataset, reference_run):
+    output = interrupted_copy(reference_run, tmp_path / "partial", keep_windows=3)
+    result = invoke("resume", output, "--set", "batching.window=7", "--no-progress")
+    assert result.exit_code == 1 and "batching.window" in result.output
+
+
+def test_hidden_leftovers_and_torn_journal_lines_are_cleaned(tmp_path, dataset, reference_run, reference):
+    output = interrupted_copy(reference_run, tmp_path / "partial", keep_windows=4)
+    leftover = output / "data" / ".part-000004.parquet.999.tmp"
+    leftover.write_bytes(b"PAR1 half a file")
+    with open(output / "journal" / "main.jsonl", "a") as journal:
+        journal.write('{"window": 4, "rows"')  # killed mid-append
+    assert invoke("resume", output, "--no-progress").exit_code == 0
+    assert not leftover.exists()
+    assert_same_output(output, reference)
+
+
+def test_resume_skips_committed_windows_without_reading_their_images(
+    tmp_path, dataset, reference_run, monkeypatch, reference
+):
+    import annotator.batching
+
+    output = interrupted_copy(reference_run, tmp_path / "partial", keep_windows=15)
+    seen: list[int] = []
+    original = annotator.batching.plan_window
+
+    def counting(rows, *args, **kwargs):
+        seen.append(len(rows))
+        return original(rows, *args, **kwargs)
+
+    monkeypatch.setattr("annotator.run.plan_window", counting)
+    assert invoke("resume", output, "--no-progress").exit_code == 0
+    assert sum(seen) == ROWS - 15 * 6
+    assert_same_output(output, reference)
+
+
+def test_default_resume_picks_the_latest_unfinished_run(tmp_path, dataset, reference_run, monkeypatch, reference):
+    output = interrupted_copy(reference_run, tmp_path / "partial", keep_windows=2)
+    os.makedirs("outputs", exist_ok=True)
+    target = Path("outputs") / "partial"
+    output.rename(target)
+    assert invoke("resume", "--no-progress").exit_code == 0
+    assert_same_output(target, reference)
+
+
+def test_run_into_an_unfinished_folder_points_to_resume(tmp_path, dataset, reference_run):
+    partial = interrupted_copy(reference_run, tmp_path / "partial", keep_windows=2)
+    recipe = write_recipe(tmp_path / "r.yaml", dataset, partial)
+    result = invoke("run", recipe, "--no-progress")
+    assert result.exit_code == 1 and "annotate resume" in result.output
+
+
+def test_a_live_lock_blocks_a_second_writer(tmp_path, dataset, reference_run):
+    output = interrupted_copy(reference_run, tmp_path / "partial", keep_windows=2)
+    import socket
+
+    (output / "lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    result = invoke("resume", output, "--no-progress")
+    assert result.exit_code == 1 and f"being written by process {os.getpid()}" in result.output
+    status = json.loads(invoke("status", output, "--json").output)
+    assert status["state"] == "running" and str(os.getpid()) in status["lock"]
+
+
+def test_a_stale_lock_from_a_dead_process_is_taken_over(tmp_path, dataset, reference_run, reference):
+    output = interrupted_copy(reference_run, tmp_path / "partial", keep_windows=2)
+    import socket
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (output / "lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    assert invoke("resume", output, "--no-progress").exit_code == 0
+    assert_same_output(output, reference)
+
+
+def test_a_write_failure_is_resumable_and_leaves_nothing_half_written(tmp_path, dataset, monkeypatch, reference):
+    import annotator.sink
+
+    output = tmp_path / "diskfull"
+    original = annotator.sink.pq.write_table
+    calls = []
+
+    def disk_full_on_third(table, where, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            where.write(b"partial bytes")
+            raise OSError(28, "No space left on device")
+        return original(table, where, **kwargs)
+
+    monkeypatch.setattr(annotator.sink.pq, "write_table", disk_full_on_third)
+    result = invoke("run", make_recipe(tmp_path, dataset, "diskfull"), "--no-progress")
+    assert result.exit_code == 2 and "No space left on device" in result.output
+    assert sorted(p.name for p in (output / "data").iterdir()) == ["part-000000.parquet", "part-000001.parquet"]
+    monkeypatch.setattr(annotator.sink.pq, "write_table", original)
+    assert invoke("resume", output, "--no-progress").exit_code == 0
+    assert_same_output(output, reference)
