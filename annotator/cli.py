@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from annotator.errors import AnnotatorError, RunInterrupted
+from annotator.errors import EXIT_RESUMABLE, AnnotatorError, RunInterrupted
 
 app = typer.Typer(
     help="Score image-text relevance with Qwen2-VL: parquet or Hugging Face datasets in, labelled parquet out.",
@@ -42,6 +42,10 @@ def user_errors(command):
         except RunInterrupted as exc:
             console.print(f"[bold yellow]Interrupted:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            # Ctrl-C before the run loop took over signals (e.g. while the model loads): nothing is half-written.
+            console.print("[bold yellow]Interrupted.[/] Committed windows are safe; continue with `annotate resume`.")
+            raise typer.Exit(EXIT_RESUMABLE) from None
 
     return wrapper
 

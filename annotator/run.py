@@ -98,7 +98,8 @@ def prepare_run(recipe: Recipe, overwrite: bool) -> tuple[RunFolder, Any]:
     """Check the input and the output folder (no model yet) and create the run folder."""
     source = open_source(recipe.input, recipe.prompt)
     folder = RunFolder(recipe.output_dir)
-    if folder.exists() and not overwrite:
+    # A run that committed nothing (e.g. its model failed to load) has nothing to lose: start it again.
+    if folder.exists() and not overwrite and (folder.finished or folder.committed()):
         if folder.finished:
             raise AnnotatorError(
                 f"{str(folder.root)!r} already holds a finished run. Use another `output.dir`, or add "
@@ -109,7 +110,7 @@ def prepare_run(recipe: Recipe, overwrite: bool) -> tuple[RunFolder, Any]:
             "or add --overwrite to start again from scratch."
         )
     folder.acquire_lock()
-    if overwrite and folder.exists():
+    if folder.exists():
         _remove_run_contents(folder)
     folder.create(frozen_recipe_yaml(recipe), _manifest(recipe, source))
     return folder, source

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,9 @@ def run_status(output_dir: Path | None) -> dict[str, Any]:
     summary = summarize(folder)
     records = sorted(folder.committed().values(), key=lambda r: r["committed_at"])
     rows_per_s = None
-    if len(records) >= 2 and records[-1]["committed_at"] > records[0]["committed_at"]:
+    if folder.finished:
+        rows_per_s = json.loads(folder.summary_path.read_text()).get("pairs_per_s")
+    elif len(records) >= 2 and records[-1]["committed_at"] > records[0]["committed_at"]:
         rows = sum(r["rows"] for r in records[1:])
         rows_per_s = round(rows / (records[-1]["committed_at"] - records[0]["committed_at"]), 2)
     holder = folder.lock_holder()

@@ -162,3 +162,12 @@ def test_help_does_not_import_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().endswith("False")
+
+
+def test_a_run_that_committed_nothing_can_be_run_again(tmp_path, mixed_parquet):
+    recipe = write_recipe(tmp_path / "r.yaml", mixed_parquet, tmp_path / "out", model={"name": "nobody/no-such-model"})
+    assert invoke("run", recipe, "--no-progress").exit_code == 1
+    fixed = write_recipe(tmp_path / "r.yaml", mixed_parquet, tmp_path / "out")
+    result = invoke("run", fixed, "--no-progress", "--limit", "3")
+    assert result.exit_code == 0, result.output
+    assert read_output(tmp_path / "out").num_rows == 3
