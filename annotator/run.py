@@ -248,6 +248,7 @@ class Annotator:
         planned: deque[tuple[WindowState, list[PlannedRow]]] = deque()
         submitted: deque[tuple[WindowState, list[PlannedRow], list[int]]] = deque()
         max_pixels = self.recipe.input.max_image_pixels
+        in_flight = None
         while True:
             while self.preprocessor.in_flight < lookahead:
                 if not planned:
@@ -264,15 +265,23 @@ class Annotator:
             while open_windows and open_windows[0].pending == 0:
                 self._commit(open_windows.popleft())
             if not submitted:
-                break
+                if in_flight is None:
+                    break
+                self._finish_batch(*in_flight)
+                in_flight = None
+                continue
             if stop.requested:
                 raise RunInterrupted(self._interrupted_message())
             state, batch, tickets = submitted.popleft()
-            self._score_batch(state, batch, [self.preprocessor.result(t) for t in tickets])
-            state.pending -= 1
+            launched = self._launch_batch(state, batch, [self.preprocessor.result(t) for t in tickets])
+            # The previous batch's results are read only now, so the GPU ran it while this one was prepared.
+            if in_flight is not None:
+                self._finish_batch(*in_flight)
+            in_flight = launched
 
-    def _score_batch(self, state: WindowState, batch: list[PlannedRow], images: list) -> None:
-        from annotator.scoring import ScoreInput, score_splitting_on_oom
+    def _launch_batch(self, state: WindowState, batch: list[PlannedRow], images: list):
+        """Record decode errors, start scoring the rest; returns what `_finish_batch` needs."""
+        from annotator.scoring import ScoreInput, launch_splitting_on_oom
 
         ready, inputs = [], []
         for row, image in zip(batch, images, strict=True):
@@ -281,15 +290,20 @@ class Annotator:
             else:
                 ready.append(row)
                 inputs.append(ScoreInput(image, row.grid, row.text))
-        if inputs:
+        if not inputs:
+            return state, batch, ready, lambda: []
+        padded = len(inputs) * max(r.length for r in ready)
 
-            def lower_budget() -> None:
-                padded = len(inputs) * max(r.length for r in ready)
-                self.max_batch_tokens = max(1, min(self.max_batch_tokens, padded // 2))
+        def lower_budget() -> None:
+            self.max_batch_tokens = max(1, min(self.max_batch_tokens, padded // 2))
 
-            for row, score in zip(ready, score_splitting_on_oom(self.scorer, inputs, lower_budget), strict=True):
-                state.probs[row.position] = score.prob
-                state.masses[row.position] = score.answer_mass
+        return state, batch, ready, launch_splitting_on_oom(self.scorer, inputs, lower_budget)
+
+    def _finish_batch(self, state: WindowState, batch: list[PlannedRow], ready: list[PlannedRow], wait) -> None:
+        for row, score in zip(ready, wait(), strict=True):
+            state.probs[row.position] = score.prob
+            state.masses[row.position] = score.answer_mass
+        state.pending -= 1
         self._advance(len(ready), len(batch) - len(ready))
 
     def _commit(self, state: WindowState) -> None:

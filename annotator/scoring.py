@@ -95,26 +95,44 @@ class Scorer:
         return batch
 
     @torch.inference_mode()
-    def score(self, rows: Sequence[ScoreInput]) -> list[Score]:
+    def launch(self, rows: Sequence[ScoreInput]) -> Callable[[], list[Score]]:
+        """Queue one forward pass; the returned function waits for it and gives the scores.
+
+        On a GPU the pass runs while the caller prepares the next batch: reading results is the only sync.
+        """
         if self.forward_hook is not None:
             self.forward_hook(len(rows))
         batch = self.collate(rows)
         output = self.loaded.model(**batch, use_cache=False, logits_to_keep=1)
         log_probs = output.logits[:, -1, :].float().log_softmax(-1)
         answers = log_probs.index_select(-1, self.answer_ids)
-        mass = answers.exp().sum(-1)
-        prob = answers.softmax(-1)[:, 0]
-        return [Score(p, m) for p, m in zip(prob.tolist(), mass.tolist(), strict=True)]
+        results = torch.stack([answers.softmax(-1)[:, 0], answers.exp().sum(-1)], dim=1)
+        if results.device.type != "cuda":
+            return lambda: [Score(p, m) for p, m in results.tolist()]
+        host = results.to("cpu", non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+
+        def wait() -> list[Score]:
+            done.synchronize()
+            return [Score(p, m) for p, m in host.tolist()]
+
+        return wait
+
+    def score(self, rows: Sequence[ScoreInput]) -> list[Score]:
+        return self.launch(rows)()
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def score_splitting_on_oom(scorer: Scorer, rows: Sequence[ScoreInput], on_split: Callable[[], None]) -> list[Score]:
-    """Score `rows`; on out-of-memory, halve the batch and retry each half, down to single rows."""
+def launch_splitting_on_oom(
+    scorer: Scorer, rows: Sequence[ScoreInput], on_split: Callable[[], None]
+) -> Callable[[], list[Score]]:
+    """Launch `rows`; on out-of-memory, halve the batch and launch each half, down to single rows."""
     try:
-        return scorer.score(rows)
+        return scorer.launch(rows)
     except (torch.OutOfMemoryError, RuntimeError) as exc:
         if not is_out_of_memory(exc) or len(rows) == 1:
             raise
@@ -122,6 +140,6 @@ def score_splitting_on_oom(scorer: Scorer, rows: Sequence[ScoreInput], on_split:
             torch.cuda.empty_cache()
         on_split()
         half = len(rows) // 2
-        return score_splitting_on_oom(scorer, rows[:half], on_split) + score_splitting_on_oom(
-            scorer, rows[half:], on_split
-        )
+        first = launch_splitting_on_oom(scorer, rows[:half], on_split)
+        second = launch_splitting_on_oom(scorer, rows[half:], on_split)
+        return lambda: first() + second()

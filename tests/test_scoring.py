@@ -12,7 +12,7 @@ from annotator.batching import grid_thw, plan_window
 from annotator.images import ImageRef, decode_resized
 from annotator.prompt import PromptBuilder
 from annotator.recipe import PromptConfig
-from annotator.scoring import ScoreInput, Scorer, score_splitting_on_oom
+from annotator.scoring import ScoreInput, Scorer, launch_splitting_on_oom
 from annotator.sources import RowInput
 from tests.conftest import CAPTIONS, MIXED_SIZES, jpeg_bytes
 
@@ -95,6 +95,34 @@ def test_out_of_memory_splits_the_batch_and_keeps_every_row(tiny, rows):
 
     scorer.forward_hook = fail_when_large
     splits = []
-    got = score_splitting_on_oom(scorer, inputs, lambda: splits.append(1))
+    got = launch_splitting_on_oom(scorer, inputs, lambda: splits.append(1))()
     assert len(got) == len(inputs) and splits
     np.testing.assert_allclose([s.prob for s in got], [s.prob for s in expected], atol=1e-5)
+
+
+def test_a_run_with_out_of_memory_batches_keeps_every_row(tmp_path, mixed_parquet, monkeypatch):
+    from typer.testing import CliRunner
+
+    from annotator.cli import app
+    from annotator.scoring import Scorer
+    from tests.conftest import read_output, write_recipe
+
+    def run(name: str):
+        recipe = write_recipe(tmp_path / f"{name}.yaml", mixed_parquet, tmp_path / name, batching={"window": 16})
+        result = CliRunner().invoke(app, ["run", str(recipe), "--no-progress"], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return read_output(tmp_path / name)
+
+    expected = run("normal")
+    original = Scorer.collate
+
+    def collate_with_little_memory(self, rows):
+        if len(rows) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(self, rows)
+
+    monkeypatch.setattr(Scorer, "collate", collate_with_little_memory)
+    got = run("oom")
+    assert got.column("row_id").to_pylist() == list(range(16))
+    assert got.column("error").null_count == 16
+    np.testing.assert_allclose(got.column("prob").to_pylist(), expected.column("prob").to_pylist(), atol=1e-5)
