@@ -2,13 +2,14 @@
 
 Workers import PIL and NumPy only (never torch), start fast, and return uint8 arrays at the model's
 input size; normalising and patchifying happen on the scoring device. A hung decoder costs its row a
-timeout error; a crashed worker costs only its row, which is retried once first.
+timeout error; a crashed worker costs only its row: the jobs it took down are retried, each alone.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 from collections import OrderedDict
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -48,6 +49,24 @@ def resolve_workers(workers: int | str) -> int:
     return int(workers)
 
 
+def _ignore_interrupts() -> None:
+    # Ctrl-C reaches the whole process group; the main process decides how to stop, workers finish their job.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _new_pool(workers: int) -> ProcessPoolExecutor:
+    # spawn: the parent holds torch and its threads; forking those is unsafe.
+    context = multiprocessing.get_context("spawn")
+    return ProcessPoolExecutor(workers, mp_context=context, initializer=_ignore_interrupts)
+
+
+def _discard(pool: ProcessPoolExecutor) -> None:
+    """Stop a pool now: a hung worker is killed, since shutdown alone would wait for it forever."""
+    for process in list((pool._processes or {}).values()):
+        process.kill()
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
 class Preprocessor:
     """Runs `ImageJob`s in order-preserving tickets: `submit` now, `result` later in the same order."""
 
@@ -55,60 +74,81 @@ class Preprocessor:
         self.workers = workers
         self.timeout_s = timeout_s
         self.restarts = 0
+        # ticket -> job and its future; None while it waits for a pool (it was submitted to a broken one)
         self._pending: OrderedDict[int, tuple[ImageJob, Future | None]] = OrderedDict()
         self._next_ticket = 0
-        self._pool: ProcessPoolExecutor | None = None
-        if workers > 0:
-            self._pool = self._new_pool()
-
-    def _new_pool(self) -> ProcessPoolExecutor:
-        # spawn: the parent holds torch and its threads; forking those is unsafe.
-        return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+        self._pool: ProcessPoolExecutor | None = _new_pool(workers) if workers > 0 else None
+        self._alone: ProcessPoolExecutor | None = None  # one worker, for retrying a job after a crash
 
     def submit(self, job: ImageJob) -> int:
         ticket = self._next_ticket
         self._next_ticket += 1
-        future = self._pool.submit(prepare_image, job) if self._pool else None
-        self._pending[ticket] = (job, future)
+        self._pending[ticket] = (job, self._submit(job))
         return ticket
+
+    def _submit(self, job: ImageJob) -> Future | None:
+        if self._pool is None:
+            return None
+        try:
+            return self._pool.submit(prepare_image, job)
+        except BrokenProcessPool:  # a worker died since the last `result`, which will restart the pool
+            return None
 
     @property
     def in_flight(self) -> int:
         return len(self._pending)
 
     def result(self, ticket: int) -> np.ndarray | str:
-        job, future = self._pending.pop(ticket)
-        if future is None:
-            return prepare_image(job)
-        for attempt in range(2):
-            try:
-                return future.result(timeout=self.timeout_s)
-            except FutureTimeout:
-                self._restart()
-                return f"decode: timeout (over {self.timeout_s:g}s)"
-            except BrokenProcessPool:
-                self._restart()
-                if attempt == 0:
-                    future = self._pool.submit(prepare_image, job)
-        return "decode: worker crashed (twice on this image)"
+        """The ticket's image or error. Earlier tickets must have been collected: the timeout counts from here."""
+        if self.workers == 0:
+            return prepare_image(self._pending.pop(ticket)[0])
+        job, future = self._pending[ticket]
+        if future is None:  # it never ran; the restart submits it first, being the oldest ticket
+            self._restart()
+            job, future = self._pending[ticket]
+        del self._pending[ticket]
+        try:
+            return future.result(timeout=self.timeout_s)
+        except FutureTimeout:
+            self._restart()
+            return self._timeout_error()
+        except BrokenProcessPool:
+            # A dead worker fails every job in flight, not only its own: retry this one alone, so that
+            # only a job that really kills its worker gets an error.
+            self._restart()
+            return self._retry_alone(job)
+
+    def _retry_alone(self, job: ImageJob) -> np.ndarray | str:
+        if self._alone is None:
+            self._alone = _new_pool(1)
+        try:
+            return self._alone.submit(prepare_image, job).result(timeout=self.timeout_s)
+        except FutureTimeout:
+            error = self._timeout_error()
+        except BrokenProcessPool:
+            error = "decode: worker crashed (twice, the second time alone)"
+        _discard(self._alone)
+        self._alone = None
+        return error
+
+    def _timeout_error(self) -> str:
+        return f"decode: timeout (over {self.timeout_s:g}s)"
 
     def _restart(self) -> None:
-        """Replace the pool (killing a hung or dead worker) and resubmit every job still waiting."""
+        """Replace the pool (killing a hung or dead worker) and resubmit every job still waiting, in order."""
         self.restarts += 1
-        old = self._pool
-        for process in list(getattr(old, "_processes", {}).values()):
-            process.kill()
-        old.shutdown(wait=False, cancel_futures=True)
-        self._pool = self._new_pool()
+        _discard(self._pool)
+        self._pool = _new_pool(self.workers)
         for ticket, (job, future) in list(self._pending.items()):
-            finished = future.done() and not future.cancelled() and future.exception() is None
-            if not finished:
-                self._pending[ticket] = (job, self._pool.submit(prepare_image, job))
+            if future is None or future.cancelled() or not future.done() or future.exception() is not None:
+                self._pending[ticket] = (job, self._submit(job))
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+        """Stop the workers at once; jobs not collected are dropped (a stopped run redoes their window)."""
+        for pool in (self._pool, self._alone):
+            if pool is not None:
+                _discard(pool)
+        self._pool = self._alone = None
 
     def __enter__(self) -> Preprocessor:
         return self

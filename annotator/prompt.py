@@ -81,7 +81,11 @@ class PromptBuilder:
         return results
 
     def _encode_many(self, texts: list[str]) -> list[list[int]]:
-        return self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        # split_special_tokens: "<|image_pad|>" written in a caption is text; as a real token it would not
+        # match the image features and fail the whole batch's forward pass.
+        if not texts:
+            return []
+        return self.tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
     def sequence_length(self, image_tokens: int, text: TextTokens) -> int:
         return len(self.prefix_ids) + image_tokens + 1 + len(text.ids) + len(self.tail_ids)
