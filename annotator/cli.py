@@ -50,8 +50,8 @@ def user_errors(command):
     return wrapper
 
 
-def _print_summary(summary: dict, output_dir: Path) -> None:
-    table = Table(title=f"annotated -> {output_dir}", show_header=False)
+def _print_summary(summary: dict) -> None:
+    table = Table(title=f"annotated -> {summary['output_dir']}", show_header=False)
     for key in ("rows", "scored", "errors", "positives", "truncated_texts", "padding_efficiency", "pairs_per_s"):
         table.add_row(key, str(summary.get(key)))
     for kind, count in summary.get("error_kinds", {}).items():
@@ -69,14 +69,10 @@ def run(
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
 ) -> None:
     """Run a recipe into its output folder."""
-    from annotator.recipe import load_recipe
-    from annotator.run import Annotator, prepare_run
+    from annotator.run import run_recipe
 
     overrides = [*(set_ or []), *([f"input.limit={limit}"] if limit is not None else [])]
-    loaded = load_recipe(recipe, overrides)
-    folder, source = prepare_run(loaded, overwrite)
-    summary = Annotator(loaded, folder, source, console, progress).run()
-    _print_summary(summary, folder.root)
+    _print_summary(run_recipe(str(recipe), overrides, overwrite, console, progress))
 
 
 @app.command()
@@ -89,8 +85,7 @@ def resume(
     """Continue an interrupted run exactly where its committed windows end."""
     from annotator.run import resume_run
 
-    summary = resume_run(str(output_dir) if output_dir else None, set_ or [], console, progress)
-    _print_summary(summary, output_dir or Path("outputs"))
+    _print_summary(resume_run(str(output_dir) if output_dir else None, set_ or [], console, progress))
 
 
 @app.command()

@@ -364,6 +364,7 @@ class Annotator:
         summary.update(
             {
                 "finished": True,
+                "output_dir": str(self.folder.root),
                 "model": self.recipe.model.name,
                 "device": str(device),
                 "session_rows": session_rows,
