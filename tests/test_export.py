@@ -1,0 +1,156 @@
+"""`annotate export`: exactly the filtered rows, sharded, with a card, loadable by `datasets`; clear refusals."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from annotator.cli import app
+from tests.conftest import CAPTIONS, MIXED_SIZES, jpeg_bytes, read_output, write_dataset, write_recipe
+
+runner = CliRunner()
+
+
+def invoke(*args: object):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_model_cache) -> Path:
+    """One finished run of 18 rows, two of them errors, shared by every test here (export only reads it)."""
+    root = tmp_path_factory.mktemp("export-run")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("ANNOTATOR_CACHE", str(tiny_model_cache))
+        env.setenv("HF_HUB_OFFLINE", "1")
+        env.setenv("HF_DATASETS_OFFLINE", "1")
+        env.chdir(root)
+        images = [jpeg_bytes(w, h, seed=i) for i, (w, h) in enumerate(MIXED_SIZES * 2)] + [b"not an image", None]
+        parquet = write_dataset(root / "in.parquet", images, CAPTIONS + CAPTIONS[::-1] + ["broken", "missing"])
+        result = invoke("run", write_recipe(root / "r.yaml", parquet, root / "run"), "--no-progress")
+        assert result.exit_code == 0, result.output
+    return root / "run"
+
+
+def rows_of(folder: Path) -> dict[str, list]:
+    """The exported dataset's columns, read shard by shard in name order."""
+    merged: dict[str, list] = {}
+    for f in sorted((folder / "data").glob("*.parquet")):
+        for key, values in pq.read_table(f).to_pydict().items():
+            merged.setdefault(key, []).extend(values)
+    return merged
+
+
+def expected_ids(run: Path, keep) -> tuple[list[int], list[int]]:
+    table = read_output(run).to_pylist()
+    kept = [r["row_id"] for r in table if r["error"] is None and keep(r)]
+    return kept, [r["row_id"] for r in table if r["row_id"] not in kept]
+
+
+def test_default_export_keeps_label_true_sharded_with_a_card(finished_run, tmp_path):
+    result = invoke("export", finished_run, "--to", tmp_path / "kept", "--rejected", tmp_path / "rest",
+                    "--rows-per-shard", "5")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    kept, rest = expected_ids(finished_run, lambda r: r["label"])
+    assert rows_of(tmp_path / "kept")["row_id"] == kept
+    assert rows_of(tmp_path / "rest")["row_id"] == rest
+    assert {16, 17} <= set(rest), "rows with an error are rejected"
+    shards = sorted(p.name for p in (tmp_path / "kept" / "data").iterdir())
+    count = max(1, math.ceil(len(kept) / 5))
+    assert shards == [f"train-{i:05d}-of-{count:05d}.parquet" for i in range(count)]
+    card = (tmp_path / "kept" / "README.md").read_text()
+    facts = [
+        "`test`",
+        "`tiny`",
+        "prob >= 0.5",
+        "label == true",
+        f"{len(kept)} kept, {len(rest)} rejected",
+        "| 2 row(s) could not be scored",
+    ]
+    for fact in facts:
+        assert fact in card, fact
+    assert f"kept {len(kept)} rows" in result.output
+
+
+def test_min_prob_keeps_exactly_those_rows_and_never_an_error(finished_run, tmp_path):
+    probs = [p for p in read_output(finished_run).column("prob").to_pylist() if p is not None]
+    median = float(np.median(probs))
+    assert invoke("export", finished_run, "--to", tmp_path / "a", "--min-prob", median).exit_code == 0
+    kept, _ = expected_ids(finished_run, lambda r: r["prob"] >= median)
+    assert 0 < len(kept) < 16 and rows_of(tmp_path / "a")["row_id"] == kept
+    assert invoke("export", finished_run, "--to", tmp_path / "b", "--min-prob", "0").exit_code == 0
+    assert rows_of(tmp_path / "b")["row_id"] == list(range(16)), "every scored row, no row with an error"
+
+
+def test_label_false_and_dropped_columns(finished_run, tmp_path):
+    result = invoke("export", finished_run, "--to", tmp_path / "neg", "--label", "false",
+                    "--drop-columns", "answer_mass, error")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    kept, _ = expected_ids(finished_run, lambda r: r["label"] is False)
+    table = pq.read_table(sorted((tmp_path / "neg" / "data").glob("*.parquet"))[0])
+    assert "answer_mass" not in table.column_names and "error" not in table.column_names
+    assert b"answer_mass" not in table.schema.metadata[b"huggingface"]
+    assert rows_of(tmp_path / "neg")["row_id"] == kept
+
+
+def test_exported_dataset_loads_with_datasets_images_intact(finished_run, tmp_path):
+    import datasets
+
+    assert (
+        invoke("export", finished_run, "--to", tmp_path / "out", "--min-prob", "0", "--rows-per-shard", "7").exit_code
+        == 0
+    )
+    by_files = datasets.load_dataset("parquet", data_files=str(tmp_path / "out" / "data" / "*.parquet"), split="train")
+    by_folder = datasets.load_dataset(str(tmp_path / "out"), split="train")
+    for loaded in (by_files, by_folder):
+        assert len(loaded) == 16 and isinstance(loaded.features["image"], datasets.Image)
+        assert loaded.features["prob"].dtype == "float32" and loaded.features["label"].dtype == "bool"
+        assert [loaded[i]["image"].size for i in (0, 9)] == [MIXED_SIZES[0], MIXED_SIZES[1]]
+
+
+def test_an_export_that_keeps_nothing_still_has_the_schema(finished_run, tmp_path):
+    assert invoke("export", finished_run, "--to", tmp_path / "none", "--min-prob", "1").exit_code == 0
+    kept, _ = expected_ids(finished_run, lambda r: r["prob"] >= 1.0)
+    assert kept == []
+    table = pq.read_table(tmp_path / "none" / "data" / "train-00000-of-00001.parquet")
+    assert table.num_rows == 0 and table.schema.equals(read_output(finished_run).schema, check_metadata=True)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--min-prob", "0.5", "--label", "true"], "one of --min-prob or --label, not both"),
+        (["--label", "yes"], "give --label true or --label false"),
+        (["--min-prob", "2"], "is not a probability"),
+        (["--drop-columns", "prob,colour"], "--drop-columns names colour"),
+        (["--rejected", "TO"], "two separate folders"),
+        (["--rejected", "TO/rest"], "two separate folders"),
+        (["--rows-per-shard", "0"], "must be at least 1"),
+        ([], "is not an empty folder"),
+    ],
+)
+def test_bad_exports_are_refused_before_writing(finished_run, tmp_path, args, expected):
+    to = tmp_path / "to"
+    if expected == "is not an empty folder":
+        to.mkdir()
+        (to / "keep.txt").write_text("mine")
+    args = [str(to) if a == "TO" else str(to / "rest") if a == "TO/rest" else a for a in args]
+    result = invoke("export", finished_run, "--to", to, *args)
+    assert result.exit_code == 1
+    assert expected in result.output.replace("\n", " ")
+    assert not (to / "data").exists()
+
+
+def test_unfinished_runs_and_other_folders_are_refused(finished_run, tmp_path):
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(finished_run, unfinished)
+    (unfinished / "summary.json").unlink()
+    result = invoke("export", unfinished, "--to", tmp_path / "a")
+    assert result.exit_code == 1 and "annotate resume" in result.output
+    result = invoke("export", tmp_path, "--to", tmp_path / "b")
+    assert result.exit_code == 1 and "is not a run folder" in result.output
