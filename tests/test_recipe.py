@@ -1,5 +1,7 @@
 """Recipe loading: defaults, --set overrides and their precedence, result fingerprints."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -85,3 +87,9 @@ def test_exactly_one_input_kind(tmp_path):
     path.write_text(yaml.safe_dump({"name": "r", "input": {"parquet": "x", "hf": {"path": "a/b"}}}))
     with pytest.raises(AnnotatorError, match="exactly one of `input.parquet`"):
         load_recipe(path)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_bundled_recipe_validates(path):
+    recipe = load_recipe(path)
+    assert recipe.name == path.stem
