@@ -1,0 +1,129 @@
+"""`annotate bench` prints its fields, worker processes do not change results, draft decoding stays faithful."""
+
+import io
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from annotator.batching import smart_resize
+from annotator.bench import (
+    SyntheticImage,
+    SyntheticPairs,
+    parse_sizes,
+    photo_like,
+    psnr,
+    synthetic_captions,
+    write_pairs,
+)
+from annotator.cli import app
+from annotator.images import ImageRef, decode_resized
+from tests.conftest import CAPTIONS, MIXED_SIZES, jpeg_bytes, read_output, write_dataset, write_recipe
+
+runner = CliRunner()
+ON_GPU = torch.cuda.is_available()
+
+
+def invoke(*args: object):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_bench_tiny_prints_every_field_as_json():
+    result = invoke(
+        "bench", "--model", "tiny", "--pairs", 6, "--sizes", "1600x1200,756x476", "--workers", 0,
+        "--baseline", "--baseline-pairs", 2, "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["model"] == "tiny" and out["pairs"] == 6 and out["errors"] == 0
+    assert out["sizes"] == ["1600x1200:1", "756x476:1"] and out["image_format"] == "jpeg"
+    assert out["device"].startswith("cuda" if ON_GPU else "cpu")
+    for key in ("pairs_per_s", "tokens_per_s", "preprocess_images_per_s_per_core", "baseline_pairs_per_s"):
+        assert out[key] > 0, key
+    assert out["speedup_vs_baseline"] == pytest.approx(out["pairs_per_s"] / out["baseline_pairs_per_s"], rel=0.01)
+    assert 0 < out["padding_efficiency"] <= 1
+    assert out["preprocess_images_per_s_per_core_no_draft"] > 0
+    assert out["preprocess_by_size"]["1600x1200"]["psnr_db"] >= 40, "draft decoding applies to 1600x1200"
+    assert out["preprocess_by_size"]["756x476"]["psnr_db"] is None, "no draft at the target size: identical"
+    assert out["draft_min_psnr_db"] == out["preprocess_by_size"]["1600x1200"]["psnr_db"]
+    assert out["mean_tokens_per_pair"] > 300, "max_pixels 307200 gives about 360 image tokens"
+    assert out["peak_rss_gb"] > 0
+    if not ON_GPU:
+        assert out["mfu"] is None and out["peak_gpu_mem_gb"] is None
+
+
+def test_bench_without_baseline_has_no_ratio():
+    result = invoke("bench", "--model", "tiny", "--pairs", 2, "--sizes", "320x240", "--workers", 0, "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["baseline_pairs_per_s"] is None and out["speedup_vs_baseline"] is None
+    assert out["steady_pairs_per_s"] is None, "one batch has no steady state"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--sizes", "4000x"], "is not WIDTHxHEIGHT"),
+        (["--sizes", "0x10"], "is not WIDTHxHEIGHT"),
+        (["--format", "gif"], "use jpeg or png"),
+        (["--pairs", "0"], "at least 1"),
+    ],
+)
+def test_bench_option_errors(args, message):
+    result = invoke("bench", "--model", "tiny", *args)
+    assert result.exit_code == 1 and message in result.output
+
+
+def test_synthetic_pairs_follow_the_weights(tmp_path):
+    sizes = parse_sizes("")
+    images = [SyntheticImage(w, h, n, data=f"{w}x{h}".encode()) for w, h, n in sizes]  # bytes need not decode here
+    cycle = sum(n for _, _, n in sizes)
+    write_pairs(tmp_path / "p.parquet", SyntheticPairs(images, synthetic_captions()), 3 * cycle)
+    table = pq.read_table(tmp_path / "p.parquet")
+    counts = {}
+    for value in table.column("image").to_pylist():
+        counts[value["bytes"]] = counts.get(value["bytes"], 0) + 1
+    assert counts == {f"{w}x{h}".encode(): 3 * n for w, h, n in sizes}
+    assert len(set(table.column("caption").to_pylist())) == 3 * cycle, "captions vary row to row"
+
+
+def test_worker_processes_give_the_same_results(tmp_path):
+    truncated = jpeg_bytes(300, 200, seed=9)[:500]
+    images = [jpeg_bytes(w, h, seed=i) for i, (w, h) in enumerate(MIXED_SIZES * 2)] + [b"not an image", truncated]
+    captions = CAPTIONS + CAPTIONS[::-1] + ["a cat", "a dog"]
+    parquet = write_dataset(tmp_path / "in.parquet", images, captions)
+    tables = {}
+    for workers in (0, 2):
+        out = tmp_path / f"out{workers}"
+        recipe = write_recipe(tmp_path / f"r{workers}.yaml", parquet, out, batching={"workers": workers})
+        result = invoke("run", recipe, "--no-progress")
+        assert result.exit_code == 0, result.output
+        tables[workers] = read_output(out)
+    serial, parallel = tables[0], tables[2]
+    assert serial.num_rows == parallel.num_rows == 18
+    assert serial.column("error").to_pylist() == parallel.column("error").to_pylist()
+    assert serial.column("error").null_count == 16, "the two broken images are row errors, in both runs"
+    assert serial.column("label").to_pylist() == parallel.column("label").to_pylist()
+    for column in ("prob", "answer_mass"):
+        a = np.array(serial.column(column).to_pylist(), dtype=np.float64)
+        b = np.array(parallel.column(column).to_pylist(), dtype=np.float64)
+        np.testing.assert_array_equal(a, b)  # same bytes, same plan, same batches: bit-identical
+
+
+def test_jpeg_draft_decoding_stays_within_40_db_of_the_full_decode():
+    """A 12 MP photo-like JPEG at max_pixels 307200: draft decodes at 1/4 scale, and must look the same."""
+    buffer = io.BytesIO()
+    photo_like(4000, 3000, seed=1).save(buffer, format="JPEG", quality=90)
+    ref = ImageRef(data=buffer.getvalue())
+    size = smart_resize(3000, 4000, 3136, 307200)
+    assert size == (476, 616)
+    drafted = decode_resized(ref, size, 10**9, draft=True)
+    full = decode_resized(ref, size, 10**9, draft=False)
+    with Image.open(io.BytesIO(ref.data)) as image:
+        assert image.draft("RGB", (size[1], size[0])) is not None, "draft mode really reduces this image"
+    quality = psnr(drafted, full)
+    assert 40 <= quality < float("inf"), quality
