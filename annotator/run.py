@@ -238,10 +238,15 @@ class Annotator:
             self.max_batch_tokens,
             recipe.batching.max_batch_size,
         )
-        self._advance(0, len(plan.errors))
         return WindowState(window, plan, pending=len(plan.batches))
 
+    def _plan_next(self, windows: Iterator[Window]) -> WindowState | None:
+        window = next(windows, None)
+        return None if window is None else self._plan(window)
+
     def _loop(self, windows: Iterator[Window], stop: StopRequest, lookahead: int) -> None:
+        from concurrent.futures import Future, ThreadPoolExecutor
+
         from annotator.preprocess import ImageJob
 
         open_windows: deque[WindowState] = deque()
@@ -249,35 +254,46 @@ class Annotator:
         submitted: deque[tuple[WindowState, list[PlannedRow], list[int]]] = deque()
         max_pixels = self.recipe.input.max_image_pixels
         in_flight = None
-        while True:
-            while self.preprocessor.in_flight < lookahead:
-                if not planned:
-                    window = next(windows, None)
-                    if window is None:
+        # Reading and planning a window and writing one take seconds each (parquet I/O, tokens, zstd, fsync):
+        # on their own threads they overlap scoring instead of stalling the GPU. One thread each keeps order.
+        with ThreadPoolExecutor(1, "plan") as planner, ThreadPoolExecutor(1, "sink") as sink:
+            upcoming: Future | None = planner.submit(self._plan_next, windows)
+            writing: Future | None = None
+            while True:
+                while self.preprocessor.in_flight < lookahead:
+                    if not planned:
+                        state = upcoming.result() if upcoming is not None else None
+                        if state is None:
+                            upcoming = None
+                            break
+                        upcoming = planner.submit(self._plan_next, windows)
+                        self._advance(0, len(state.plan.errors))
+                        open_windows.append(state)
+                        planned.extend((state, batch) for batch in state.plan.batches)
+                        continue
+                    state, batch = planned.popleft()
+                    tickets = [self.preprocessor.submit(ImageJob(r.image, r.resized, max_pixels)) for r in batch]
+                    submitted.append((state, batch, tickets))
+                while open_windows and open_windows[0].pending == 0:
+                    if writing is not None:
+                        writing.result()  # one write at a time: bounded memory, and its error surfaces here
+                    writing = sink.submit(self._commit, open_windows.popleft())
+                if not submitted:
+                    if in_flight is None:
                         break
-                    state = self._plan(window)
-                    open_windows.append(state)
-                    planned.extend((state, batch) for batch in state.plan.batches)
+                    self._finish_batch(*in_flight)
+                    in_flight = None
                     continue
-                state, batch = planned.popleft()
-                tickets = [self.preprocessor.submit(ImageJob(r.image, r.resized, max_pixels)) for r in batch]
-                submitted.append((state, batch, tickets))
-            while open_windows and open_windows[0].pending == 0:
-                self._commit(open_windows.popleft())
-            if not submitted:
-                if in_flight is None:
-                    break
-                self._finish_batch(*in_flight)
-                in_flight = None
-                continue
-            if stop.requested:
-                raise RunInterrupted(self._interrupted_message())
-            state, batch, tickets = submitted.popleft()
-            launched = self._launch_batch(state, batch, [self.preprocessor.result(t) for t in tickets])
-            # The previous batch's results are read only now, so the GPU ran it while this one was prepared.
-            if in_flight is not None:
-                self._finish_batch(*in_flight)
-            in_flight = launched
+                if stop.requested:
+                    raise RunInterrupted(self._interrupted_message())
+                state, batch, tickets = submitted.popleft()
+                launched = self._launch_batch(state, batch, [self.preprocessor.result(t) for t in tickets])
+                # The previous batch's results are read only now, so the GPU ran it while this one was prepared.
+                if in_flight is not None:
+                    self._finish_batch(*in_flight)
+                in_flight = launched
+            if writing is not None:
+                writing.result()
 
     def _launch_batch(self, state: WindowState, batch: list[PlannedRow], images: list):
         """Record decode errors, start scoring the rest; returns what `_finish_batch` needs."""

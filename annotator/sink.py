@@ -146,7 +146,7 @@ class RunFolder:
         hidden = self.data_dir / f".{final.name}.{os.getpid()}.tmp"
         try:
             with open(hidden, "wb") as f:
-                pq.write_table(table, f, compression="zstd")
+                pq.write_table(table, f)  # snappy: encoded images do not compress, and zstd on them halved write speed
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(hidden, final)
