@@ -54,6 +54,11 @@ class ModelConfig(_Section):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     min_pixels: int = Field(3136, ge=784)
     max_pixels: int = Field(307200, ge=784)
+    jpeg_draft: bool = Field(
+        True,
+        description="Decode large JPEGs at a reduced DCT scale (>= 40 dB PSNR against a full decode, ~3.5x faster);"
+        " false decodes every pixel, as the reference processor does.",
+    )
 
 
 class PromptConfig(_Section):

@@ -253,6 +253,7 @@ class Annotator:
         planned: deque[tuple[WindowState, list[PlannedRow]]] = deque()
         submitted: deque[tuple[WindowState, list[PlannedRow], list[int]]] = deque()
         max_pixels = self.recipe.input.max_image_pixels
+        draft = self.recipe.model.jpeg_draft
         in_flight = None
         # Reading and planning a window and writing one take seconds each (parquet I/O, tokens, zstd, fsync):
         # on their own threads they overlap scoring instead of stalling the GPU. One thread each keeps order.
@@ -272,7 +273,7 @@ class Annotator:
                         planned.extend((state, batch) for batch in state.plan.batches)
                         continue
                     state, batch = planned.popleft()
-                    tickets = [self.preprocessor.submit(ImageJob(r.image, r.resized, max_pixels)) for r in batch]
+                    tickets = [self.preprocessor.submit(ImageJob(r.image, r.resized, max_pixels, draft)) for r in batch]
                     submitted.append((state, batch, tickets))
                 while open_windows and open_windows[0].pending == 0:
                     if writing is not None:

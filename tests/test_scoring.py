@@ -126,3 +126,32 @@ def test_a_run_with_out_of_memory_batches_keeps_every_row(tmp_path, mixed_parque
     assert got.column("row_id").to_pylist() == list(range(16))
     assert got.column("error").null_count == 16
     np.testing.assert_allclose(got.column("prob").to_pylist(), expected.column("prob").to_pylist(), atol=1e-5)
+
+
+def test_jpeg_draft_off_scores_the_full_decode(tmp_path, tiny):
+    """`model.jpeg_draft: false` gives exactly the score of a full decode; the default draft path is close."""
+    from typer.testing import CliRunner
+
+    from annotator.cli import app
+    from tests.conftest import read_output, write_dataset, write_recipe
+
+    images = [jpeg_bytes(1600, 1200, seed=s) for s in range(3)]
+    parquet = write_dataset(tmp_path / "big.parquet", images, ["a cat", "a dog", "coffee"])
+    probs = {}
+    for draft in (True, False):
+        out = tmp_path / f"draft-{draft}"
+        recipe = write_recipe(tmp_path / f"{draft}.yaml", parquet, out, model={"jpeg_draft": draft})
+        assert CliRunner().invoke(app, ["run", str(recipe), "--no-progress"]).exit_code == 0
+        probs[draft] = np.array(read_output(out).column("prob").to_pylist())
+
+    builder = PromptBuilder(tiny.tokenizer, PromptConfig())
+    texts = builder.question_tokens(["a cat", "a dog", "coffee"])
+    grid = grid_thw(1200, 1600, MIN_PIXELS, MAX_PIXELS)
+    full = [
+        ScoreInput(decode_resized(ImageRef(data=d), (grid[1] * 14, grid[2] * 14), 10**9, draft=False), grid, t)
+        for d, t in zip(images, texts, strict=True)
+    ]
+    expected = np.array([Scorer(tiny, builder).score([row])[0].prob for row in full])
+    np.testing.assert_allclose(probs[False], expected, atol=1e-5)
+    assert not np.array_equal(probs[True], probs[False]), "the default decodes large JPEGs in draft mode"
+    np.testing.assert_allclose(probs[True], probs[False], atol=0.1)
