@@ -249,50 +249,59 @@ class Annotator:
 
         from annotator.preprocess import ImageJob
 
-        open_windows: deque[WindowState] = deque()
-        planned: deque[tuple[WindowState, list[PlannedRow]]] = deque()
-        submitted: deque[tuple[WindowState, list[PlannedRow], list[int]]] = deque()
+        open_windows: deque[WindowState] = deque()  # planned, not yet committed, in input order
+        planned: deque[tuple[WindowState, list[PlannedRow]]] = deque()  # batches whose images are not asked for
+        submitted: deque[tuple[WindowState, list[PlannedRow], list[int]]] = deque()  # ... and those that are
         max_pixels = self.recipe.input.max_image_pixels
         draft = self.recipe.model.jpeg_draft
         in_flight = None
-        # Reading and planning a window and writing one take seconds each (parquet I/O, tokens, zstd, fsync):
+        # Reading and planning a window and writing one take seconds each (parquet I/O, tokens, fsync):
         # on their own threads they overlap scoring instead of stalling the GPU. One thread each keeps order.
         with ThreadPoolExecutor(1, "plan") as planner, ThreadPoolExecutor(1, "sink") as sink:
             upcoming: Future | None = planner.submit(self._plan_next, windows)
             writing: Future | None = None
-            while True:
-                while self.preprocessor.in_flight < lookahead:
-                    if not planned:
-                        state = upcoming.result() if upcoming is not None else None
+            try:
+                while True:
+                    if stop.requested:
+                        raise RunInterrupted(self._interrupted_message())
+                    # Commit first: a finished window must not wait on (or be lost to) reading the next one.
+                    while open_windows and open_windows[0].pending == 0:
+                        if writing is not None:
+                            writing.result()  # one write at a time: bounded memory, and its error surfaces here
+                        writing = sink.submit(self._commit, open_windows.popleft())
+                    while self.preprocessor.in_flight < lookahead and (planned or upcoming is not None):
+                        if planned:
+                            state, batch = planned.popleft()
+                            jobs = [ImageJob(r.image, r.resized, max_pixels, draft) for r in batch]
+                            submitted.append((state, batch, [self.preprocessor.submit(job) for job in jobs]))
+                            continue
+                        state = upcoming.result()
+                        upcoming = planner.submit(self._plan_next, windows) if state is not None else None
                         if state is None:
-                            upcoming = None
                             break
-                        upcoming = planner.submit(self._plan_next, windows)
                         self._advance(0, len(state.plan.errors))
                         open_windows.append(state)
                         planned.extend((state, batch) for batch in state.plan.batches)
+                        if state.pending == 0:
+                            break  # nothing to score (every row failed its checks): commit it before reading on
+                    if not submitted:
+                        if in_flight is not None:
+                            self._finish_batch(*in_flight)
+                            in_flight = None
+                        elif not open_windows and upcoming is None:
+                            break
                         continue
-                    state, batch = planned.popleft()
-                    tickets = [self.preprocessor.submit(ImageJob(r.image, r.resized, max_pixels, draft)) for r in batch]
-                    submitted.append((state, batch, tickets))
-                while open_windows and open_windows[0].pending == 0:
-                    if writing is not None:
-                        writing.result()  # one write at a time: bounded memory, and its error surfaces here
-                    writing = sink.submit(self._commit, open_windows.popleft())
-                if not submitted:
-                    if in_flight is None:
-                        break
-                    self._finish_batch(*in_flight)
-                    in_flight = None
-                    continue
-                if stop.requested:
-                    raise RunInterrupted(self._interrupted_message())
-                state, batch, tickets = submitted.popleft()
-                launched = self._launch_batch(state, batch, [self.preprocessor.result(t) for t in tickets])
-                # The previous batch's results are read only now, so the GPU ran it while this one was prepared.
-                if in_flight is not None:
-                    self._finish_batch(*in_flight)
-                in_flight = launched
+                    state, batch, tickets = submitted.popleft()
+                    launched = self._launch_batch(state, batch, [self.preprocessor.result(t) for t in tickets])
+                    # The previous batch's results are read only now, so the GPU ran it while this one was prepared.
+                    if in_flight is not None:
+                        self._finish_batch(*in_flight)
+                    in_flight = launched
+            except BaseException as stopped:
+                if writing is not None and writing.exception() is not None:
+                    # A failed write (disk full) is the news, whatever else stopped the loop.
+                    raise writing.exception() from stopped
+                raise
             if writing is not None:
                 writing.result()
 

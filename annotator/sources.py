@@ -183,7 +183,17 @@ class ParquetSource:
                 first_group += 1
             skip = max(0, start - group_offset)
             groups = list(range(first_group, metadata.num_row_groups))
-            for batch in parquet.iter_batches(batch_size=1024, row_groups=groups, columns=columns):
+            batches = parquet.iter_batches(batch_size=1024, row_groups=groups, columns=columns)
+            while True:
+                try:
+                    batch = next(batches, None)
+                except (OSError, pa.ArrowException) as exc:
+                    raise AnnotatorError(
+                        f"Parquet file {str(path)!r} (input rows from {offset}) cannot be read: {exc}. The file is "
+                        "damaged: re-create it from its source, then run again with --overwrite."
+                    ) from None
+                if batch is None:
+                    break
                 if skip >= batch.num_rows:
                     skip -= batch.num_rows
                     continue

@@ -171,3 +171,47 @@ def test_a_run_that_committed_nothing_can_be_run_again(tmp_path, mixed_parquet):
     result = invoke("run", fixed, "--no-progress", "--limit", "3")
     assert result.exit_code == 0, result.output
     assert read_output(tmp_path / "out").num_rows == 3
+
+
+def test_a_damaged_parquet_file_is_a_clear_error(tmp_path):
+    from tests.conftest import jpeg_bytes, write_dataset
+
+    path = write_dataset(tmp_path / "in.parquet", [jpeg_bytes(64, 48, seed=i) for i in range(40)], ["c"] * 40)
+    import pyarrow.parquet as pq
+
+    pq.write_table(pq.read_table(path), path, row_group_size=20)
+    offset = pq.ParquetFile(path).metadata.row_group(1).column(0).data_page_offset
+    data = bytearray(path.read_bytes())
+    data[offset : offset + 200] = b"\xab" * 200  # the second row group's page header
+    path.write_bytes(bytes(data))
+    result = invoke("run", write_recipe(tmp_path / "r.yaml", path, tmp_path / "out"), "--no-progress")
+    assert result.exit_code == 1
+    assert "cannot be read" in result.output and "in.parquet" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_windows_of_failed_rows_are_committed_as_they_come(tmp_path, monkeypatch):
+    """A long run of rows that all fail their checks is committed window by window, not read into memory."""
+    from annotator.run import Annotator
+    from annotator.sink import RunFolder
+    from tests.conftest import write_dataset
+
+    path = write_dataset(tmp_path / "in.parquet", [None] * 60, ["c"] * 60)
+    planned_at_commit: list[int] = []
+    plan, write = Annotator._plan, RunFolder.write_window
+
+    def counting_plan(self, window):
+        planned_at_commit.append(-1)
+        return plan(self, window)
+
+    def recording_write(self, index, table, record):
+        planned_at_commit.append(index)
+        return write(self, index, table, record)
+
+    monkeypatch.setattr(Annotator, "_plan", counting_plan)
+    monkeypatch.setattr(RunFolder, "write_window", recording_write)
+    result = invoke("run", write_recipe(tmp_path / "r.yaml", path, tmp_path / "out", batching={"window": 6}))
+    assert result.exit_code == 0, result.output
+    assert read_output(tmp_path / "out").column("error").to_pylist() == ["image: missing (null)"] * 60
+    first_commit = planned_at_commit.index(0)
+    assert planned_at_commit[:first_commit].count(-1) <= 3, planned_at_commit
