@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from annotator.images import ImageRef
     from annotator.prompt import PromptBuilder, TextTokens
-    from annotator.sources import RowInput
+    from annotator.recipe import Recipe
+    from annotator.sources import RowInput, Window
 
 PATCH_SIZE = 14
 MERGE_SIZE = 2
@@ -178,3 +179,22 @@ def plan_window(
     cut = plan_batches([r.length for r in planned], max_batch_tokens, max_batch_size)
     batches = [[planned[i] for i in batch.positions] for batch in cut]
     return WindowPlan(batches, errors, sum(1 for t in texts if t.truncated))
+
+
+def plan_recipe_window(
+    window: Window, recipe: Recipe, builder: PromptBuilder, max_batch_tokens: int | None = None
+) -> WindowPlan:
+    """A window of a recipe's input planned as a run plans it (a run may lower the token budget after an OOM)."""
+    from annotator.sources import row_inputs
+
+    rows = row_inputs(window, recipe.input, recipe.prompt.query)
+    return plan_window(
+        rows,
+        builder.question_tokens([r.text for r in rows]),
+        builder,
+        recipe.model.min_pixels,
+        recipe.model.max_pixels,
+        recipe.input.max_image_pixels,
+        max_batch_tokens or recipe.batching.max_batch_tokens,
+        recipe.batching.max_batch_size,
+    )

@@ -294,23 +294,12 @@ def steady_rate(marks: Sequence[tuple[float, int]]) -> float | None:
 
 def planned_rows(recipe: Any, builder: Any) -> Iterator[Any]:
     """Every scorable row of the input as the run plans it (grid and sequence length), without decoding."""
-    from annotator.batching import plan_window
-    from annotator.sources import open_source, row_inputs
+    from annotator.batching import plan_recipe_window
+    from annotator.sources import open_source
 
     source = open_source(recipe.input, recipe.prompt)
     for window in source.windows(recipe.batching.window, columns=[recipe.input.image_column, recipe.input.text_column]):
-        rows = row_inputs(window, recipe.input, None)
-        m, b = recipe.model, recipe.batching
-        plan = plan_window(
-            rows,
-            builder.question_tokens([r.text for r in rows]),
-            builder,
-            m.min_pixels,
-            m.max_pixels,
-            recipe.input.max_image_pixels,
-            b.max_batch_tokens,
-            b.max_batch_size,
-        )
+        plan = plan_recipe_window(window, recipe, builder)
         for batch in plan.batches:
             yield from batch
 

@@ -6,9 +6,10 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from annotator.batching import MERGE_SIZE, image_token_count, plan_window
+from annotator.batching import MERGE_SIZE, image_token_count, plan_recipe_window
+from annotator.images import image_kind
 from annotator.recipe import Recipe
-from annotator.sources import open_source, row_inputs
+from annotator.sources import open_source
 
 
 @dataclass(frozen=True)
@@ -81,19 +82,9 @@ def plan_recipe(recipe: Recipe, max_rows: int | None = None) -> dict[str, Any]:
     rows = real = padded = batches = 0
     flops = {"vision": 0, "text": 0, "total": 0}
     for window in source.windows(recipe.batching.window, columns=columns):
-        inputs = row_inputs(window, recipe.input, recipe.prompt.query)
-        plan = plan_window(
-            inputs,
-            builder.question_tokens([r.text for r in inputs]),
-            builder,
-            recipe.model.min_pixels,
-            recipe.model.max_pixels,
-            recipe.input.max_image_pixels,
-            recipe.batching.max_batch_tokens,
-            recipe.batching.max_batch_size,
-        )
+        plan = plan_recipe_window(window, recipe, builder)
         rows += window.rows
-        errors.update(e.split(" (", 1)[0] for e in plan.errors.values())
+        errors.update(image_kind(e) for e in plan.errors.values())
         real += plan.real_tokens
         padded += plan.padded_tokens
         batches += len(plan.batches)

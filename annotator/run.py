@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from annotator import __version__
-from annotator.batching import PlannedRow, WindowPlan, plan_window
+from annotator.batching import PlannedRow, WindowPlan, plan_recipe_window
 from annotator.errors import EXIT_RESUMABLE, AnnotatorError, RunInterrupted
 from annotator.images import image_kind
 from annotator.recipe import Recipe, frozen_recipe_yaml, load_recipe, merge, parse_overrides, validate_recipe
-from annotator.sink import RunFolder, output_schema, window_table
-from annotator.sources import Window, open_source, row_inputs
+from annotator.sink import RunFolder, latest_run, output_schema, window_table
+from annotator.sources import Window, open_source
 
 RESULT_KEYS_HINT = "model, prompt, pixels, answers, input columns, threshold"
 
@@ -85,13 +85,12 @@ class StopRequest:
 
 
 def find_latest_unfinished(root: Path = Path("outputs")) -> Path:
-    candidates = [RunFolder(p.parent) for p in root.glob("**/manifest.json")]
-    unfinished = [f for f in candidates if not f.finished]
-    if not unfinished:
+    folder = latest_run(root, unfinished=True)
+    if folder is None:
         raise AnnotatorError(
             f"No unfinished run under {str(root)!r}. Pass the run folder: `annotate resume OUTPUT_DIR`."
         )
-    return max(unfinished, key=lambda f: f.manifest_path.stat().st_mtime).root
+    return folder.root
 
 
 def prepare_run(recipe: Recipe, overwrite: bool) -> tuple[RunFolder, Any]:
@@ -225,19 +224,7 @@ class Annotator:
                 yield window
 
     def _plan(self, window: Window) -> WindowState:
-        recipe = self.recipe
-        rows = row_inputs(window, recipe.input, recipe.prompt.query)
-        texts = self.builder.question_tokens([r.text for r in rows])
-        plan = plan_window(
-            rows,
-            texts,
-            self.builder,
-            recipe.model.min_pixels,
-            recipe.model.max_pixels,
-            recipe.input.max_image_pixels,
-            self.max_batch_tokens,
-            recipe.batching.max_batch_size,
-        )
+        plan = plan_recipe_window(window, self.recipe, self.builder, self.max_batch_tokens)
         return WindowState(window, plan, pending=len(plan.batches))
 
     def _plan_next(self, windows: Iterator[Window]) -> WindowState | None:

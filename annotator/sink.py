@@ -212,6 +212,14 @@ class RunFolder:
             self.lock_path.unlink(missing_ok=True)
 
 
+def latest_run(root: Path, unfinished: bool = False) -> RunFolder | None:
+    """The most recently started run folder under `root` (only the unfinished ones, if asked)."""
+    folders = [RunFolder(p.parent) for p in root.glob("**/manifest.json")]
+    if unfinished:
+        folders = [f for f in folders if not f.finished]
+    return max(folders, key=lambda f: f.manifest_path.stat().st_mtime, default=None)
+
+
 def _pid_alive(pid: int) -> bool:
     if pid <= 0:
         return False

@@ -8,19 +8,14 @@ from typing import Any
 
 from annotator.errors import AnnotatorError
 from annotator.run import summarize
-from annotator.sink import RunFolder
-
-
-def latest_run(root: Path = Path("outputs")) -> Path:
-    manifests = list(root.glob("**/manifest.json"))
-    if not manifests:
-        raise AnnotatorError(f"No run under {str(root)!r}. Pass the run folder: `annotate status OUTPUT_DIR`.")
-    return max(manifests, key=lambda p: p.stat().st_mtime).parent
+from annotator.sink import RunFolder, latest_run
 
 
 def run_status(output_dir: Path | None) -> dict[str, Any]:
-    root = output_dir or latest_run()
-    folder = RunFolder(root)
+    folder = RunFolder(output_dir) if output_dir else latest_run(Path("outputs"))
+    if folder is None:
+        raise AnnotatorError("No run under 'outputs'. Pass the run folder: `annotate status OUTPUT_DIR`.")
+    root = folder.root
     if not folder.exists():
         raise AnnotatorError(f"{str(root)!r} is not a run folder (no manifest.json).")
     manifest = folder.manifest()

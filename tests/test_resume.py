@@ -206,7 +206,7 @@ def test_resume_skips_committed_windows_without_reading_their_images(
         seen.append(len(rows))
         return original(rows, *args, **kwargs)
 
-    monkeypatch.setattr("annotator.run.plan_window", counting)
+    monkeypatch.setattr(annotator.batching, "plan_window", counting)
     assert invoke("resume", output, "--no-progress").exit_code == 0
     assert sum(seen) == ROWS - 15 * 6
     assert_same_output(output, reference)
@@ -217,6 +217,7 @@ def test_default_resume_picks_the_latest_unfinished_run(tmp_path, dataset, refer
     os.makedirs("outputs", exist_ok=True)
     target = Path("outputs") / "partial"
     output.rename(target)
+    assert json.loads(invoke("status", "--json").output)["output_dir"] == str(target)
     assert invoke("resume", "--no-progress").exit_code == 0
     assert_same_output(target, reference)
 
