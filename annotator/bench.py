@@ -461,7 +461,7 @@ def run_pipeline(recipe: Any, console: Any) -> tuple[dict[str, Any], Any]:
     folder, source = prepare_run(recipe, overwrite=True)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    annotator = _timed_annotator()(recipe, folder, source, console, progress=False)
+    annotator = _timed_annotator()(recipe, folder, source, console, progress=False, fresh=True)
     summary = annotator.run()
     finished = time.perf_counter()
     loaded = annotator.scorer.loaded

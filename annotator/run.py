@@ -94,7 +94,11 @@ def find_latest_unfinished(root: Path = Path("outputs")) -> Path:
 
 
 def prepare_run(recipe: Recipe, overwrite: bool) -> tuple[RunFolder, Any]:
-    """Check the input and the output folder (no model yet) and create the run folder."""
+    """Check the input and the output folder (no model yet) and take the folder's lock.
+
+    The folder is emptied and written (`start_fresh`) only once the model has loaded, so an --overwrite
+    whose model cannot be loaded leaves the previous run as it was.
+    """
     source = open_source(recipe.input, recipe.prompt)
     folder = RunFolder(recipe.output_dir)
     # A run that committed nothing (e.g. its model failed to load) has nothing to lose: start it again.
@@ -109,19 +113,18 @@ def prepare_run(recipe: Recipe, overwrite: bool) -> tuple[RunFolder, Any]:
             "or add --overwrite to start again from scratch."
         )
     folder.acquire_lock()
-    if folder.exists():
-        _remove_run_contents(folder)
-    folder.create(frozen_recipe_yaml(recipe), _manifest(recipe, source))
     return folder, source
 
 
-def _remove_run_contents(folder: RunFolder) -> None:
+def start_fresh(recipe: Recipe, folder: RunFolder, source: Any) -> None:
+    """Empty the run folder (an --overwrite) and write the new run's recipe and manifest."""
     import shutil
 
     for path in (folder.data_dir, folder.journal_dir):
         shutil.rmtree(path, ignore_errors=True)
     for path in (folder.summary_path, folder.manifest_path, folder.recipe_path):
         path.unlink(missing_ok=True)
+    folder.create(frozen_recipe_yaml(recipe), _manifest(recipe, source))
 
 
 def _manifest(recipe: Recipe, source: Any) -> dict[str, Any]:
@@ -174,7 +177,10 @@ def prepare_resume(output_dir: Path, overrides: list[str]) -> tuple[Recipe, RunF
 class Annotator:
     """One process annotating a run folder: plans windows, keeps workers busy, scores, commits in order."""
 
-    def __init__(self, recipe: Recipe, folder: RunFolder, source: Any, console, progress: bool = True) -> None:
+    def __init__(
+        self, recipe: Recipe, folder: RunFolder, source: Any, console, progress: bool = True, fresh: bool = False
+    ) -> None:
+        self.fresh = fresh  # a new run: the folder is (re)started once the model has loaded
         self.recipe = recipe
         self.folder = folder
         self.source = source
@@ -197,10 +203,12 @@ class Annotator:
         from annotator.scoring import Scorer
 
         recipe = self.recipe
-        self.folder.clean_leftovers()
-        committed = self.folder.committed()
         m = recipe.model
         loaded = load_model(m.name, m.revision, m.dtype, m.device, m.attn_implementation)
+        if self.fresh:
+            start_fresh(recipe, self.folder, self.source)
+        self.folder.clean_leftovers()
+        committed = self.folder.committed()
         self.builder = PromptBuilder(loaded.tokenizer, recipe.prompt)
         self.scorer = Scorer(loaded, self.builder)
         self.schema = output_schema(self.source.schema, recipe.input.image_column)
@@ -429,7 +437,7 @@ def summarize(folder: RunFolder) -> dict[str, Any]:
 def run_recipe(recipe_path: str, overrides: list[str], overwrite: bool, console, progress: bool = True) -> dict:
     recipe = load_recipe(recipe_path, overrides)
     folder, source = prepare_run(recipe, overwrite)
-    return Annotator(recipe, folder, source, console, progress).run()
+    return Annotator(recipe, folder, source, console, progress, fresh=True).run()
 
 
 def resume_run(output_dir: str | None, overrides: list[str], console, progress: bool = True) -> dict:

@@ -215,3 +215,12 @@ def test_windows_of_failed_rows_are_committed_as_they_come(tmp_path, monkeypatch
     assert read_output(tmp_path / "out").column("error").to_pylist() == ["image: missing (null)"] * 60
     first_commit = planned_at_commit.index(0)
     assert planned_at_commit[:first_commit].count(-1) <= 3, planned_at_commit
+
+
+def test_overwrite_keeps_the_previous_run_when_the_new_model_cannot_load(tmp_path, mixed_parquet):
+    recipe = write_recipe(tmp_path / "r.yaml", mixed_parquet, tmp_path / "out")
+    assert invoke("run", recipe, "--no-progress", "--limit", "3").exit_code == 0
+    result = invoke("run", recipe, "--no-progress", "--overwrite", "--set", "model.name=nobody/no-such-model")
+    assert result.exit_code == 1 and "Could not load model" in result.output
+    assert read_output(tmp_path / "out").num_rows == 3
+    assert json.loads(invoke("status", tmp_path / "out", "--json").output)["state"] == "finished"
