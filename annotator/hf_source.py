@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 
 from annotator.errors import AnnotatorError, RunInterrupted
 from annotator.recipe import HFInput, InputConfig, PromptConfig
-from annotator.sources import Window, check_schema
+from annotator.sources import Window, check_schema, cut_windows
 
 IO_THREADS = 16  # parquet footers and remote images are small, latency-bound reads
 
@@ -88,26 +88,10 @@ class HFSource:
         else:
             tables = self._resumable(_dropping(dataset.iter(batch_size=size), start))
         fetch = columns is None or self.config.image_column in columns
-        index, pending, rows = first, [], 0
-        for table in tables:
-            while table.num_rows and start + rows < end:
-                taken = table.slice(0, min(size - rows, end - start - rows))
-                pending.append(taken)
-                rows += taken.num_rows
-                table = table.slice(taken.num_rows)
-                if rows == size or start + rows == end:
-                    yield self._window(index, start, pending, fetch)
-                    index, start, pending, rows = index + 1, start + rows, [], 0
-            if start >= end:
-                return
-        if pending:
-            yield self._window(index, start, pending, fetch)
-
-    def _window(self, index: int, start: int, tables: list[pa.Table], fetch: bool) -> Window:
-        table = pa.concat_tables([t.replace_schema_metadata(None) for t in tables])
-        if fetch:
-            table = _fetch_remote_images(table, self.config.image_column)
-        return Window(index, start, table, [None] * table.num_rows)
+        for window in cut_windows(((table, None) for table in tables), first, size, end):
+            if fetch:
+                window.table = _fetch_remote_images(window.table, self.config.image_column)
+            yield window
 
     def _parquet_from(self, row: int, size: int, columns: list[str] | None) -> Iterator[pa.Table]:
         """Parquet rows from `row` on, opening only the row groups from the one holding `row`.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,29 +203,37 @@ class ParquetSource:
 
     def windows(self, size: int, first: int = 0, columns: list[str] | None = None) -> Iterator[Window]:
         """Windows `first`, `first + 1`, ... of `size` rows (the last may be shorter)."""
-        index, start = first, first * size
-        pending: list[pa.RecordBatch] = []
-        dirs: list[str | None] = []
-        for batch, folder in self._batches_from(start, columns):
-            while batch.num_rows:
-                end = min(size - len(dirs), self.total_rows - start - len(dirs))
-                if end <= 0:
-                    break
-                taken = batch.slice(0, end)
-                pending.append(taken)
-                dirs.extend([folder] * taken.num_rows)
-                batch = batch.slice(taken.num_rows)
-                if len(dirs) == size or start + len(dirs) == self.total_rows:
-                    yield Window(index, start, _concat(pending), dirs)
-                    index, start, pending, dirs = index + 1, start + len(dirs), [], []
-            if start >= self.total_rows:
-                return
-        if dirs:
-            yield Window(index, start, _concat(pending), dirs)
+        return cut_windows(self._batches_from(first * size, columns), first, size, self.total_rows)
 
 
-def _concat(batches: list[pa.RecordBatch]) -> pa.Table:
-    return pa.concat_tables([pa.Table.from_batches([b]) for b in batches])
+def cut_windows(
+    pieces: Iterable[tuple[pa.Table | pa.RecordBatch, str | None]], first: int, size: int, end: int
+) -> Iterator[Window]:
+    """Cut consecutive rows into windows `first`, `first + 1`, ... of `size` rows, stopping before row `end`.
+
+    `pieces` start at row `first * size`; each comes with the folder its relative image paths resolve against.
+    """
+    index, start = first, first * size
+    taken: list[pa.Table | pa.RecordBatch] = []
+    dirs: list[str | None] = []
+    for piece, folder in pieces:
+        while piece.num_rows and start + len(dirs) < end:
+            part = piece.slice(0, min(size - len(dirs), end - start - len(dirs)))
+            taken.append(part)
+            dirs.extend([folder] * part.num_rows)
+            piece = piece.slice(part.num_rows)
+            if len(dirs) == size or start + len(dirs) == end:
+                yield Window(index, start, _concat(taken), dirs)
+                index, start, taken, dirs = index + 1, start + len(dirs), [], []
+        if start >= end:
+            return
+    if dirs:
+        yield Window(index, start, _concat(taken), dirs)
+
+
+def _concat(pieces: list[pa.Table | pa.RecordBatch]) -> pa.Table:
+    tables = [pa.Table.from_batches([p]) if isinstance(p, pa.RecordBatch) else p for p in pieces]
+    return pa.concat_tables([t.replace_schema_metadata(None) for t in tables])
 
 
 def open_source(config: InputConfig, prompt: PromptConfig):
