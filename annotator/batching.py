@@ -195,6 +195,6 @@ def plan_recipe_window(
         recipe.model.min_pixels,
         recipe.model.max_pixels,
         recipe.input.max_image_pixels,
-        max_batch_tokens or recipe.batching.max_batch_tokens,
+        recipe.batching.max_batch_tokens if max_batch_tokens is None else max_batch_tokens,
         recipe.batching.max_batch_size,
     )

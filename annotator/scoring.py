@@ -107,14 +107,14 @@ class Scorer:
         log_probs = output.logits[:, -1, :].float().log_softmax(-1)
         answers = log_probs.index_select(-1, self.answer_ids)
         results = torch.stack([answers.softmax(-1)[:, 0], answers.exp().sum(-1)], dim=1)
-        if results.device.type != "cuda":
-            return lambda: [Score(p, m) for p, m in results.tolist()]
         host = results.to("cpu", non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
+        done = torch.cuda.Event() if results.is_cuda else None
+        if done is not None:
+            done.record()
 
         def wait() -> list[Score]:
-            done.synchronize()
+            if done is not None:
+                done.synchronize()
             return [Score(p, m) for p, m in host.tolist()]
 
         return wait
