@@ -124,7 +124,11 @@ def test_an_export_that_keeps_nothing_still_has_the_schema(finished_run, tmp_pat
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["--min-prob", "0.5", "--label", "true"], "one of --min-prob or --label, not both"),
+        (["--min-prob", "0.5", "--label", "true"], "one of --min-prob, --label or --top-fraction, not several"),
+        (["--top-fraction", "0.3", "--min-prob", "0.5"], "not several"),
+        (["--top-fraction", "0.3", "--label", "true"], "not several"),
+        (["--top-fraction", "0"], "is not a fraction"),
+        (["--top-fraction", "1.5"], "is not a fraction"),
         (["--label", "yes"], "give --label true or --label false"),
         (["--min-prob", "2"], "is not a probability"),
         (["--drop-columns", "prob,colour"], "--drop-columns names colour"),
