@@ -75,13 +75,13 @@ class ModelUnavailable(AnnotatorError):
 
     def __init__(self, model: str, reason: str) -> None:
         self.model = model
-        where = (
+        self.why = (
             "offline mode (HF_HUB_OFFLINE) is set"
             if reason == "HF_HUB_OFFLINE is set"
             else f"the Hugging Face Hub at {endpoint()} cannot be reached ({reason})"
         )
         super().__init__(
-            f"Could not load model {model!r}: {where}, and the Hugging Face cache ({cache_dir()}) does not hold "
+            f"Could not load model {model!r}: {self.why}, and the Hugging Face cache ({cache_dir()}) does not hold "
             "it. Behind a proxy, set HTTPS_PROXY; for a mirror, HF_ENDPOINT."
         )
 

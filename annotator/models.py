@@ -231,13 +231,20 @@ def _read_image_normalisation(source: str, revision: str | None, local_only: boo
     return tuple(config.get("image_mean", IMAGE_MEAN)), tuple(config.get("image_std", IMAGE_STD))
 
 
-def _hub_access(name: str) -> tuple[bool, str | None]:
-    """(cache only?, why) for a model name: a Hub id is read from the cache alone when the Hub cannot be reached."""
-    from annotator.hub import is_hub_id, unreachable_reason
+def _hub_access(name: str, revision: str | None) -> tuple[bool, str | None]:
+    """(cache only?, why) for a model name: a Hub id is read from the cache alone when the Hub cannot be reached.
+
+    Raises `ModelUnavailable` at once (before torch is imported) when the cache does not even hold its config.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    from annotator.hub import ModelUnavailable, is_hub_id, unreachable_reason
 
     if name in (TINY, RANDOM_2B) or not is_hub_id(name):
         return False, None
     reason = unreachable_reason()
+    if reason is not None and not isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
+        raise ModelUnavailable(name, reason)
     return reason is not None, reason
 
 
@@ -254,7 +261,7 @@ def load_model(
     The Hub is probed first (seconds): unreachable, the model comes from the cache or the error says what to
     type. `progress_bars` shows the Hub's download bars (a first run downloads about 4.4 GB).
     """
-    local_only, unreachable = _hub_access(name)  # before torch is imported: an offline error comes at once
+    local_only, unreachable = _hub_access(name, revision)  # before torch is imported: an offline error at once
     import torch
     from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
     from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
@@ -313,11 +320,16 @@ def load_tokenizer(name: str, revision: str | None) -> tuple[Any, str | None]:
 
     if name == RANDOM_2B:
         return build_tiny_tokenizer(), None
-    local_only, unreachable = _hub_access(name)
+    from annotator.hub import ModelUnavailable
+
+    try:
+        local_only, unreachable = _hub_access(name, revision)
+    except ModelUnavailable as exc:
+        return None, f"{exc.why}, and the cache does not hold it"
     source = str(tiny_model_dir()) if name == TINY else name
     try:
         return AutoTokenizer.from_pretrained(source, revision=revision, local_files_only=local_only), None
     except (OSError, ValueError) as exc:
         if unreachable is not None:
-            return None, f"the Hub cannot be reached ({unreachable}) and the cache does not hold it"
+            return None, f"the Hub cannot be reached ({unreachable}), and the cache does not hold it whole"
         return None, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -108,6 +108,9 @@ class RunProgress:
         with self._lock:
             self._count(record)
             self.session_rows += record["rows"]
+            self.live_rows = max(self.live_rows, self.rows_done)
+            if self._bar is not None:
+                self._bar.update(self._task, completed=self.live_rows)
             snapshot = self.snapshot()
             fields = {
                 "window": record["window"],
@@ -188,10 +191,12 @@ class RunProgress:
             self._log.flush()
         else:
             self._pending_log.append(text + "\n")
-        if self.mode == "quiet" or (self.mode == "bar" and event == "window"):
+        if self.mode == "quiet":
             return
         if self.mode == "bar":
-            self.console.print(f"[dim]{stamp}[/] {event} {pairs}", highlight=False, soft_wrap=True)
+            message = _on_terminal(event, text_fields)
+            if message:
+                self.console.print(message, highlight=False, soft_wrap=True, markup=False)
             return
         if self.log_format == "json":
             text = json.dumps({"time": round(now, 3), "run": self.name, "event": event, **json_fields})
@@ -215,6 +220,18 @@ class RunProgress:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+def _on_terminal(event: str, fields: dict[str, Any]) -> str | None:
+    """What a person at a terminal reads for an event; the bar shows windows, the summary shows the end."""
+    if event == "loading":
+        return f"Loading model {fields['model']} (a first run downloads it into the Hugging Face cache)..."
+    if event == "loaded":
+        return f"Model loaded in {fields['seconds']:.1f} s on {fields['device']} ({fields['dtype']})."
+    if event == "scoring":
+        done = fields["rows"].split("/")[0]
+        return f"Scoring ({done} rows were done before)." if done != "0" else "Scoring."
+    return None
 
 
 def _rich_bar(progress: RunProgress):

@@ -92,6 +92,7 @@ class RunFacts:
     scored: int = 0
     errors: int = 0
     positives: int = 0
+    ones: int = 0  # rows with prob exactly 1: the last histogram bin alone cannot tell them apart
     prob_histogram: list[int] = field(default_factory=lambda: [0] * HISTOGRAM_BINS)
     mass_histogram: list[int] = field(default_factory=lambda: [0] * HISTOGRAM_BINS)
     error_kinds: Counter = field(default_factory=Counter)
@@ -124,6 +125,7 @@ def scan_scores(files: list[Path], threshold: float, k: int) -> tuple[RunFacts, 
             facts.rows += n
             facts.scored += int(scored.sum())
             facts.positives += int(label.sum())
+            facts.ones += int((scored & (p >= 1.0)).sum())
             facts.prob_histogram = _plus(facts.prob_histogram, histogram(prob, HISTOGRAM_BINS))
             facts.mass_histogram = _plus(facts.mass_histogram, histogram(batch.column("answer_mass"), HISTOGRAM_BINS))
             positive, negative = scored & label, scored & ~label

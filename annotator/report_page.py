@@ -52,11 +52,11 @@ svg text { fill: var(--muted); font-size: 11px; }
 .readout { font-variant-numeric: tabular-nums; }
 .readout b { color: var(--kept); }
 code.command { display: block; margin-top: 8px; background: #0f172a; color: #e2e8f0; padding: 8px 12px;
-  border-radius: 8px; font-size: 12.5px; overflow-x: auto; white-space: nowrap; }
+  border-radius: 8px; font-size: 12.5px; white-space: pre-wrap; word-break: break-all; }
 .grid-cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(168px, 1fr)); gap: 12px; }
 figure { margin: 0; border: 1px solid var(--line); border-radius: 10px; overflow: hidden; background: #fff; }
 .frame { height: 150px; display: flex; align-items: center; justify-content: center; background: #f1f5f9; }
-.frame img { max-width: 100%; max-height: 150px; display: block; }
+.frame img { width: 100%; height: 150px; object-fit: contain; display: block; }
 .noimage { color: var(--muted); font-size: 12px; text-align: center; padding: 8px; }
 figcaption { padding: 8px 10px 10px; font-size: 12.5px; }
 .meta { display: flex; justify-content: space-between; align-items: center; margin-bottom: 4px; }
@@ -96,6 +96,7 @@ SCRIPT = """
     const k = Number(slider.value), t = k / 100;
     let kept = 0;
     for (let i = Math.round(t * bins); i < bins; i++) kept += data.prob_histogram[i];
+    if (k === 100) kept = data.ones;
     const share = data.rows ? kept / data.rows : 0;
     readout.innerHTML = "prob &ge; " + t.toFixed(2) + " keeps <b>" + (100 * share).toFixed(1) + "%</b> of all rows (" +
       kept.toLocaleString("en-US") + " of " + data.rows.toLocaleString("en-US") + ")";
@@ -227,7 +228,7 @@ def card(pick: Pick) -> str:
     if pick.thumbnail:
         frame = f'<img src="{pick.thumbnail}" alt="row {pick.row_id}">'
     else:
-        frame = '<div class="noimage">image not shown<br>(cannot be decoded)</div>'
+        frame = '<div class="noimage">no image to show<br>(none, or it cannot be decoded)</div>'
     if pick.prob is None:
         badge, meter = '<span class="prob err">error</span>', ""
     else:
@@ -273,10 +274,12 @@ def render(folder: RunFolder, recipe: dict[str, Any], facts: RunFacts, speed: di
     warning = ""
     if summary and any(summary.get(key) != getattr(facts, key) for key in ("rows", "scored", "errors", "positives")):
         warning = '<div class="warning">The data files and summary.json disagree: the run folder was changed.</div>'
-    curve = [(k / 100, sum(facts.prob_histogram[k:]) / facts.rows if facts.rows else 0) for k in range(101)]
-    marker = (threshold, sum(facts.prob_histogram[round(threshold * 100) :]) / max(facts.rows, 1))
-    data = {"prob_histogram": facts.prob_histogram, "rows": facts.rows, "run": str(folder.root), "name": recipe["name"],
-            "x0": LEFT, "width": W - LEFT - RIGHT, "y0": TOP, "height": H - TOP - BOTTOM}  # fmt: skip
+    kept_from = [*(sum(facts.prob_histogram[k:]) for k in range(HISTOGRAM_BINS)), facts.ones]
+    curve = [(k / HISTOGRAM_BINS, kept / max(facts.rows, 1)) for k, kept in enumerate(kept_from)]
+    marker = (threshold, facts.positives / max(facts.rows, 1))  # the run's own cut, exact from its labels
+    geometry = {"x0": LEFT, "width": W - LEFT - RIGHT, "y0": TOP, "height": H - TOP - BOTTOM}
+    data = {"prob_histogram": facts.prob_histogram, "ones": facts.ones, "rows": facts.rows, "run": str(folder.root),
+            "name": recipe["name"], **geometry}  # fmt: skip
     grids = []
     for name, title in GRIDS.items():
         picks = facts.grids.get(name, [])

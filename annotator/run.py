@@ -247,12 +247,12 @@ class Annotator:
             self.folder.release_lock()
 
     def _run(self) -> dict[str, Any]:
+        recipe = self.recipe
+        loaded = self._load_model()  # first: an unreachable Hub is reported before torch is even imported
         from annotator.preprocess import Preprocessor, resolve_workers
         from annotator.prompt import PromptBuilder
         from annotator.scoring import Scorer
 
-        recipe = self.recipe
-        loaded = self._load_model()
         if self.fresh:
             start_fresh(recipe, self.folder, self.source)
         elif recipe.input.limit != self.folder.manifest().get("limit"):

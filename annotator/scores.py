@@ -39,10 +39,10 @@ def add(total: Sequence[int] | None, counts: Sequence[int]) -> list[int]:
 
 
 def at_least(counts: Sequence[int], threshold: float) -> int | None:
-    """Rows with a value >= threshold, exact when the threshold is a bin edge (else None)."""
+    """Rows with a value >= threshold, exact when the threshold is a bin edge below 1 (else None)."""
     bins = len(counts)
     edge = round(threshold * bins)
-    if edge / bins != threshold:
+    if edge / bins != threshold or edge >= bins:  # the last bin holds 1 with the values just below it
         return None
     return int(sum(counts[edge:]))
 
