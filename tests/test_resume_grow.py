@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from annotator.cli import app
@@ -94,8 +95,12 @@ def grown_then_killed(tmp_path: Path, dataset: Path, whole: Path, step: str) -> 
     (pilot / "summary.json").unlink()  # grow's first step
     if step == "summary deleted":
         return pilot
+    frozen = yaml.safe_load(folder.recipe_path.read_text())
+    folder.recipe_path.write_text(yaml.safe_dump({**frozen, "input": {**frozen["input"], "limit": None}}))
+    if step == "recipe written":  # its second step; the manifest still says 15
+        return pilot
     manifest = {**folder.manifest(), "limit": None, "total_rows": ROWS}
-    folder.manifest_path.write_text(json.dumps(manifest))  # its second step; recipe.yaml still says 15
+    folder.manifest_path.write_text(json.dumps(manifest))  # its third
     if step == "manifest written":
         return pilot
     # The redone window 2 renamed into place with its 6 rows, killed before its journal line.
@@ -103,10 +108,10 @@ def grown_then_killed(tmp_path: Path, dataset: Path, whole: Path, step: str) -> 
     return pilot
 
 
-@pytest.mark.parametrize("step", ["summary deleted", "manifest written", "window file replaced"])
+@pytest.mark.parametrize("step", ["summary deleted", "recipe written", "manifest written", "window file replaced"])
 def test_a_kill_at_any_step_of_the_growth_resumes_exactly(tmp_path, dataset, whole, step):
     pilot = grown_then_killed(tmp_path, dataset, whole, step)
-    if step == "summary deleted":  # still the pilot: resume finishes it, and growing it again works
+    if step in ("summary deleted", "recipe written"):  # still the pilot: resume finishes it; growing it again works
         assert invoke("resume", pilot, "--no-progress").exit_code == 0
         assert json.loads((pilot / "summary.json").read_text())["rows"] == 15
         assert invoke("resume", pilot, "--no-progress", "--set", "input.limit=null").exit_code == 0
