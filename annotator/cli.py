@@ -280,13 +280,7 @@ def bench(
         ),
         console,
     )
-    if as_json:
-        print(json.dumps(result))
-        return
-    table = Table(title="annotate bench", show_header=False)
-    for key, value in result.items():
-        table.add_row(key, str(value))
-    stdout.print(table)
+    _print_result(result, as_json, "annotate bench")
 
 
 @app.command()
@@ -336,11 +330,15 @@ def bench_report(
     """Time `report`, `status` and `export --top-fraction` on a synthetic finished run of ROWS rows."""
     from annotator.fake_run import bench_reading
 
-    result: dict[str, Any] = bench_reading(rows, console)
+    _print_result(bench_reading(rows, console), as_json, "annotate bench-report")
+
+
+def _print_result(result: dict[str, Any], as_json: bool, title: str) -> None:
+    """A benchmark's figures: one JSON object, or a two-column table."""
     if as_json:
         print(json.dumps(result))
         return
-    table = Table(title="annotate bench-report", show_header=False)
+    table = Table(title=title, show_header=False)
     for key, value in result.items():
         table.add_row(key, str(value))
     stdout.print(table)

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from annotator.card import _card_data, size_category
 from annotator.cli import app
-from tests.conftest import CAPTIONS, MIXED_SIZES, jpeg_bytes, read_output, write_dataset, write_recipe
+from tests.conftest import CAPTIONS, MIXED_SIZES, jpeg_bytes, read_output, run_once, write_dataset, write_recipe
 
 runner = CliRunner()
 LICENSED = "---\nlicense: cc-by-4.0\npretty_name: Demo photos\n---\n# Demo photos\n"
@@ -25,15 +25,10 @@ def invoke(*args: object):
 def licensed_run(tmp_path_factory, tiny_model_cache) -> Path:
     """A run over a parquet folder whose dataset card states a license; two rows cannot be scored."""
     root = tmp_path_factory.mktemp("card-run")
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("ANNOTATOR_CACHE", str(tiny_model_cache))
-        env.chdir(root)
-        images = [jpeg_bytes(w, h, seed=i) for i, (w, h) in enumerate(MIXED_SIZES)] + [b"broken", None]
-        parquet = write_dataset(root / "photos" / "data" / "train.parquet", images, CAPTIONS + ["x", "y"])
-        (root / "photos" / "README.md").write_text(LICENSED)
-        result = invoke("run", write_recipe(root / "r.yaml", parquet, root / "run"), "--no-progress")
-        assert result.exit_code == 0, result.output
-    return root / "run"
+    images = [jpeg_bytes(w, h, seed=i) for i, (w, h) in enumerate(MIXED_SIZES)] + [b"broken", None]
+    parquet = write_dataset(root / "photos" / "data" / "train.parquet", images, CAPTIONS + ["x", "y"])
+    (root / "photos" / "README.md").write_text(LICENSED)
+    return run_once(root, write_recipe(root / "r.yaml", parquet, root / "run"), tiny_model_cache) / "run"
 
 
 def test_load_dataset_of_the_run_folder_reads_its_data_only(licensed_run):

@@ -16,7 +16,7 @@ from annotator.fake_run import write_fake_run
 from annotator.report import gather, spread_hash
 from annotator.sink import RunFolder
 from tests.chromium import Chromium, binaries
-from tests.conftest import CAPTIONS, MIXED_SIZES, jpeg_bytes, read_output, write_dataset, write_recipe
+from tests.conftest import CAPTIONS, MIXED_SIZES, jpeg_bytes, read_output, run_once, write_dataset, write_recipe
 
 runner = CliRunner()
 HOSTILE = '<img src=x onerror="console.error(1)"></div><script>console.error("injected")</script>'
@@ -30,16 +30,11 @@ def invoke(*args: object):
 def run_with_errors(tmp_path_factory, tiny_model_cache) -> Path:
     """20 rows of the tiny model: 16 photos, a caption that is HTML, and 3 rows that fail in different ways."""
     root = tmp_path_factory.mktemp("report-run")
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("ANNOTATOR_CACHE", str(tiny_model_cache))
-        env.chdir(root)
-        images = [jpeg_bytes(w, h, seed=i) for i, (w, h) in enumerate(MIXED_SIZES * 2)]
-        images += [b"not an image", None, jpeg_bytes(64, 64, seed=99)[:300], jpeg_bytes(80, 60, seed=98)]
-        captions = CAPTIONS + CAPTIONS[::-1] + ["broken", "missing", "truncated", HOSTILE]
-        parquet = write_dataset(root / "in.parquet", images, captions)
-        result = invoke("run", write_recipe(root / "r.yaml", parquet, root / "run"), "--no-progress")
-        assert result.exit_code == 0, result.output
-    return root / "run"
+    images = [jpeg_bytes(w, h, seed=i) for i, (w, h) in enumerate(MIXED_SIZES * 2)]
+    images += [b"not an image", None, jpeg_bytes(64, 64, seed=99)[:300], jpeg_bytes(80, 60, seed=98)]
+    captions = CAPTIONS + CAPTIONS[::-1] + ["broken", "missing", "truncated", HOSTILE]
+    parquet = write_dataset(root / "in.parquet", images, captions)
+    return run_once(root, write_recipe(root / "r.yaml", parquet, root / "run"), tiny_model_cache) / "run"
 
 
 @pytest.mark.skipif(binaries() is None, reason="needs Debian's chromium and chromium-driver")

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from annotator.cli import app
 from annotator.sink import RunFolder
-from tests.conftest import jpeg_bytes, write_dataset, write_recipe
+from tests.conftest import jpeg_bytes, run_once, write_dataset, write_recipe
 
 runner = CliRunner()
 ROWS, WINDOW = 40, 6
@@ -39,10 +39,7 @@ def recipe(folder: Path, dataset: Path, name: str) -> Path:
 def whole(tmp_path_factory, dataset, tiny_model_cache) -> Path:
     """A run of every row, the reference."""
     folder = tmp_path_factory.mktemp("grow-whole")
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("ANNOTATOR_CACHE", str(tiny_model_cache))
-        assert invoke("run", recipe(folder, dataset, "whole"), "--no-progress").exit_code == 0
-    return folder / "whole"
+    return run_once(folder, recipe(folder, dataset, "whole"), tiny_model_cache) / "whole"
 
 
 def files_of(run: Path) -> dict[str, bytes]:
