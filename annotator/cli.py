@@ -52,19 +52,21 @@ def user_errors(command):
         try:
             return command(*args, **kwargs)
         except AnnotatorError as exc:
-            from rich.markup import escape
+            if not _as_json_line(exc, kwargs):
+                from rich.markup import escape
 
-            from annotator.hub import ModelUnavailable, next_steps
+                from annotator.hub import ModelUnavailable, next_steps
 
-            console.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-            if isinstance(exc, ModelUnavailable) and "ctx" in kwargs:
-                console.print("To go on:", highlight=False)
-                typed = _typed_command(kwargs["ctx"])
-                for step in next_steps(typed, can_change_model=command.__name__ != "resume"):
-                    console.print(f"  {step}", highlight=False, soft_wrap=True, markup=False)
+                console.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+                if isinstance(exc, ModelUnavailable) and "ctx" in kwargs:
+                    console.print("To go on:", highlight=False)
+                    typed = _typed_command(kwargs["ctx"])
+                    for step in next_steps(typed, can_change_model=command.__name__ != "resume"):
+                        console.print(f"  {step}", highlight=False, soft_wrap=True, markup=False)
             raise typer.Exit(exc.exit_code) from None
         except RunInterrupted as exc:
-            console.print(f"[bold yellow]Interrupted:[/] {exc}", highlight=False, soft_wrap=True)
+            if not _as_json_line(exc, kwargs):
+                console.print(f"[bold yellow]Interrupted:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             # Ctrl-C before the run loop took over signals (e.g. while the model loads): nothing is half-written.
@@ -72,6 +74,14 @@ def user_errors(command):
             raise typer.Exit(EXIT_RESUMABLE) from None
 
     return wrapper
+
+
+def _as_json_line(exc: AnnotatorError | RunInterrupted, kwargs: dict[str, Any]) -> bool:
+    """With --log-format json a machine reads stderr: the error is one JSON line too. Whether it was printed so."""
+    if kwargs.get("log_format") is not LogFormat.json:
+        return False
+    print(json.dumps({"event": "error", "message": str(exc), "exit_code": exc.exit_code}), file=sys.stderr)
+    return True
 
 
 def _typed_command(ctx: typer.Context) -> list[str]:

@@ -231,6 +231,13 @@ def _read_image_normalisation(source: str, revision: str | None, local_only: boo
     return tuple(config.get("image_mean", IMAGE_MEAN)), tuple(config.get("image_std", IMAGE_STD))
 
 
+def is_hub_model(name: str) -> bool:
+    """A model name that is a Hugging Face Hub repository (not `tiny`, the random 2B or a local folder)."""
+    from annotator.hub import is_hub_id
+
+    return name not in (TINY, RANDOM_2B) and is_hub_id(name)
+
+
 def _hub_access(name: str, revision: str | None) -> tuple[bool, str | None]:
     """(cache only?, why) for a model name: a Hub id is read from the cache alone when the Hub cannot be reached.
 
@@ -238,9 +245,9 @@ def _hub_access(name: str, revision: str | None) -> tuple[bool, str | None]:
     """
     from huggingface_hub import try_to_load_from_cache
 
-    from annotator.hub import ModelUnavailable, is_hub_id, unreachable_reason
+    from annotator.hub import ModelUnavailable, unreachable_reason
 
-    if name in (TINY, RANDOM_2B) or not is_hub_id(name):
+    if not is_hub_model(name):
         return False, None
     reason = unreachable_reason()
     if reason is not None and not isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):

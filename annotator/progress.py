@@ -76,8 +76,8 @@ class RunProgress:
 
     # --- events -----------------------------------------------------------------------------------
 
-    def loading_model(self, model: str) -> None:
-        self._emit("loading", model=model)
+    def loading_model(self, model: str, from_hub: bool = False) -> None:
+        self._emit("loading", model=model, source="hub" if from_hub else "local")
 
     def model_loaded(self, model: str, device: Any, dtype: Any, seconds: float) -> None:
         self._emit("loaded", model=model, device=str(device), dtype=str(dtype).removeprefix("torch."), seconds=seconds)
@@ -88,9 +88,12 @@ class RunProgress:
             self._count(record)
         self.live_rows, self.live_errors = self.rows_done, self.errors
         if self.log_path is not None:
-            self._log = open(self.log_path, "a", encoding="utf-8")  # noqa: SIM115 - open for the whole run
-            self._log.writelines(self._pending_log)
-            self._log.flush()
+            try:
+                self._log = open(self.log_path, "a", encoding="utf-8")  # noqa: SIM115 - open for the whole run
+                self._log.writelines(self._pending_log)
+                self._log.flush()
+            except OSError:
+                self._log = None
         self._pending_log.clear()
         self.started_at, self._started = time.time(), time.monotonic()
         self._emit("scoring", rows=self._rows_text(), to_do=self._rows_left())
@@ -187,9 +190,12 @@ class RunProgress:
         pairs = " ".join(f"{k}={_value(v)}" for k, v in text_fields.items() if v is not None)
         text = f"{stamp} [{self.name}] {event} {pairs}".rstrip()
         if self._log is not None:
-            self._log.write(text + "\n")
-            self._log.flush()
-        else:
+            try:
+                self._log.write(text + "\n")
+                self._log.flush()
+            except OSError:  # a full disk stops the run at its next window write, with the reason; not here
+                self._log = None
+        elif self._started is None:
             self._pending_log.append(text + "\n")
         if self.mode == "quiet":
             return
@@ -225,7 +231,10 @@ class RunProgress:
 def _on_terminal(event: str, fields: dict[str, Any]) -> str | None:
     """What a person at a terminal reads for an event; the bar shows windows, the summary shows the end."""
     if event == "loading":
-        return f"Loading model {fields['model']} (a first run downloads it into the Hugging Face cache)..."
+        download = (
+            " (the first time, it is downloaded into the Hugging Face cache)" if fields["source"] == "hub" else ""
+        )
+        return f"Loading model {fields['model']}{download}..."
     if event == "loaded":
         return f"Model loaded in {fields['seconds']:.1f} s on {fields['device']} ({fields['dtype']})."
     if event == "scoring":

@@ -291,8 +291,10 @@ def write_report(output_dir: Path, out: Path | None, k: int = 12) -> Path:
     if not 1 <= k <= 200:
         raise AnnotatorError(f"--thumbnails {k}: give a number from 1 to 200.")
     out = out or folder.root / "report.html"
-    if out.exists() and out.is_dir():
-        raise AnnotatorError(f"--out {str(out)!r} is a folder; give a file name such as report.html.")
+    if out.is_dir() or not out.parent.is_dir():
+        raise AnnotatorError(
+            f"--out {str(out)!r} is not a file name in an existing folder; give one such as {folder.root}/report.html."
+        )
     facts, recipe = gather(folder, k)
     page = render(folder, recipe, facts, throughput(list(folder.committed().values())))
     hidden = out.with_name(f".{out.name}.tmp")

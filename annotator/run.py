@@ -275,10 +275,10 @@ class Annotator:
 
     def _load_model(self):
         """Load the recipe's model, saying so (with the Hub's download bars on a terminal)."""
-        from annotator.models import load_model
+        from annotator.models import is_hub_model, load_model
 
         m = self.recipe.model
-        self.progress.loading_model(m.name)
+        self.progress.loading_model(m.name, from_hub=is_hub_model(m.name))
         started = time.perf_counter()
         try:
             loaded = load_model(
@@ -446,8 +446,8 @@ class Annotator:
                 f"The run folder holds {summary['rows']} rows but the input has {self.source.total_rows}; "
                 f"run `annotate resume {self.folder.root}`."
             )
+        write_run_card(self.folder, self.recipe, summary)  # first: the summary is what marks the run finished
         self.folder.write_summary(summary)
-        write_run_card(self.folder, self.recipe, summary)
         self.progress.finished(summary)
         return summary
 

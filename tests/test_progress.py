@@ -66,6 +66,9 @@ def test_json_log_lines_parse_and_carry_the_numbers(tmp_path, recipe):
     assert all(w["rows_per_s"] > 0 and w["run"] == "test" and isinstance(w["time"], float) for w in windows)
     assert windows[-1]["eta_s"] == 0 and windows[-1]["kept"] == sum(read_output(tmp_path / "out")["label"].to_pylist())
     assert windows[-1]["kept_share"] == round(windows[-1]["kept"] / 16, 4)
+    again = runner.invoke(app, ["run", str(recipe), "--log-format", "json"])
+    assert again.exit_code == 1, "the folder holds a finished run"
+    assert json.loads(again.stderr.strip())["event"] == "error", "an error is a JSON line too"
 
 
 def test_resume_appends_a_session_to_run_log_and_quiet_mode_prints_no_line(tmp_path, recipe):
