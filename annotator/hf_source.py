@@ -171,7 +171,7 @@ def _check_hub(hf: HFInput) -> None:
 
     from annotator.hub import endpoint, is_hub_id, unreachable_reason
 
-    if config.HF_DATASETS_OFFLINE or hf.path in _PACKAGED_DATASETS_MODULES or not is_hub_id(hf.path):
+    if config.HF_HUB_OFFLINE or hf.path in _PACKAGED_DATASETS_MODULES or not is_hub_id(hf.path):
         return
     reason = unreachable_reason()
     if reason is not None:

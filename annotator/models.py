@@ -261,25 +261,25 @@ def load_model(
     dtype: str,
     device: str,
     attn_implementation: str,
-    progress_bars: bool = False,
+    progress_bars: str = "none",
 ) -> LoadedModel:
     """Load the scoring model; a hub id that cannot be fetched is a clear error, never a silent fallback.
 
     The Hub is probed first (seconds): unreachable, the model comes from the cache or the error says what to
-    type. `progress_bars` shows the Hub's download bars (a first run downloads about 4.4 GB).
+    type. `progress_bars`: `all` (a terminal), `downloads` (the Hub's download bars only: a first run downloads
+    about 4.4 GB, and a log should show it) or `none`.
     """
     local_only, unreachable = _hub_access(name, revision)  # before torch is imported: an offline error at once
     import torch
-    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+    from huggingface_hub.utils import enable_progress_bars
     from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
     from transformers.utils import logging as hf_logging
 
-    if progress_bars:
+    hf_logging.disable_progress_bar()  # transformers' own bars (loading weights), and the Hub's with them
+    if progress_bars == "all":
         hf_logging.enable_progress_bar()
+    if progress_bars in ("all", "downloads"):
         enable_progress_bars()
-    else:
-        hf_logging.disable_progress_bar()
-        disable_progress_bars()
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     try:

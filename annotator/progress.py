@@ -139,6 +139,13 @@ class RunProgress:
     def stopped(self, reason: str) -> None:
         self._emit("stopped", rows=self._rows_text(), reason=reason)
 
+    @property
+    def model_bars(self) -> str:
+        """Which of the model loading's own progress bars fit this output (see `models.load_model`)."""
+        if self.mode == "bar":
+            return "all"
+        return "downloads" if self.mode == "lines" and self.log_format == "text" else "none"
+
     # --- numbers ----------------------------------------------------------------------------------
 
     @property

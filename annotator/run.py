@@ -282,7 +282,7 @@ class Annotator:
         started = time.perf_counter()
         try:
             loaded = load_model(
-                m.name, m.revision, m.dtype, m.device, m.attn_implementation, progress_bars=self.progress.mode == "bar"
+                m.name, m.revision, m.dtype, m.device, m.attn_implementation, progress_bars=self.progress.model_bars
             )
         except KeyboardInterrupt:
             again = f"annotate resume {self.folder.root}" if not self.fresh else "the same `annotate run` command"

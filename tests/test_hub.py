@@ -124,7 +124,7 @@ def test_a_hub_dataset_with_the_hub_unreachable_is_an_error_in_seconds(monkeypat
     from annotator.hf_source import _check_hub
     from annotator.recipe import HFInput
 
-    monkeypatch.setattr(config, "HF_DATASETS_OFFLINE", False)
+    monkeypatch.setattr(config, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(annotator.hub, "unreachable_reason", lambda: "[Errno 111] Connection refused")
     with pytest.raises(AnnotatorError, match="cannot be reached.*HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1"):
         _check_hub(HFInput(path="jxie/coco_captions"))
