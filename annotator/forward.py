@@ -56,20 +56,12 @@ class VisionLayout:
         slot = np.arange(length)
         valid = slot[None, :] < lengths[:, None]  # (frames, length)
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-        gather = np.where(valid, starts[:, None] + slot[None, :], 0)
-        scatter = (np.arange(len(sizes))[:, None] * length + slot[None, :])[valid]
-        positions = torch.zeros((len(sizes), length, 2), dtype=torch.int64)
-        for frame, (h, w) in enumerate(sizes):
-            positions[frame, : h * w] = grid_rotary_positions(h, w)
+        gather = torch.from_numpy(np.where(valid, starts[:, None] + slot[None, :], 0).ravel())
+        scatter = torch.from_numpy((np.arange(len(sizes))[:, None] * length + slot[None, :])[valid])
+        packed = torch.cat([grid_rotary_positions(h, w) for h, w in sizes])
+        positions = torch.zeros((len(sizes) * length, 2), dtype=torch.int64).index_copy_(0, scatter, packed)
         key_mask = torch.zeros(valid.shape, dtype=dtype).masked_fill_(torch.from_numpy(~valid), float("-inf"))
-        return cls(
-            len(sizes),
-            length,
-            positions.view(-1, 2),
-            torch.from_numpy(gather.ravel()),
-            torch.from_numpy(scatter),
-            key_mask[:, None, None, :],
-        )
+        return cls(len(sizes), length, positions, gather, scatter, key_mask[:, None, None, :])
 
     def to(self, device: torch.device, pin: bool = False) -> VisionLayout:
         """The same layout on `device` (non-blocking copies, from pinned memory when `pin`)."""

@@ -110,6 +110,16 @@ def test_decoding_a_prefix_then_a_suffix_with_its_keys_equals_one_pass(tiny):
     torch.testing.assert_close(torch.cat([head, tail], dim=1)[valid], whole[valid], atol=1e-4, rtol=1e-5)
 
 
+def test_the_lean_forward_traces_as_one_graph(tiny):
+    """No data-dependent Python either: dynamo captures the whole forward without a break, as CUDA graphs need."""
+    builder = PromptBuilder(tiny.tokenizer, PromptConfig())
+    scorer = Scorer(tiny, builder, "lean")
+    with torch.inference_mode():
+        inputs = scorer.collate(score_inputs(builder, [(756, 476), (756, 476), (320, 240)]))
+        traced = torch.compile(forward.lean_logits, backend="eager", fullgraph=True)(tiny.model, inputs)
+        torch.testing.assert_close(traced, forward.lean_logits(tiny.model, inputs), atol=0, rtol=0)
+
+
 @pytest.fixture(scope="module")
 def fake_2b():
     """Qwen2-VL-2B's full architecture on fake tensors: no memory, no compute, and reading a value raises."""
