@@ -107,9 +107,9 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torc
 def vision_features(visual: torch.nn.Module, pixel_values: torch.Tensor, layout: VisionLayout) -> torch.Tensor:
     """The vision tower on a batch of packed patches: merged image tokens (patches / 4, hidden), in patch order."""
     hidden = visual.patch_embed(pixel_values)
-    cos, sin = visual.rotary_pos_emb(hidden, layout.positions)
-    cos, sin = cos.view(-1, 1, layout.length, cos.shape[-1]), signed_sin(sin).view(-1, 1, layout.length, sin.shape[-1])
     frames, length = layout.frames, layout.length
+    cos, sin = visual.rotary_pos_emb(hidden, layout.positions)  # (length or frames * length, head dim)
+    cos, sin = cos.view(-1, 1, length, cos.shape[-1]), signed_sin(sin).view(-1, 1, length, sin.shape[-1])
     for block in visual.blocks:
         attn = block.attn
         qkv = attn.qkv(block.norm1(hidden))
@@ -136,7 +136,9 @@ def embed(
     return embeds
 
 
-def rotary_tables(text_model: torch.nn.Module, embeds: torch.Tensor, position_ids: torch.Tensor):
+def rotary_tables(
+    text_model: torch.nn.Module, embeds: torch.Tensor, position_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and signed sin of Qwen2-VL's 3-D (temporal, height, width) positions, shaped to broadcast over heads."""
     cos, sin = text_model.rotary_emb(embeds, position_ids)
     return cos.unsqueeze(1), signed_sin(sin).unsqueeze(1)
@@ -161,8 +163,10 @@ def decode(
     mask: torch.Tensor,
     rotary: tuple[torch.Tensor, torch.Tensor],
     past: KeyValues | None = None,
+    keep_key_values: bool = False,
 ) -> tuple[torch.Tensor, KeyValues]:
-    """The decoder layers over `hidden` (rows, length, width); returns the hidden states and each layer's keys/values.
+    """The decoder layers over `hidden` (rows, length, width): the hidden states, and with `keep_key_values` each
+    layer's keys/values (past ones included) for later tokens to attend to; else none are kept (`use_cache=False`).
 
     `past` holds keys/values of earlier tokens to attend to (rows, kv heads, past length, dim); `mask` covers
     past + current keys.
@@ -178,7 +182,8 @@ def decode(
         value = attn.v_proj(x).view(rows, length, -1, attn.head_dim).transpose(1, 2)
         if past is not None:
             key, value = torch.cat((past[index][0], key), dim=2), torch.cat((past[index][1], value), dim=2)
-        present.append((key, value))
+        if keep_key_values:
+            present.append((key, value))
         # Key/value heads repeated, as transformers does whenever a mask is given (a masked GQA call would
         # fall back to the slow kernel on a GPU).
         groups = attn.num_key_value_groups

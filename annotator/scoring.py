@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -115,14 +116,10 @@ class Scorer:
 
     def _patches(self, rows: Sequence[ScoreInput]) -> torch.Tensor:
         """Every image's patches, in the order given, with one copy to the device and one patchify per run of a grid."""
-        patches, start = [], 0
-        while start < len(rows):
-            end = start
-            while end < len(rows) and rows[end].grid == rows[start].grid:
-                end += 1
-            images = torch.from_numpy(np.stack([row.image for row in rows[start:end]]))
-            patches.append(patchify(self._to_device(images), self.mean, self.std))
-            start = end
+        patches = [
+            patchify(self._to_device(torch.from_numpy(np.stack([row.image for row in run]))), self.mean, self.std)
+            for _, run in itertools.groupby(rows, key=lambda row: row.grid)
+        ]
         return (patches[0] if len(patches) == 1 else torch.cat(patches)).to(self.loaded.dtype)
 
     def logits(self, batch: LeanInputs | dict[str, torch.Tensor]) -> torch.Tensor:

@@ -98,7 +98,10 @@ def test_decoding_a_prefix_then_a_suffix_with_its_keys_equals_one_pass(tiny):
         whole, _ = forward.decode(text_model, embeds, forward.causal_mask(valid, embeds.dtype), rotary)
         cos, sin = rotary
         first_mask = forward.causal_mask(valid[:, :8], embeds.dtype)
-        head, past = forward.decode(text_model, embeds[:, :8], first_mask, (cos[..., :8, :], sin[..., :8, :]))
+        head, past = forward.decode(
+            text_model, embeds[:, :8], first_mask, (cos[..., :8, :], sin[..., :8, :]), keep_key_values=True
+        )
+        assert len(past) == len(text_model.layers) and past[0][0].shape[2] == 8
         tail, _ = forward.decode(
             text_model,
             embeds[:, 8:],
