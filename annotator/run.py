@@ -210,7 +210,7 @@ class Annotator:
         self.folder.clean_leftovers()
         committed = self.folder.committed()
         self.builder = PromptBuilder(loaded.tokenizer, recipe.prompt)
-        self.scorer = Scorer(loaded, self.builder)
+        self.scorer = Scorer(loaded, self.builder, m.forward)
         self.schema = output_schema(self.source.schema, recipe.input.image_column)
         workers = resolve_workers(recipe.batching.workers)
         started = time.perf_counter()
