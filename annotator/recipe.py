@@ -52,6 +52,11 @@ class ModelConfig(_Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    forward: Literal["lean", "transformers"] = Field(
+        "lean",
+        description="lean: annotator's own forward over the model's modules (no host sync, one attention call per"
+        " layer; attn_implementation does not apply); transformers: the model's own forward. Same scores.",
+    )
     min_pixels: int = Field(3136, ge=784)
     max_pixels: int = Field(307200, ge=784)
     jpeg_draft: bool = Field(
@@ -116,7 +121,7 @@ class Recipe(_Section):
         """A hash of every setting that changes a row's result (not batch sizes or devices)."""
         settings = {
             "input": self.input.model_dump(exclude={"limit"}),
-            "model": self.model.model_dump(exclude={"device", "attn_implementation"}),
+            "model": self.model.model_dump(exclude={"device", "attn_implementation", "forward"}),
             "prompt": self.prompt.model_dump(),
             "threshold": self.output.threshold,
         }

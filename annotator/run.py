@@ -154,7 +154,7 @@ def prepare_resume(output_dir: Path, overrides: list[str]) -> tuple[Recipe, RunF
 
     frozen = yaml.safe_load(folder.recipe_path.read_text(encoding="utf-8"))
     manifest = folder.manifest()
-    # The manifest's limit is the run's (a growing pilot writes it first); the frozen recipe's follows it.
+    # The manifest's limit is the run's: growing a pilot writes it last (see `grow`), recipe.yaml's before.
     frozen.setdefault("input", {})["limit"] = manifest.get("limit", frozen["input"].get("limit"))
     recipe = validate_recipe(merge(frozen, parse_overrides(overrides)), source=str(folder.recipe_path))
     grows = recipe.input.limit != manifest.get("limit")
@@ -262,7 +262,7 @@ class Annotator:
         write_run_card(self.folder, recipe)
         self.progress.begin(committed.values())
         self.builder = PromptBuilder(loaded.tokenizer, recipe.prompt)
-        self.scorer = Scorer(loaded, self.builder)
+        self.scorer = Scorer(loaded, self.builder, recipe.model.forward)
         self.schema = output_schema(self.source.schema, recipe.input.image_column)
         workers = resolve_workers(recipe.batching.workers)
         with (
