@@ -52,7 +52,7 @@ svg text { fill: var(--muted); font-size: 11px; }
 .readout { font-variant-numeric: tabular-nums; }
 .readout b { color: var(--kept); }
 code.command { display: block; margin-top: 8px; background: #0f172a; color: #e2e8f0; padding: 8px 12px;
-  border-radius: 8px; font-size: 12.5px; white-space: pre-wrap; word-break: break-all; }
+  border-radius: 8px; font-size: 12.5px; white-space: pre-wrap; overflow-wrap: anywhere; }
 .grid-cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(168px, 1fr)); gap: 12px; }
 figure { margin: 0; border: 1px solid var(--line); border-radius: 10px; overflow: hidden; background: #fff; }
 .frame { height: 150px; display: flex; align-items: center; justify-content: center; background: #f1f5f9; }

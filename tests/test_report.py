@@ -53,6 +53,7 @@ def test_report_renders_in_chromium_with_the_summary_numbers(run_with_errors, tm
             "return Object.fromEntries([...document.querySelectorAll('[data-error-kind]')]"
             ".map(e => [e.dataset.errorKind, Number(e.dataset.value)]))"
         )
+        browser.screenshot(tmp_path / "report.png")  # the page as it opens
         images = browser.run("return [...document.images].map(i => [i.complete, i.naturalWidth, i.alt])")
         scripts = browser.run("return document.scripts.length")
         hostile_shown = browser.run(f"return document.body.innerText.includes({json.dumps(HOSTILE)})")
@@ -60,7 +61,6 @@ def test_report_renders_in_chromium_with_the_summary_numbers(run_with_errors, tm
             "const s = document.getElementById('cut'); s.value = 0; s.dispatchEvent(new Event('input'));"
             "return document.getElementById('cut-readout').textContent"
         )
-        browser.screenshot(tmp_path / "report.png")
         log = browser.console()
     assert [entry for entry in log if entry["level"] in ("SEVERE", "WARNING")] == [], log
     assert {key: int(shown[key]) for key in ("rows", "scored", "errors", "positives")} == {
