@@ -69,8 +69,11 @@ def user_errors(command):
                 console.print(f"[bold yellow]Interrupted:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
-            # Ctrl-C before the run loop took over signals (e.g. while the model loads): nothing is half-written.
-            console.print("[bold yellow]Interrupted.[/] Committed windows are safe; continue with `annotate resume`.")
+            # Ctrl-C before the run loop took over signals (the model load says so itself): nothing is half-written.
+            console.print(
+                "[bold yellow]Interrupted[/] before scoring began; nothing is half-written. Run the same command "
+                "again (a run folder with committed windows continues with `annotate resume OUTPUT_DIR`)."
+            )
             raise typer.Exit(EXIT_RESUMABLE) from None
 
     return wrapper

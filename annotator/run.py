@@ -233,8 +233,7 @@ class Annotator:
             recipe.name, console, source.total_rows, folder.root / "run.log", log_format, show=progress
         )
         self.max_batch_tokens = recipe.batching.max_batch_tokens
-        self.rows_done = 0
-        self.errors_done = 0
+        self.rows_done = 0  # rows scored or failed in this session, committed or not
 
     def run(self) -> dict[str, Any]:
         try:
@@ -424,7 +423,6 @@ class Annotator:
 
     def _advance(self, scored: int, errors: int) -> None:
         self.rows_done += scored + errors
-        self.errors_done += errors
         self.progress.rows_advanced(scored, errors)
 
     def finish(self, device: Any) -> dict[str, Any]:
