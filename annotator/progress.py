@@ -32,7 +32,10 @@ def format_duration(seconds: float | None) -> str:
 
 def _value(value: Any) -> str:
     """A logfmt value: bare when it has no space or quote, else JSON-quoted."""
-    text = f"{value:.2f}" if isinstance(value, float) else str(value)
+    if isinstance(value, float):
+        text = f"{value:.2f}" if abs(value) >= 1 or value == 0 else f"{value:.3g}"  # 0.0042 rows/s stays readable
+    else:
+        text = str(value)
     return json.dumps(text) if not text or any(c in text for c in ' "=') else text
 
 

@@ -64,3 +64,11 @@ def test_status_histogram_and_kept_shares_are_exact(tmp_path):
     assert status["kept_share"] == round(sum(p >= 0.35 for p in scored) / 75, 4)
     assert sum(status["prob_histogram"]) == 70 and status["prob_histogram"][-1] == 7, "prob 1 is in the last bin"
     assert status["rows_per_s"] == json.loads(folder.summary_path.read_text())["rows_per_s"]
+
+
+def test_journals_from_before_histograms_were_recorded_still_give_the_histogram(tmp_path):
+    folder = write_fake_run(tmp_path / "run", rows=300, window=64)
+    expected = run_status(folder.root)["prob_histogram"]
+    records = [json.loads(line) for line in folder.journal_path.read_text().splitlines()]
+    folder.journal_path.write_text("".join(json.dumps({**r, "histograms": {}}) + "\n" for r in records))
+    assert run_status(folder.root)["prob_histogram"] == expected and sum(expected) > 250
