@@ -335,7 +335,9 @@ def report(
     from annotator.report import write_report
 
     path = write_report(output_dir, out, thumbnails)
-    stdout.print(f"report -> {path}  (one file, no network needed: open it in a browser)", highlight=False)
+    stdout.print(
+        f"report -> {path}  (one file, no network needed: open it in a browser)", highlight=False, soft_wrap=True
+    )
 
 
 @app.command("bench-report")
