@@ -508,7 +508,7 @@ def run_pipeline(recipe: Any, console: Any) -> tuple[dict[str, Any], Any]:
     flops = [forward_flops(r.grid, r.length, arch)["total"] for r in planned_rows(recipe, annotator.builder)]
     flops_per_pair = statistics.fmean(flops) if flops else None
     real_tokens = sum(r["real_tokens"] for r in folder.committed().values())
-    pairs, pairs_per_s = summary["scored"], summary["pairs_per_s"]
+    pairs, pairs_per_s = summary["scored"], summary["rows_per_s"]
     steady = steady_rate(annotator.marks)
     peak = peak_flops(loaded.device, loaded.dtype)
     result = {

@@ -15,7 +15,7 @@ from annotator.errors import AnnotatorError
 
 # The seed's exact question: the newline and the 24 spaces are part of the prompt it was tuned with.
 SEED_QUESTION = '请回答以下问题，务必只能回复一个词 "Y"或 "N"：\n                        图片和"{text}"是否相关？'
-OUTPUT_COLUMNS = ("row_id", "prob", "label", "answer_mass", "error")
+OUTPUT_COLUMNS = ("row_id", "prob", "label", "answer_mass", "error", "error_kind")
 
 
 class _Section(BaseModel):
