@@ -432,10 +432,11 @@ def run_bench(config: BenchConfig, console: Any) -> dict[str, Any]:
         recipe = bench_recipe(config, parquet, Path(tmp) / "out")
         console.print(f"bench: scoring {config.pairs} pairs with {config.model} (the real pipeline)...")
         result, annotator = run_pipeline(recipe, console)
-    loaded, m = annotator.scorer.loaded, recipe.model
+    writer = annotator.executor.writer  # one device: the writer ran in this process
+    loaded, m = writer.scorer.loaded, recipe.model
     console.print("bench: preprocessing rate per core (best of 3)...")
-    mean, std = annotator.scorer.mean.cpu(), annotator.scorer.std.cpu()
-    result.update(measure_preprocessing(synthetic, annotator.builder, mean, std, m.min_pixels, m.max_pixels))
+    mean, std = writer.scorer.mean.cpu(), writer.scorer.std.cpu()
+    result.update(measure_preprocessing(synthetic, writer.builder, mean, std, m.min_pixels, m.max_pixels))
     baseline = None
     if config.baseline:
         console.print(f"bench: naive loop, {config.baseline_pairs} pairs one at a time...")
@@ -499,13 +500,14 @@ def run_pipeline(recipe: Any, console: Any) -> tuple[dict[str, Any], Any]:
     annotator = _timed_annotator()(recipe, folder, source, console, progress=False, fresh=True)
     summary = annotator.run()
     finished = time.perf_counter()
-    loaded = annotator.scorer.loaded
+    writer = annotator.executor.writer
+    loaded = writer.scorer.loaded
     on_gpu = loaded.device.type == "cuda"
     peak_mem = round(torch.cuda.max_memory_allocated(loaded.device) / 2**30, 2) if on_gpu else None
     loop_start = finished - summary["session_seconds"]
 
     arch = Architecture.from_config(loaded.model.config)
-    flops = [forward_flops(r.grid, r.length, arch)["total"] for r in planned_rows(recipe, annotator.builder)]
+    flops = [forward_flops(r.grid, r.length, arch)["total"] for r in planned_rows(recipe, writer.builder)]
     flops_per_pair = statistics.fmean(flops) if flops else None
     real_tokens = sum(r["real_tokens"] for r in folder.committed().values())
     pairs, pairs_per_s = summary["scored"], summary["rows_per_s"]

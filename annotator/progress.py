@@ -139,6 +139,10 @@ class RunProgress:
             errors=self.errors,
         )
 
+    def writer_died(self, writer: str, how: str, windows: list[int]) -> None:
+        """A writer (one of several) died: the windows it held go to the others."""
+        self._emit("writer_died", writer=writer, how=how, requeued=",".join(map(str, windows)) or None)
+
     def stopped(self, reason: str) -> None:
         self._emit("stopped", rows=self._rows_text(), reason=reason)
 
@@ -247,6 +251,9 @@ def _on_terminal(event: str, fields: dict[str, Any]) -> str | None:
         return f"Loading model {fields['model']}{download}..."
     if event == "loaded":
         return f"Model loaded in {fields['seconds']:.1f} s on {fields['device']} ({fields['dtype']})."
+    if event == "writer_died":
+        again = f"; windows {fields['requeued']} go to the other writers" if fields.get("requeued") else ""
+        return f"The writer on {fields['writer']} died ({fields['how']}){again}."
     if event == "scoring":
         done = fields["rows"].split("/")[0]
         return f"Scoring ({done} rows were done before)." if done != "0" else "Scoring."

@@ -1,63 +1,30 @@
-"""Run: wire source -> plan -> preprocess -> score -> sink, with resume, signals, progress and summary."""
+"""Run: the coordinator of a run folder (checks, resume, signals, progress, summary); writers do the scoring."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import time
-from collections import Counter, deque
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from annotator import __version__
-from annotator.batching import PlannedRow, WindowPlan, plan_recipe_window
 from annotator.card import input_card, write_run_card
+from annotator.coordinator import Coordinator, WindowQueue, first_uncommitted
 from annotator.errors import EXIT_RESUMABLE, AnnotatorError, RunInterrupted
-from annotator.images import image_kind
+from annotator.executors import local_executor
 from annotator.progress import RunProgress
 from annotator.recipe import Recipe, frozen_recipe_yaml, load_recipe, merge, parse_overrides, validate_recipe
 from annotator.scores import JOURNAL_BINS, add, histogram
-from annotator.sink import RunFolder, latest_run, output_schema, window_table
-from annotator.sources import Window, open_source
+from annotator.sink import RunFolder, latest_run
+from annotator.sources import open_source
+from annotator.writer import WriterSpec
 
 RESULT_KEYS_HINT = "model, prompt, pixels, answers, input columns, threshold"
-
-
-@dataclass
-class WindowState:
-    """A window between planning and commit: results fill in as its batches are scored."""
-
-    window: Window
-    plan: WindowPlan
-    pending: int
-    probs: list[float | None] = field(default_factory=list)
-    masses: list[float | None] = field(default_factory=list)
-    errors: list[str | None] = field(default_factory=list)
-    started: float = field(default_factory=time.perf_counter)
-
-    def __post_init__(self) -> None:
-        rows = self.window.rows
-        self.probs, self.masses, self.errors = [None] * rows, [None] * rows, [None] * rows
-        for position, error in self.plan.errors.items():
-            self.errors[position] = error
-
-    def record(self) -> dict[str, Any]:
-        scored = sum(p is not None for p in self.probs)
-        kinds = Counter(image_kind(e) for e in self.errors if e is not None)
-        return {
-            "start": self.window.start,
-            "rows": self.window.rows,
-            "scored": scored,
-            "errors": self.window.rows - scored,
-            "error_kinds": dict(kinds),
-            "truncated_texts": self.plan.truncated,
-            "real_tokens": self.plan.real_tokens,
-            "padded_tokens": self.plan.padded_tokens,
-            "seconds": round(time.perf_counter() - self.started, 3),
-            "committed_at": time.time(),
-        }
 
 
 class StopRequest:
@@ -175,6 +142,7 @@ def prepare_resume(output_dir: Path, overrides: list[str]) -> tuple[Recipe, RunF
             f"`batching.window` cannot change on resume (the run uses {manifest['window']}): windows are the unit "
             "of resume. Drop that --set."
         )
+    check_engine(recipe)
     source = open_source(recipe.input, recipe.prompt)
     if source.fingerprint() != manifest["input_fingerprint"] or (
         not grows and source.total_rows != manifest["total_rows"]
@@ -212,7 +180,12 @@ def grow(folder: RunFolder, recipe: Recipe, total_rows: int | None) -> None:
 
 
 class Annotator:
-    """One process annotating a run folder: plans windows, keeps workers busy, scores, commits in order."""
+    """The coordinator of one run folder: prepares it, starts the writers, hands out windows, writes the summary.
+
+    Scoring a window is the writers' (`writer.WindowScorer`); where they run is the executor's (`executors.py`,
+    `ray_engine.py`); the loop that hands out windows is `coordinator.Coordinator`. Signals, progress and the
+    summary are here, the same for every engine.
+    """
 
     def __init__(
         self,
@@ -223,17 +196,20 @@ class Annotator:
         progress: bool = True,
         fresh: bool = False,
         log_format: str = "text",
+        devices: list[str] | None = None,
     ) -> None:
-        self.fresh = fresh  # a new run: the folder is (re)started once the model has loaded
+        self.fresh = fresh  # a new run: the folder is (re)started once a writer has loaded the model
         self.recipe = recipe
         self.folder = folder
         self.source = source
         self.console = console
+        self.devices = devices or check_engine(recipe)
         self.progress = RunProgress(
             recipe.name, console, source.total_rows, folder.root / "run.log", log_format, show=progress
         )
-        self.max_batch_tokens = recipe.batching.max_batch_tokens
         self.rows_done = 0  # rows scored or failed in this session, committed or not
+        self.executor: Any = None
+        self.coordinator: Coordinator | None = None
 
     def run(self) -> dict[str, Any]:
         try:
@@ -246,174 +222,67 @@ class Annotator:
             self.folder.release_lock()
 
     def _run(self) -> dict[str, Any]:
-        recipe = self.recipe
-        loaded = self._load_model()  # first: an unreachable Hub is reported before torch is even imported
-        from annotator.preprocess import Preprocessor, resolve_workers
-        from annotator.prompt import PromptBuilder
-        from annotator.scoring import Scorer
-
-        if self.fresh:
-            start_fresh(recipe, self.folder, self.source)
-        elif recipe.input.limit != self.folder.manifest().get("limit"):
-            grow(self.folder, recipe, self.source.total_rows)
-        self.folder.clean_leftovers()
-        committed = self.folder.committed()
-        write_run_card(self.folder, recipe)
-        self.progress.begin(committed.values())
-        self.builder = PromptBuilder(loaded.tokenizer, recipe.prompt)
-        self.scorer = Scorer(loaded, self.builder, recipe.model.forward)
-        self.schema = output_schema(self.source.schema, recipe.input.image_column)
-        workers = resolve_workers(recipe.batching.workers)
-        with (
-            Preprocessor(workers, recipe.batching.image_timeout_s) as self.preprocessor,
-            StopRequest(self.console) as stop,
-            self.progress,
-        ):
-            self._loop(self._windows_to_do(committed), stop, lookahead=max(2 * recipe.batching.max_batch_size, 8))
-        return self.finish(loaded.device)
-
-    def _load_model(self):
-        """Load the recipe's model, saying so (with the Hub's download bars on a terminal)."""
-        from annotator.models import is_hub_model, load_model
+        from annotator.models import is_hub_model
 
         m = self.recipe.model
-        self.progress.loading_model(m.name, from_hub=is_hub_model(m.name))
-        started = time.perf_counter()
-        try:
-            loaded = load_model(
-                m.name, m.revision, m.dtype, m.device, m.attn_implementation, progress_bars=self.progress.model_bars
-            )
-        except KeyboardInterrupt:
+        self.executor = self._executor()
+        with StopRequest(self.console) as stop, contextlib.closing(self.executor):
+            self.coordinator = Coordinator(self.executor, self.progress, stop, m.name, self._advance)
+            self.coordinator.describe_window = self._describe_window
+            self.progress.loading_model(m.name, from_hub=is_hub_model(m.name))
             again = f"annotate resume {self.folder.root}" if not self.fresh else "the same `annotate run` command"
-            raise RunInterrupted(
+            self.coordinator.start_writers(
                 f"Interrupted while loading the model, before this session wrote anything to {self.folder.root}. "
                 f"To go on, run {again} again."
-            ) from None
-        self.progress.model_loaded(m.name, loaded.device, loaded.dtype, time.perf_counter() - started)
-        return loaded
+            )
+            committed = self._prepare_folder()
+            self.progress.begin(committed.values())
+            self.queue = WindowQueue(self._windows_to_do(committed))
+            self.coordinator.begin(self.queue, self.progress.started_at)
+            with self.progress:
+                self.coordinator.run(self._interrupted_message())
+        return self.finish()
 
-    def _windows_to_do(self, committed: dict[int, dict]) -> Iterator[Window]:
-        first = 0
-        while first in committed:
-            first += 1
-        for window in self.source.windows(self.recipe.batching.window, first):
-            if window.index not in committed:
-                yield window
-
-    def _plan(self, window: Window) -> WindowState:
-        plan = plan_recipe_window(window, self.recipe, self.builder, self.max_batch_tokens)
-        return WindowState(window, plan, pending=len(plan.batches))
-
-    def _plan_next(self, windows: Iterator[Window]) -> WindowState | None:
-        window = next(windows, None)
-        return None if window is None else self._plan(window)
-
-    def _loop(self, windows: Iterator[Window], stop: StopRequest, lookahead: int) -> None:
-        from concurrent.futures import Future, ThreadPoolExecutor
-
-        from annotator.preprocess import ImageJob
-
-        open_windows: deque[WindowState] = deque()  # planned, not yet committed, in input order
-        planned: deque[tuple[WindowState, list[PlannedRow]]] = deque()  # batches whose images are not asked for
-        submitted: deque[tuple[WindowState, list[PlannedRow], list[int]]] = deque()  # ... and those that are
-        max_pixels = self.recipe.input.max_image_pixels
-        draft = self.recipe.model.jpeg_draft
-        in_flight = None
-        # Reading and planning a window and writing one take seconds each (parquet I/O, tokens, fsync):
-        # on their own threads they overlap scoring instead of stalling the GPU. One thread each keeps order.
-        with ThreadPoolExecutor(1, "plan") as planner, ThreadPoolExecutor(1, "sink") as sink:
-            upcoming: Future | None = planner.submit(self._plan_next, windows)
-            writing: Future | None = None
-            try:
-                while True:
-                    if stop.requested:
-                        raise RunInterrupted(self._interrupted_message())
-                    # Commit first: a finished window must not wait on (or be lost to) reading the next one.
-                    while open_windows and open_windows[0].pending == 0:
-                        if writing is not None:
-                            writing.result()  # one write at a time: bounded memory, and its error surfaces here
-                        writing = sink.submit(self._commit, open_windows.popleft())
-                    while self.preprocessor.in_flight < lookahead and (planned or upcoming is not None):
-                        if planned:
-                            state, batch = planned.popleft()
-                            jobs = [ImageJob(r.image, r.resized, max_pixels, draft) for r in batch]
-                            submitted.append((state, batch, [self.preprocessor.submit(job) for job in jobs]))
-                            continue
-                        state = upcoming.result()
-                        upcoming = planner.submit(self._plan_next, windows) if state is not None else None
-                        if state is None:
-                            break
-                        self._advance(0, len(state.plan.errors))
-                        open_windows.append(state)
-                        planned.extend((state, batch) for batch in state.plan.batches)
-                        if state.pending == 0:
-                            break  # nothing to score (every row failed its checks): commit it before reading on
-                    if not submitted:
-                        if in_flight is not None:
-                            self._finish_batch(*in_flight)
-                            in_flight = None
-                        elif not open_windows and upcoming is None:
-                            break
-                        continue
-                    state, batch, tickets = submitted.popleft()
-                    launched = self._launch_batch(state, batch, [self.preprocessor.result(t) for t in tickets])
-                    # The previous batch's results are read only now, so the GPU ran it while this one was prepared.
-                    if in_flight is not None:
-                        self._finish_batch(*in_flight)
-                    in_flight = launched
-            except BaseException as stopped:
-                if writing is not None and writing.exception() is not None:
-                    # A failed write (disk full) is the news, whatever else stopped the loop.
-                    raise writing.exception() from stopped
-                raise
-            if writing is not None:
-                writing.result()
-
-    def _launch_batch(self, state: WindowState, batch: list[PlannedRow], images: list):
-        """Record decode errors, start scoring the rest; returns what `_finish_batch` needs."""
-        from annotator.scoring import ScoreInput, launch_splitting_on_oom
-
-        ready, inputs = [], []
-        for row, image in zip(batch, images, strict=True):
-            if isinstance(image, str):
-                state.errors[row.position] = image
-            else:
-                ready.append(row)
-                inputs.append(ScoreInput(image, row.grid, row.text))
-        if not inputs:
-            return state, batch, ready, lambda: []
-        padded = len(inputs) * max(r.length for r in ready)
-
-        def lower_budget() -> None:
-            self.max_batch_tokens = max(1, min(self.max_batch_tokens, padded // 2))
-
-        return state, batch, ready, launch_splitting_on_oom(self.scorer, inputs, lower_budget)
-
-    def _finish_batch(self, state: WindowState, batch: list[PlannedRow], ready: list[PlannedRow], wait) -> None:
-        for row, score in zip(ready, wait(), strict=True):
-            state.probs[row.position] = score.prob
-            state.masses[row.position] = score.answer_mass
-        state.pending -= 1
-        self._advance(len(ready), len(batch) - len(ready))
-
-    def _commit(self, state: WindowState) -> None:
-        window = state.window
-        table = window_table(
-            window.table,
-            self.schema,
-            window.start,
-            state.probs,
-            state.masses,
-            state.errors,
-            self.recipe.output.threshold,
+    def _executor(self) -> Any:
+        """The writers' executor: a thread, a process per device, or Ray actors; all get the same `WriterSpec`."""
+        spec = WriterSpec(
+            recipe=with_absolute_paths(self.recipe),
+            root=str(self.folder.root.resolve()),
+            owner=self.folder.owner_token,
+            input_fingerprint=json.loads(json.dumps(self.source.fingerprint())),
+            total_rows=self.source.total_rows,
+            model_bars=self.progress.model_bars,
         )
-        record = state.record()
-        record["positives"] = sum(bool(v) for v in table.column("label").to_pylist())
-        record["histograms"] = {"prob": histogram(table.column("prob"), JOURNAL_BINS)}
-        record["limit"] = self.recipe.input.limit  # a window cut short by it is redone if the limit grows
-        record["session_started"] = self.progress.started_at
-        self.folder.write_window(window.index, table, record)
-        self.progress.window_committed({**record, "window": window.index})
+        if self.recipe.engine.kind == "ray":
+            from annotator.ray_engine import RayExecutor
+
+            return RayExecutor(spec, self.recipe.engine.ray, self.console)
+        return local_executor(spec, self.devices)
+
+    def _prepare_folder(self) -> dict[int, dict]:
+        """A writer has loaded the model: start (or grow) the folder, clean what killed writes left, read the journals.
+
+        Writers touch the folder only once they are handed a window, which is after this.
+        """
+        if self.fresh:
+            start_fresh(self.recipe, self.folder, self.source)
+        elif self.recipe.input.limit != self.folder.manifest().get("limit"):
+            grow(self.folder, self.recipe, self.source.total_rows)
+        self.folder.clean_leftovers()
+        committed = self.folder.committed()
+        write_run_card(self.folder, self.recipe)
+        return committed
+
+    def _windows_to_do(self, committed: dict[int, dict]) -> Iterable[int]:
+        total = self.source.total_rows
+        if total is None:
+            return first_uncommitted(committed)  # a stream of unknown length: a writer finds its end
+        return [index for index in range(-(-total // self.recipe.batching.window)) if index not in committed]
+
+    def _describe_window(self, index: int) -> str:
+        size, total = self.recipe.batching.window, self.source.total_rows
+        last = (index + 1) * size if total is None else min((index + 1) * size, total)
+        return f"Window {index} (rows {index * size} to {last - 1})"
 
     def _interrupted_message(self) -> str:
         return (
@@ -425,7 +294,20 @@ class Annotator:
         self.rows_done += scored + errors
         self.progress.rows_advanced(scored, errors)
 
-    def finish(self, device: Any) -> dict[str, Any]:
+    def _check_every_window(self, committed: dict[int, dict]) -> None:
+        """The summary is written only when every window of the input has its journal record and its file."""
+        total = self.source.total_rows
+        count = -(-total // self.recipe.batching.window) if total is not None else self.queue.end
+        missing = [index for index in range(count or 0) if index not in committed]
+        if missing:
+            shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+            raise RunInterrupted(
+                f"{len(missing)} window(s) of {self.folder.root} are not committed ({shown}); run "
+                f"`annotate resume {self.folder.root}` to do them."
+            )
+
+    def finish(self) -> dict[str, Any]:
+        self._check_every_window(self.folder.committed())
         summary = summarize(self.folder)
         seconds = self.progress.seconds
         summary.update(
@@ -433,7 +315,9 @@ class Annotator:
                 "finished": True,
                 "output_dir": str(self.folder.root),
                 "model": self.recipe.model.name,
-                "device": str(device),
+                "device": ",".join(self.executor.label(i) for i in range(self.executor.count)),
+                "engine": self.recipe.engine.kind,
+                "writers": self.executor.count,
                 "session_rows": self.progress.session_rows,
                 "session_seconds": round(seconds, 3) if seconds is not None else None,
                 "rows_per_s": self.progress.rows_per_s,
@@ -448,6 +332,31 @@ class Annotator:
         self.folder.write_summary(summary)
         self.progress.finished(summary)
         return summary
+
+
+def check_engine(recipe: Recipe) -> list[str]:
+    """The engine's checks that need no folder: local devices that exist, or Ray importable. Returns the devices."""
+    if recipe.engine.kind == "ray":
+        from annotator.ray_engine import check_ray
+
+        check_ray()
+        return []
+    from annotator.executors import resolve_devices
+
+    return resolve_devices(recipe)
+
+
+def with_absolute_paths(recipe: Recipe) -> Recipe:
+    """The recipe as a writer anywhere reads it: input, output and a local model folder by absolute path."""
+    data = recipe.model_dump(mode="json")
+    if data["input"]["parquet"] is not None:
+        data["input"]["parquet"] = os.path.abspath(data["input"]["parquet"])
+    if data["input"]["hf"] is not None and os.path.exists(data["input"]["hf"]["path"]):
+        data["input"]["hf"]["path"] = os.path.abspath(data["input"]["hf"]["path"])
+    if os.path.exists(data["model"]["name"]):
+        data["model"]["name"] = os.path.abspath(data["model"]["name"])
+    data["output"]["dir"] = os.path.abspath(recipe.output_dir)
+    return Recipe.model_validate(data)
 
 
 def summarize(folder: RunFolder) -> dict[str, Any]:
@@ -487,8 +396,9 @@ def run_recipe(
     recipe_path: str, overrides: list[str], overwrite: bool, console, progress: bool = True, log_format: str = "text"
 ) -> dict:
     recipe = load_recipe(recipe_path, overrides)
+    devices = check_engine(recipe)  # before anything is written
     folder, source = prepare_run(recipe, overwrite)
-    return Annotator(recipe, folder, source, console, progress, fresh=True, log_format=log_format).run()
+    return Annotator(recipe, folder, source, console, progress, True, log_format, devices).run()
 
 
 def resume_run(

@@ -4,9 +4,11 @@ Layout of OUTPUT_DIR:
     recipe.yaml      the frozen, resolved recipe
     manifest.json    input and recipe fingerprints, window size, total rows
     data/            part-NNNNNN.parquet, one per window, in input order (hidden while written)
-    journal/         NAME.jsonl, one append-only journal per writer process: a line per committed window
+    journal/         WRITER.jsonl, one append-only journal per writer incarnation (host-pid-token): a line per
+                     committed window; WRITER.heartbeat.json beside it says where that writer runs and when it last
+                     beat (`status` shows them)
     summary.json     written when the run finishes
-    lock             pid and host of the process writing the folder
+    lock             the coordinator's pid, host and token: the one process handing out this folder's windows
     run.log          a line per committed window and per session (progress.py)
     README.md        a dataset card whose `configs:` make `load_dataset(OUTPUT_DIR)` read data/ (card.py)
 """
@@ -15,9 +17,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +40,12 @@ OUTPUT_FEATURES = {
     "error": {"dtype": "string", "_type": "Value"},
     "error_kind": {"dtype": "string", "_type": "Value"},
 }
+
+
+def writer_name() -> str:
+    """A name for one writer incarnation, unique across hosts: `host-pid-token` (journal and temp file names)."""
+    host = re.sub(r"[^A-Za-z0-9-]+", "-", socket.gethostname()).strip("-")[:48] or "host"
+    return f"{host}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -87,7 +97,11 @@ class RunFolder:
         self.manifest_path = self.root / "manifest.json"
         self.summary_path = self.root / "summary.json"
         self.lock_path = self.root / "lock"
+        self.journal_name = journal_name
         self.journal_path = self.journal_dir / f"{journal_name}.jsonl"
+        # Called just before a window's file is published: raises if this writer may no longer write here.
+        self.fence: Callable[[], None] | None = None
+        self.owner_token: str | None = None  # the lock's token while this process holds it
 
     def exists(self) -> bool:
         return self.manifest_path.is_file()
@@ -120,42 +134,56 @@ class RunFolder:
     def committed(self) -> dict[int, dict[str, Any]]:
         """Window index -> journal record, over every journal, for windows whose file exists.
 
-        A torn last line (killed mid-append) is ignored: its window is simply done again. So is a window
-        that holds fewer rows than it now should (a pilot's last window, after `input.limit` grew).
+        A window done twice (a writer declared dead that was only slow, or one killed between its rename and its
+        journal line) has identical content and several records: the last committed counts. A torn last line
+        (killed mid-append) is ignored: its window is simply done again. So is a window that holds fewer rows than
+        it now should (a pilot's last window, after `input.limit` grew).
         """
         records: dict[int, dict[str, Any]] = {}
         manifest = self.manifest() if self.manifest_path.is_file() else {}
-        for journal in sorted(self.journal_dir.glob("*.jsonl")):
+        journals = sorted(self.journal_dir.glob("*.jsonl")) if self.journal_dir.is_dir() else []
+        for journal in journals:
             for line in journal.read_text(encoding="utf-8").splitlines():
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                if self.window_file(record["window"]).is_file() and window_is_whole(record, manifest):
-                    records[record["window"]] = record
-        return records
+                index = record["window"]
+                if not window_is_whole(record, manifest):
+                    continue
+                if index not in records or record.get("committed_at", 0) >= records[index].get("committed_at", 0):
+                    records[index] = record
+        return {index: record for index, record in records.items() if self.window_file(index).is_file()}
 
     def clean_leftovers(self) -> int:
-        """Delete hidden files of writes that never completed and end a torn journal line; returns files deleted."""
+        """Delete hidden files of writes that never completed (data files, heartbeats); returns files deleted.
+
+        Only the coordinator calls this, before any writer starts: a writer never deletes another's files. A torn
+        journal line needs no repair: every writer incarnation appends to a journal of its own.
+        """
         leftovers = [p for p in self.data_dir.iterdir() if p.name.startswith((".", "_"))]
+        if self.journal_dir.is_dir():
+            leftovers += [p for p in self.journal_dir.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")]
         for path in leftovers:
             path.unlink(missing_ok=True)
-        if self.journal_path.is_file() and self.journal_path.stat().st_size:
-            with open(self.journal_path, "rb+") as journal:
-                journal.seek(-1, os.SEEK_END)
-                if journal.read(1) != b"\n":
-                    journal.write(b"\n")  # a killed append: the torn line stays unparseable, the next one is whole
         return len(leftovers)
 
     def write_window(self, index: int, table: pa.Table, record: dict[str, Any]) -> None:
-        """Write hidden, fsync, rename into place, then append the journal line that commits it."""
+        """Write hidden, fsync, rename into place, then append the journal line that commits it.
+
+        The hidden name carries this writer's name, so writers on any host never write the same temporary file;
+        two writers that did the same window rename identical content onto the same final name, atomically.
+        """
         final = self.window_file(index)
-        hidden = self.data_dir / f".{final.name}.{os.getpid()}.tmp"
+        tag = self.journal_name if self.journal_name != "main" else str(os.getpid())
+        hidden = self.data_dir / f".{final.name}.{tag}.tmp"
         try:
             with open(hidden, "wb") as f:
                 pq.write_table(table, f)  # snappy: encoded images do not compress, and zstd on them halved write speed
                 f.flush()
                 os.fsync(f.fileno())
+            if self.fence is not None:
+                self.fence()  # never publish a window into a folder that another coordinator now holds
             os.replace(hidden, final)
             _fsync_dir(self.data_dir)
             line = json.dumps({**record, "window": index, "file": final.name}) + "\n"
@@ -163,8 +191,10 @@ class RunFolder:
                 journal.write(line)
                 journal.flush()
                 os.fsync(journal.fileno())
-        except OSError as exc:
+        except BaseException as exc:
             hidden.unlink(missing_ok=True)
+            if not isinstance(exc, OSError):
+                raise
             raise RunInterrupted(
                 f"Could not write window {index} to {self.data_dir} ({exc.strerror or exc}). Nothing half-written "
                 f"is visible; free space or fix permissions, then run `annotate resume {self.root}`."
@@ -189,7 +219,7 @@ class RunFolder:
         return holder
 
     def acquire_lock(self) -> None:
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "token": secrets.token_hex(8)}
         self.root.mkdir(parents=True, exist_ok=True)
         for _ in range(2):
             try:
@@ -206,8 +236,16 @@ class RunFolder:
                 continue
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
+            self.owner_token = me["token"]
             return
         raise AnnotatorError(f"Could not take the lock {str(self.lock_path)!r}; another process keeps taking it.")
+
+    def lock_token(self) -> str | None:
+        """The token of whoever holds the lock now (live or not), or None when there is no lock."""
+        try:
+            return json.loads(self.lock_path.read_text()).get("token")
+        except (FileNotFoundError, json.JSONDecodeError, AttributeError):
+            return None
 
     def release_lock(self) -> None:
         holder = None

@@ -117,6 +117,24 @@ def mixed_parquet(tmp_path) -> Path:
     return write_dataset(tmp_path / "in" / "mixed.parquet", images, captions, idx=list(range(16)))
 
 
+def journals(output_dir: Path) -> list[Path]:
+    """The run folder's journals: one per writer incarnation."""
+    return sorted((Path(output_dir) / "journal").glob("*.jsonl"))
+
+
+def journal_lines(output_dir: Path) -> int:
+    """Journal lines over every writer of a run folder: the windows committed so far (and any torn line)."""
+    return sum(len(path.read_text().splitlines()) for path in journals(output_dir))
+
+
+def keep_windows(output_dir: Path, keep: int) -> None:
+    """Make a finished one-writer run look interrupted after its first `keep` windows (journal lines and files)."""
+    (journal,) = journals(output_dir)
+    journal.write_text("".join(journal.read_text().splitlines(keepends=True)[:keep]))
+    for path in sorted((Path(output_dir) / "data").glob("part-*.parquet"))[keep:]:
+        path.unlink()
+
+
 def run_once(root: Path, recipe: Path, tiny_model_cache: Path, *args: str) -> Path:
     """`annotate run RECIPE --no-progress ARGS` from `root`, for a module-scoped fixture; returns `root`."""
     from typer.testing import CliRunner

@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from annotator.cli import app
-from tests.conftest import jpeg_bytes, read_output, write_dataset, write_recipe
+from tests.conftest import journal_lines, journals, jpeg_bytes, keep_windows, read_output, write_dataset, write_recipe
 
 runner = CliRunner()
 ROWS = 120
@@ -64,11 +64,6 @@ def reference_run(tmp_path_factory, dataset, tiny_model_cache) -> Path:
 @pytest.fixture(scope="module")
 def reference(reference_run):
     return read_output(reference_run)
-
-
-def journal_lines(output: Path) -> int:
-    journal = output / "journal" / "main.jsonl"
-    return len(journal.read_text().splitlines()) if journal.exists() else 0
 
 
 def assert_same_output(output: Path, reference) -> None:
@@ -125,14 +120,11 @@ def test_interrupt_then_resume(tmp_path, dataset, reference, signum):
     assert_same_output(output, reference)
 
 
-def interrupted_copy(run: Path, destination: Path, keep_windows: int) -> Path:
-    """A copy of a finished run turned into one that stopped after `keep_windows` windows."""
+def interrupted_copy(run: Path, destination: Path, keep: int) -> Path:
+    """A copy of a finished run turned into one that stopped after `keep` windows."""
     shutil.copytree(run, destination)
     (destination / "summary.json").unlink()
-    journal = destination / "journal" / "main.jsonl"
-    journal.write_text("".join(journal.read_text().splitlines(keepends=True)[:keep_windows]))
-    for path in sorted((destination / "data").glob("part-*.parquet"))[keep_windows:]:
-        path.unlink()
+    keep_windows(destination, keep)
     return destination
 
 
@@ -141,7 +133,7 @@ def test_resume_refuses_changed_input(tmp_path, dataset):
     shutil.copy(dataset, own)
     recipe = make_recipe(tmp_path, own, "changed")
     assert invoke("run", recipe, "--no-progress", "--limit", "12").exit_code == 0
-    output = interrupted_copy(tmp_path / "changed", tmp_path / "partial", keep_windows=1)
+    output = interrupted_copy(tmp_path / "changed", tmp_path / "partial", keep=1)
     table = pq.read_table(own)
     pq.write_table(table.slice(1).append_column("extra", [list(range(ROWS - 1))]), own)
     result = invoke("resume", output, "--no-progress")
@@ -153,13 +145,13 @@ def test_resume_refuses_changed_input(tmp_path, dataset):
     ["model.max_pixels=3136", "prompt.question=is {text} here?", "prompt.system=Be terse.", "model.name=other"],
 )
 def test_resume_refuses_result_changing_overrides(tmp_path, dataset, reference_run, override):
-    output = interrupted_copy(reference_run, tmp_path / "partial", keep_windows=3)
+    output = interrupted_copy(reference_run, tmp_path / "partial", keep=3)
     result = invoke("resume", output, "--set", override, "--no-progress")
     assert result.exit_code == 1 and "change results" in result.output
 
 
 def test_resume_accepts_a_changed_batch_size(tmp_path, dataset, reference_run, reference):
-    output = interrupted_copy(reference_run, tmp_path / "partial", keep_windows=3)
+    output = interrupted_copy(reference_run, tmp_path / "partial", keep=3)
     result = invoke(
         "resume",
         output,
@@ -177,16 +169,17 @@ def test_resume_accepts_a_changed_batch_size(tmp_path, dataset, reference_run, r
 
 
 def test_resume_refuses_a_changed_window(tmp_path, dataset, reference_run):
-    output = interrupted_copy(reference_run, tmp_path / "partial", keep_windows=3)
+    output = interrupted_copy(reference_run, tmp_path / "partial", keep=3)
     result = invoke("resume", output, "--set", "batching.window=7", "--no-progress")
     assert result.exit_code == 1 and "batching.window" in result.output
 
 
 def test_hidden_leftovers_and_torn_journal_lines_are_cleaned(tmp_path, dataset, reference_run, reference):
-    output = interrupted_copy(reference_run, tmp_path / "partial", keep_windows=4)
+    output = interrupted_copy(reference_run, tmp_path / "partial", keep=4)
     leftover = output / "data" / ".part-000004.parquet.999.tmp"
     leftover.write_bytes(b"PAR1 half a file")
-    with open(output / "journal" / "main.jsonl", "a") as journal:
+    (journal_path,) = journals(output)
+    with open(journal_path, "a") as journal:
         journal.write('{"window": 4, "rows"')  # killed mid-append
     assert invoke("resume", output, "--no-progress").exit_code == 0
     assert not leftover.exists()
@@ -198,7 +191,7 @@ def test_resume_skips_committed_windows_without_reading_their_images(
 ):
     import annotator.batching
 
-    output = interrupted_copy(reference_run, tmp_path / "partial", keep_windows=15)
+    output = interrupted_copy(reference_run, tmp_path / "partial", keep=15)
     seen: list[int] = []
     original = annotator.batching.plan_window
 
@@ -213,7 +206,7 @@ def test_resume_skips_committed_windows_without_reading_their_images(
 
 
 def test_default_resume_picks_the_latest_unfinished_run(tmp_path, dataset, reference_run, monkeypatch, reference):
-    output = interrupted_copy(reference_run, tmp_path / "partial", keep_windows=2)
+    output = interrupted_copy(reference_run, tmp_path / "partial", keep=2)
     os.makedirs("outputs", exist_ok=True)
     target = Path("outputs") / "partial"
     output.rename(target)
@@ -223,14 +216,14 @@ def test_default_resume_picks_the_latest_unfinished_run(tmp_path, dataset, refer
 
 
 def test_run_into_an_unfinished_folder_points_to_resume(tmp_path, dataset, reference_run):
-    partial = interrupted_copy(reference_run, tmp_path / "partial", keep_windows=2)
+    partial = interrupted_copy(reference_run, tmp_path / "partial", keep=2)
     recipe = write_recipe(tmp_path / "r.yaml", dataset, partial)
     result = invoke("run", recipe, "--no-progress")
     assert result.exit_code == 1 and "annotate resume" in result.output
 
 
 def test_a_live_lock_blocks_a_second_writer(tmp_path, dataset, reference_run):
-    output = interrupted_copy(reference_run, tmp_path / "partial", keep_windows=2)
+    output = interrupted_copy(reference_run, tmp_path / "partial", keep=2)
     import socket
 
     (output / "lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
@@ -241,7 +234,7 @@ def test_a_live_lock_blocks_a_second_writer(tmp_path, dataset, reference_run):
 
 
 def test_a_stale_lock_from_a_dead_process_is_taken_over(tmp_path, dataset, reference_run, reference):
-    output = interrupted_copy(reference_run, tmp_path / "partial", keep_windows=2)
+    output = interrupted_copy(reference_run, tmp_path / "partial", keep=2)
     import socket
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
