@@ -1,4 +1,5 @@
-"""`annotate status`: progress, ETA, counts, label split, prob histogram, errors and lock of a run (journals only)."""
+"""`annotate status`: progress, ETA, counts, label split, prob histogram, errors, lock and writers of a run (journals
+and heartbeats only)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,61 @@ def session_rate(records: list[dict[str, Any]], running_since: float | None) -> 
     mine = [r for r in records if r.get("session_started") == started]
     end = time.time() if live else max(r["committed_at"] for r in mine)
     return (round(sum(r["rows"] for r in mine) / (end - started), 3) if end > started else None), live
+
+
+def writers_status(folder: RunFolder, live: bool, now: float | None = None) -> list[dict[str, Any]]:
+    """Each writer of the latest session (host, device, windows, rows, rows/s, last heartbeat), from its journal and
+    heartbeat file; oldest first. `live`: the run is running, so a writer with a recent heartbeat is `scoring`."""
+    from annotator.writer import HEARTBEAT_S
+
+    now = time.time() if now is None else now
+    found: dict[str, dict[str, Any]] = {}
+    for path in folder.journal_dir.glob("*.heartbeat.json"):
+        try:
+            beat = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        found[path.name.removesuffix(".heartbeat.json")] = {"beat": beat, "records": []}
+    for path in folder.journal_dir.glob("*.jsonl"):
+        entry = found.setdefault(path.stem, {"beat": {}, "records": []})
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                entry["records"].append(json.loads(line))
+            except ValueError:
+                continue
+    sessions = [_session_of(entry) for entry in found.values()]
+    latest = max(sessions, default=0)
+    writers = []
+    for (name, entry), session in zip(found.items(), sessions, strict=True):
+        if session != latest:
+            continue
+        beat, records = entry["beat"], entry["records"]
+        rows = sum(r.get("rows", 0) for r in records)
+        start = max(filter(None, [beat.get("loaded_at"), session]), default=None)
+        last_beat = beat.get("beat")
+        fresh = live and last_beat is not None and now - last_beat < 3 * HEARTBEAT_S
+        end = now if fresh else max((r["committed_at"] for r in records), default=None)
+        state = beat.get("state", "-")
+        writers.append(
+            {
+                "writer": name,
+                "host": beat.get("host") or name.rsplit("-", 2)[0],
+                "device": beat.get("device") or (records[-1].get("device") if records else None) or "-",
+                "windows": len(records),
+                "rows": rows,
+                "rows_per_s": round(rows / (end - start), 3) if start and end and end > start and rows else None,
+                "heartbeat_s_ago": round(now - last_beat, 1) if last_beat else None,
+                "state": state if fresh or state not in ("scoring", "ready") else "gone",
+                "started": beat.get("started") or start or 0,
+            }
+        )
+    return sorted(writers, key=lambda w: w["started"])
+
+
+def _session_of(entry: dict[str, Any]) -> float:
+    """The session a writer worked for: its heartbeat says, else its journal records do."""
+    records = entry["records"]
+    return entry["beat"].get("session_started") or max((r.get("session_started") or 0 for r in records), default=0)
 
 
 def run_status(output_dir: Path | None) -> dict[str, Any]:
@@ -82,4 +138,5 @@ def run_status(output_dir: Path | None) -> dict[str, Any]:
         "eta": format_duration(eta_s) if eta_s is not None else None,
         "lock": f"held by pid {holder['pid']} on {holder['host']}" if holder else "free",
         "next": next_step,
+        "writers": writers_status(folder, live=state == "running"),
     }
