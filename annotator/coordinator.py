@@ -141,6 +141,7 @@ class WriterSlot:
     alive: bool = True
     restarts: int = 0
     label: str = ""
+    name: str = ""  # the incarnation's name (its journal and temporary files)
     advanced: list[int] = field(default_factory=lambda: [0, 0])  # rows scored, failed since its last commit
 
 
@@ -148,9 +149,16 @@ class Coordinator:
     """The run loop: writers' events in, windows and progress out."""
 
     def __init__(
-        self, executor: Any, progress: Any, stop: Any, model: str, on_rows: Callable[[int, int], None]
+        self,
+        executor: Any,
+        progress: Any,
+        stop: Any,
+        model: str,
+        on_rows: Callable[[int, int], None],
+        forget: Callable[[str], None] = lambda writer: None,
     ) -> None:
         self.executor = executor
+        self.forget = forget  # deletes a dead writer's unfinished files
         self.progress = progress
         self.model = model
         self.stop = stop
@@ -229,7 +237,7 @@ class Coordinator:
     def _handle(self, kind: str, index: int, value: Any) -> None:
         slot = self.slots[index]
         if kind == "loaded":
-            slot.loaded, slot.label = True, value.get("label", "")
+            slot.loaded, slot.label, slot.name = True, value.get("label", ""), value.get("writer", "")
             self.progress.model_loaded(self.model, value["label"], value["dtype"], value["seconds"])
             if self.session_started is not None:
                 self._ready(index)
@@ -279,6 +287,8 @@ class Coordinator:
     def _died(self, index: int, how: str, detail: str = "") -> None:
         slot = self.slots[index]
         slot.alive = slot.ready = False
+        if slot.name:
+            self.forget(slot.name)  # its half-written window files: nobody else writes under its name
         scored, errors = slot.advanced
         slot.advanced = [0, 0]
         self.on_rows(-scored, -errors)  # rows of windows it did not commit are done again elsewhere

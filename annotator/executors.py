@@ -235,7 +235,10 @@ def child_main(spec: WriterSpec, conn: Connection, parent: int, settings: dict[s
 
     def emit(kind: str, value: Any) -> None:
         with sending:
-            conn.send((kind, value))
+            try:
+                conn.send((kind, value))
+            except OSError:
+                os._exit(EXIT_ORPHANED)  # the coordinator is gone
 
     writer = WindowScorer(spec, emit)
 

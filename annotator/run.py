@@ -227,7 +227,8 @@ class Annotator:
         m = self.recipe.model
         self.executor = self._executor()
         with StopRequest(self.console) as stop, contextlib.closing(self.executor):
-            self.coordinator = Coordinator(self.executor, self.progress, stop, m.name, self._advance)
+            forget = self.folder.clean_leftovers
+            self.coordinator = Coordinator(self.executor, self.progress, stop, m.name, self._advance, forget)
             self.coordinator.describe_window = self._describe_window
             self.progress.loading_model(m.name, from_hub=is_hub_model(m.name))
             again = f"annotate resume {self.folder.root}" if not self.fresh else "the same `annotate run` command"
@@ -307,6 +308,7 @@ class Annotator:
             )
 
     def finish(self) -> dict[str, Any]:
+        self.folder.clean_leftovers()  # no writer runs any more
         self._check_every_window(self.folder.committed())
         summary = summarize(self.folder)
         seconds = self.progress.seconds

@@ -155,15 +155,18 @@ class RunFolder:
                     records[index] = record
         return {index: record for index, record in records.items() if self.window_file(index).is_file()}
 
-    def clean_leftovers(self) -> int:
+    def clean_leftovers(self, writer: str | None = None) -> int:
         """Delete hidden files of writes that never completed (data files, heartbeats); returns files deleted.
 
-        Only the coordinator calls this, before any writer starts: a writer never deletes another's files. A torn
-        journal line needs no repair: every writer incarnation appends to a journal of its own.
+        Only the coordinator calls this: for the whole folder when no writer runs (before they start, after they
+        are gone), or for one `writer` it knows is dead. A writer never deletes another's files. A torn journal line
+        needs no repair: every writer incarnation appends to a journal of its own.
         """
         leftovers = [p for p in self.data_dir.iterdir() if p.name.startswith((".", "_"))]
         if self.journal_dir.is_dir():
             leftovers += [p for p in self.journal_dir.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")]
+        if writer is not None:
+            leftovers = [p for p in leftovers if p.name.endswith(f".{writer}.tmp") or p.name.startswith(f".{writer}.")]
         for path in leftovers:
             path.unlink(missing_ok=True)
         return len(leftovers)

@@ -147,3 +147,34 @@ def run_once(root: Path, recipe: Path, tiny_model_cache: Path, *args: str) -> Pa
         result = CliRunner().invoke(app, ["run", str(recipe), "--no-progress", *args], catch_exceptions=False)
         assert result.exit_code == 0, result.output
     return root
+
+
+SCALEOUT_ROWS, SCALEOUT_WINDOW = 72, 6
+
+
+def scaleout_recipe(folder: Path, parquet: Path, name: str, **sections) -> Path:
+    """The recipe of the scale-out tests: windows of 6 rows, large enough images that a window can be killed in."""
+    return write_recipe(
+        folder / f"{name}.yaml",
+        parquet,
+        folder / name,
+        model={"max_pixels": 28 * 28 * 64},
+        batching={"window": SCALEOUT_WINDOW, "max_batch_size": 4, "workers": 0},
+        **sections,
+    )
+
+
+@pytest.fixture(scope="session")
+def scaleout_input(tmp_path_factory) -> Path:
+    """72 rows for the scale-out tests (tests/test_scaleout.py, tests/test_ray_engine.py)."""
+    sizes = [(320, 240), (240, 320), (400, 120), (280, 280)]
+    images = [jpeg_bytes(*sizes[i % len(sizes)], seed=i) for i in range(SCALEOUT_ROWS)]
+    captions = [f"caption {i} " + "word " * (i % 5) for i in range(SCALEOUT_ROWS)]
+    return write_dataset(tmp_path_factory.mktemp("scaleout-input") / "in.parquet", images, captions)
+
+
+@pytest.fixture(scope="session")
+def scaleout_reference(tmp_path_factory, scaleout_input, tiny_model_cache) -> Path:
+    """The scale-out input annotated by one writer in one process, uninterrupted: what every engine must write."""
+    folder = tmp_path_factory.mktemp("scaleout-reference")
+    return run_once(folder, scaleout_recipe(folder, scaleout_input, "reference"), tiny_model_cache) / "reference"
