@@ -66,6 +66,9 @@ class BenchConfig:
     attn_implementation: str = "sdpa"
     forward: str = "lean"
     count_images: int = 64
+    devices: str = ""  # several: the scaling benchmark (`bench_scaling.py`) instead
+    window: int = 0  # rows per window of the scaling benchmark; 0: several windows per writer
+    ray: bool = False  # the scaling benchmark also on Ray actors
 
 
 @dataclass(frozen=True)
@@ -389,7 +392,7 @@ def run_baseline(loaded: Any, recipe: Any, synthetic: SyntheticPairs, pairs: int
     return pairs / (time.perf_counter() - start)
 
 
-def bench_recipe(config: BenchConfig, parquet: Path, output_dir: Path) -> Any:
+def bench_recipe(config: BenchConfig, parquet: Path, output_dir: Path, devices: str = "auto") -> Any:
     from annotator.recipe import validate_recipe
 
     workers: int | str = int(config.workers) if config.workers.isdigit() else config.workers
@@ -411,6 +414,7 @@ def bench_recipe(config: BenchConfig, parquet: Path, output_dir: Path) -> Any:
                 "workers": workers,
             },
             "output": {"dir": str(output_dir)},
+            "engine": {"devices": devices},
         },
         source="annotate bench options",
     )
@@ -429,6 +433,12 @@ def run_bench(config: BenchConfig, console: Any) -> dict[str, Any]:
         synthetic = SyntheticPairs(synthetic_images(sizes, fmt), synthetic_captions())
         parquet = Path(tmp) / "pairs.parquet"
         write_pairs(parquet, synthetic, config.pairs)
+        if config.devices:
+            from annotator.bench_scaling import run_scaling
+            from annotator.executors import resolve_devices
+
+            devices = resolve_devices(bench_recipe(config, parquet, Path(tmp) / "out", config.devices))
+            return {"model": config.model, **run_scaling(config, parquet, devices, console)}
         recipe = bench_recipe(config, parquet, Path(tmp) / "out")
         console.print(f"bench: scoring {config.pairs} pairs with {config.model} (the real pipeline)...")
         result, annotator = run_pipeline(recipe, console)

@@ -307,9 +307,21 @@ def bench(
     count_images: Annotated[int, typer.Option(help="Images per batch for the op/sync counts (0: skip).")] = 64,
     baseline: Annotated[bool, typer.Option(help="Also time the naive one-pair-at-a-time loop.")] = False,
     baseline_pairs: Annotated[int, typer.Option(help="Pairs for the naive loop.")] = 32,
+    devices: Annotated[
+        str,
+        typer.Option(help="Several devices (cuda:0,cuda:1 or cpu,cpu): scaling efficiency of one writer each vs one."),
+    ] = "",
+    window: Annotated[int, typer.Option(help="Rows per window with --devices (0: several windows per writer).")] = 0,
+    ray: Annotated[
+        bool, typer.Option(help="With --devices: also as many Ray actors, with Ray's start-up cost.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Throughput benchmark on synthetic images: pairs/s, tokens/s, padding, MFU, memory, preprocessing rate."""
+    """Throughput benchmark on synthetic images: pairs/s, tokens/s, padding, MFU, memory, preprocessing rate.
+
+    With --devices: pairs/s of one writer and of one writer per device, their scaling efficiency, the coordinator's
+    CPU per window, and (--ray) Ray's start-up cost.
+    """
     from annotator.bench import BenchConfig, run_bench
 
     result = run_bench(
@@ -329,6 +341,9 @@ def bench(
             count_images=count_images,
             baseline=baseline,
             baseline_pairs=baseline_pairs,
+            devices=devices,
+            window=window,
+            ray=ray,
         ),
         console,
     )

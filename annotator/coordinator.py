@@ -11,6 +11,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import pickle
+import time
 import traceback
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -169,12 +170,17 @@ class Coordinator:
         self.describe_window: Callable[[int], str] = lambda index: f"window {index}"
         self.deaths: dict[int, list[str]] = {}  # window -> how the writers that held it died
         self.interrupted = "Stopped."  # what a stop says at this point of the run
+        # For `annotate bench`: when writers started and loaded (monotonic), and this loop's own CPU time.
+        self.started_at: float | None = None
+        self.loaded_at: list[float] = []
+        self.cpu_seconds = 0.0
 
     # --- starting -----------------------------------------------------------------------------------
 
     def start_writers(self, interrupted: str) -> None:
         """Start every writer and wait until one has loaded the model; a signal meanwhile stops at once."""
         self.interrupted = interrupted
+        self.started_at = time.monotonic()
         self.executor.start()
         while not any(slot.loaded for slot in self.slots.values()):
             if self.stop.requested:
@@ -200,6 +206,7 @@ class Coordinator:
         """Hand out every window until all are committed; then let the writers finish."""
         self.interrupted = interrupted
         queue = self.queue
+        cpu = time.thread_time()
         while not queue.done:
             if self.stop.requested:
                 self.stop_writers()
@@ -207,6 +214,7 @@ class Coordinator:
             self._grant()
             for event in self.executor.events(POLL_S):
                 self._handle(*event)
+        self.cpu_seconds += time.thread_time() - cpu
         for index, slot in self.slots.items():
             if slot.alive:
                 self.executor.give(index, "finish")
@@ -238,6 +246,7 @@ class Coordinator:
         slot = self.slots[index]
         if kind == "loaded":
             slot.loaded, slot.label, slot.name = True, value.get("label", ""), value.get("writer", "")
+            self.loaded_at.append(time.monotonic())
             self.progress.model_loaded(self.model, value["label"], value["dtype"], value["seconds"])
             if self.session_started is not None:
                 self._ready(index)

@@ -95,10 +95,11 @@ class ThreadExecutor:
         raise AssertionError("a writer in this process is never restarted")
 
     def close(self) -> None:
-        """Stop the writer: a daemon thread stuck in a model download is left to end with the process."""
+        """Stop the writer and wait for its batch; one still loading the model (a download) ends with the process."""
         if self.writer is not None and self._thread is not None and self._thread.is_alive():
             self.writer.stop()
-            self._thread.join(timeout=60)
+            if self.writer.state != "loading":
+                self._thread.join()
 
 
 @dataclass

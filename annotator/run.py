@@ -246,7 +246,15 @@ class Annotator:
 
     def _executor(self) -> Any:
         """The writers' executor: a thread, a process per device, or Ray actors; all get the same `WriterSpec`."""
-        spec = WriterSpec(
+        spec = self._writer_spec()
+        if self.recipe.engine.kind == "ray":
+            from annotator.ray_engine import RayExecutor
+
+            return RayExecutor(spec, self.recipe.engine.ray, self.console)
+        return local_executor(spec, self.devices)
+
+    def _writer_spec(self) -> WriterSpec:
+        return WriterSpec(
             recipe=with_absolute_paths(self.recipe),
             root=str(self.folder.root.resolve()),
             owner=self.folder.owner_token,
@@ -254,11 +262,6 @@ class Annotator:
             total_rows=self.source.total_rows,
             model_bars=self.progress.model_bars,
         )
-        if self.recipe.engine.kind == "ray":
-            from annotator.ray_engine import RayExecutor
-
-            return RayExecutor(spec, self.recipe.engine.ray, self.console)
-        return local_executor(spec, self.devices)
 
     def _prepare_folder(self) -> dict[int, dict]:
         """A writer has loaded the model: start (or grow) the folder, clean what killed writes left, read the journals.

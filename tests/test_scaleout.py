@@ -109,7 +109,7 @@ def annotate(*args: str | Path) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_kill_9_of_the_coordinator_leaves_no_writer_behind_and_resume_is_exact(
+def test_ctrl_c_or_kill_9_of_the_coordinator_leaves_no_writer_behind_and_resume_is_exact(
     tmp_path, scaleout_input, scaleout_reference
 ):
     rng = random.Random(10)
@@ -117,20 +117,25 @@ def test_kill_9_of_the_coordinator_leaves_no_writer_behind_and_resume_is_exact(
     process = annotate(
         "run", scaleout_recipe(tmp_path, scaleout_input, "coordinator"), "--no-progress", "--devices", "cpu,cpu"
     )
-    for whole_group in (True, False):
-        target = journal_lines(output) + rng.randint(1, 3)
+    stops = ("ctrl-c", "kill -9 of the group", "kill -9 of the coordinator alone")
+    for how in stops:
+        target = journal_lines(output) + rng.randint(1, 2)
         wait_until(lambda t=target, p=process: journal_lines(output) >= t or p.poll() is not None, what="commits")
         time.sleep(rng.uniform(0, 0.1))
-        assert process.poll() is None, "the run finished before it could be killed; make it longer"
+        assert process.poll() is None, "the run finished before it could be stopped; make it longer"
         writers = [b["pid"] for b in heartbeats(output)]
         assert writers, "writers report their pid"
-        if whole_group:
+        if how == "ctrl-c":
+            os.killpg(process.pid, signal.SIGINT)  # a terminal sends it to the whole group; writers leave it to us
+            out, _ = process.communicate(timeout=120)
+            assert process.returncode == 2 and f"annotate resume {output}" in " ".join(out.split()), out
+        elif how == "kill -9 of the group":
             os.killpg(process.pid, signal.SIGKILL)  # a scheduler killing the job
         else:
             os.kill(process.pid, signal.SIGKILL)  # the coordinator alone: its writers must stop by themselves
         process.wait()
         wait_until(lambda w=writers: not any(running(pid) for pid in w), timeout=15, what="orphan writers to die")
-        if whole_group:
+        if how != stops[-1]:
             process = annotate("resume", output, "--no-progress", "--devices", "cpu,cpu")
     result = invoke("resume", output, "--no-progress")  # any engine resumes: here one writer in this process
     assert result.exit_code == 0, result.output
