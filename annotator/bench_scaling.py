@@ -124,7 +124,7 @@ def ray_run(recipe, writers: int, console: Any) -> dict[str, Any]:
         each = max(0.01, (cores - 1) / writers)  # one CPU reserved, the rest shared out as in the local runs
         ray_recipe = recipe("ray", kind="ray", ray={"workers": writers, "cpus_per_worker": each, "reserved_cpus": 1})
         config = ray_recipe.engine.ray
-        result = timed_run(ray_recipe, lambda spec: RayExecutor(spec, config, console), console)
+        result = timed_run(ray_recipe, lambda spec: RayExecutor(spec, config), console)
     finally:
         ray.shutdown()
     return {"ray_init_s": round(init_s, 2), **result}

@@ -69,6 +69,9 @@ class ThreadExecutor:
     def label(self, index: int) -> str:
         return self.writer.label if self.writer is not None else self.spec.label
 
+    def describe(self) -> str:
+        return self.label(0)
+
     def start(self) -> None:
         self.writer = WindowScorer(self.spec, lambda kind, value: self._events.put((kind, 0, value)))
         self._thread = threading.Thread(target=host_writer, args=(self.writer, self.writer.emit, True), daemon=True)
@@ -122,8 +125,9 @@ class ProcessExecutor:
     def label(self, index: int) -> str:
         return self.specs[index].label
 
-    def pids(self) -> list[int]:
-        return [child.process.pid for child in self._children.values()]
+    def describe(self) -> str:
+        spec = self.specs[0]
+        return f"{', '.join(s.label for s in self.specs)}; {spec.cpu_threads} threads and {spec.workers} decoders each"
 
     def start(self) -> None:
         for index in range(self.count):

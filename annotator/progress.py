@@ -139,6 +139,10 @@ class RunProgress:
             errors=self.errors,
         )
 
+    def writers_started(self, engine: str, count: int, detail: str) -> None:
+        """Several writers (processes or Ray actors) are starting; `detail` says on what."""
+        self._emit("writers", engine=engine, count=count, on=detail)
+
     def writer_died(self, writer: str, how: str, windows: list[int]) -> None:
         """A writer (one of several) died: the windows it held go to the others."""
         self._emit("writer_died", writer=writer, how=how, requeued=",".join(map(str, windows)) or None)
@@ -251,6 +255,8 @@ def _on_terminal(event: str, fields: dict[str, Any]) -> str | None:
         return f"Loading model {fields['model']}{download}..."
     if event == "loaded":
         return f"Model loaded in {fields['seconds']:.1f} s on {fields['device']} ({fields['dtype']})."
+    if event == "writers":
+        return f"Starting {fields['count']} writers ({fields['engine']}): {fields['on']}."
     if event == "writer_died":
         again = f"; windows {fields['requeued']} go to the other writers" if fields.get("requeued") else ""
         return f"The writer on {fields['writer']} died ({fields['how']}){again}."

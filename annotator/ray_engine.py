@@ -112,7 +112,7 @@ def plan_writers(config: RayConfig, resources: dict[str, float]) -> tuple[int, f
 class RayExecutor:
     """Writers as Ray actors: one per GPU of the cluster (or CPU actors where it has none)."""
 
-    def __init__(self, spec: WriterSpec, config: RayConfig, console: Any) -> None:
+    def __init__(self, spec: WriterSpec, config: RayConfig) -> None:
         import ray
 
         self.started_ray = not ray.is_initialized()
@@ -123,8 +123,7 @@ class RayExecutor:
         threads, workers = max(1, int(cpus)), spec.recipe.batching.workers
         self.spec = replace(spec, cpu_threads=threads, workers=max(0, threads - 1) if workers == "auto" else workers)
         self.options = {"num_cpus": cpus, "num_gpus": 1 if self.on_gpus else 0, "max_concurrency": 4}
-        kind = "GPU" if self.on_gpus else "CPU"
-        console.print(f"Ray: {self.count} {kind} writer(s), {cpus:g} CPU(s) each.", highlight=False)
+        self.detail = f"{'one GPU' if self.on_gpus else 'no GPU'} and {cpus:g} CPU(s) each"
         self._actors: dict[int, Any] = {}
         self._polls: dict[Any, int] = {}  # outstanding `events` calls -> writer
         self._labels = {index: f"Ray writer {index}" for index in range(self.count)}
@@ -132,6 +131,9 @@ class RayExecutor:
 
     def label(self, index: int) -> str:
         return self._labels[index]
+
+    def describe(self) -> str:
+        return self.detail
 
     def start(self) -> None:
         for index in range(self.count):

@@ -230,6 +230,8 @@ class Annotator:
             forget = self.folder.clean_leftovers
             self.coordinator = Coordinator(self.executor, self.progress, stop, m.name, self._advance, forget)
             self.coordinator.describe_window = self._describe_window
+            if self.executor.count > 1 or self.recipe.engine.kind == "ray":
+                self.progress.writers_started(self.recipe.engine.kind, self.executor.count, self.executor.describe())
             self.progress.loading_model(m.name, from_hub=is_hub_model(m.name))
             again = f"annotate resume {self.folder.root}" if not self.fresh else "the same `annotate run` command"
             self.coordinator.start_writers(
@@ -250,7 +252,7 @@ class Annotator:
         if self.recipe.engine.kind == "ray":
             from annotator.ray_engine import RayExecutor
 
-            return RayExecutor(spec, self.recipe.engine.ray, self.console)
+            return RayExecutor(spec, self.recipe.engine.ray)
         return local_executor(spec, self.devices)
 
     def _writer_spec(self) -> WriterSpec:
