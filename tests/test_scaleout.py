@@ -171,7 +171,7 @@ import multiprocessing, os, sys, time
 from annotator.executors import die_with
 
 def child(parent, ready):
-    pass
+    die_with(parent)
     open(ready, "w").close()
     time.sleep(120)
 
