@@ -41,6 +41,19 @@ def host_writer(writer: WindowScorer, emit, raw_errors: bool) -> None:
         emit("failed", exc if raw_errors else WriterFailure.of(exc))
 
 
+def drain(events: queue.Queue, timeout: float) -> list:
+    """What is in `events`, waiting up to `timeout` for the first item (an empty list if none comes)."""
+    try:
+        found = [events.get(timeout=timeout)]
+    except queue.Empty:
+        return []
+    while True:
+        try:
+            found.append(events.get_nowait())
+        except queue.Empty:
+            return found
+
+
 def available_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -78,15 +91,7 @@ class ThreadExecutor:
         self._thread.start()
 
     def events(self, timeout: float) -> list[tuple[str, int, Any]]:
-        try:
-            found = [self._events.get(timeout=timeout)]
-        except queue.Empty:
-            return []
-        while True:
-            try:
-                found.append(self._events.get_nowait())
-            except queue.Empty:
-                return found
+        return drain(self._events, timeout)
 
     def give(self, index: int, kind: str, value: Any = None) -> None:
         self.writer.give(kind, value)
@@ -112,7 +117,23 @@ class _Child:
     over: bool = False  # it sent its last event (exited or failed)
 
 
-class ProcessExecutor:
+class SlotExecutor:
+    """Writers in `count` slots, each started by `_launch`, and started again the same way after a death."""
+
+    count: int
+
+    def start(self) -> None:
+        for index in range(self.count):
+            self._launch(index)
+
+    def restart(self, index: int) -> None:
+        self._launch(index)
+
+    def _launch(self, index: int) -> None:
+        raise NotImplementedError
+
+
+class ProcessExecutor(SlotExecutor):
     """One child process per device. Children ignore Ctrl-C (the coordinator decides) and die with it."""
 
     def __init__(self, specs: list[WriterSpec], cuda_indexes: list[int | None]) -> None:
@@ -128,13 +149,6 @@ class ProcessExecutor:
     def describe(self) -> str:
         spec = self.specs[0]
         return f"{', '.join(s.label for s in self.specs)}; {spec.cpu_threads} threads and {spec.workers} decoders each"
-
-    def start(self) -> None:
-        for index in range(self.count):
-            self._launch(index)
-
-    def restart(self, index: int) -> None:
-        self._launch(index)
 
     def _launch(self, index: int) -> None:
         # Called on the main thread only: the kernel's parent-death signal follows the thread that forked.

@@ -19,7 +19,7 @@ from dataclasses import replace
 from typing import Any
 
 from annotator.errors import AnnotatorError
-from annotator.executors import host_writer
+from annotator.executors import SlotExecutor, drain, host_writer
 from annotator.recipe import RayConfig
 from annotator.writer import WindowScorer, WriterSpec
 
@@ -73,15 +73,7 @@ class RayWriter:
                 self.writer.give(kind, value)
 
     def events(self, timeout: float) -> list[tuple[str, Any]]:
-        try:
-            found = [self._events.get(timeout=timeout)]
-        except queue.Empty:
-            return []
-        while True:
-            try:
-                found.append(self._events.get_nowait())
-            except queue.Empty:
-                return found
+        return drain(self._events, timeout)
 
 
 def plan_writers(config: RayConfig, resources: dict[str, float]) -> tuple[int, float, bool]:
@@ -109,7 +101,7 @@ def plan_writers(config: RayConfig, resources: dict[str, float]) -> tuple[int, f
     return workers, each, bool(gpus)
 
 
-class RayExecutor:
+class RayExecutor(SlotExecutor):
     """Writers as Ray actors: one per GPU of the cluster (or CPU actors where it has none)."""
 
     def __init__(self, spec: WriterSpec, config: RayConfig) -> None:
@@ -134,13 +126,6 @@ class RayExecutor:
 
     def describe(self) -> str:
         return self.detail
-
-    def start(self) -> None:
-        for index in range(self.count):
-            self._launch(index)
-
-    def restart(self, index: int) -> None:
-        self._launch(index)
 
     def _launch(self, index: int) -> None:
         import ray

@@ -4,11 +4,8 @@ an actor killed mid-run, and a run resumed by the other engine; without Ray, a c
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -16,8 +13,8 @@ import pytest
 from annotator.errors import AnnotatorError
 from annotator.ray_engine import plan_writers
 from annotator.recipe import RayConfig
-from tests.conftest import journal_lines, journals, scaleout_recipe
-from tests.test_scaleout import assert_same_output, heartbeats, invoke, running, wait_until
+from tests.conftest import journals, scaleout_recipe
+from tests.test_scaleout import assert_same_output, invoke, kill_a_writer_once_scoring, running
 
 ON_RAY = ["--set", "engine.kind=ray", "--set", "engine.ray.cpus_per_worker=0.5"]  # two writers on 2 CPUs, 1 free
 
@@ -45,19 +42,8 @@ def cut_back(output: Path, keep: int) -> None:
 
 
 def test_ray_writers_with_one_killed_write_the_local_output(tmp_path, scaleout_input, scaleout_reference, ray_session):
-    output = tmp_path / "ray"
-    killed: list[int] = []
-
-    def kill_an_actor() -> None:
-        def scoring():
-            return [b["pid"] for b in heartbeats(output) if b["state"] == "scoring"]
-
-        wait_until(lambda: journal_lines(output) >= 1 and scoring(), what="an actor scoring")
-        killed.append(scoring()[0])
-        os.kill(killed[0], signal.SIGKILL)
-
-    killer = threading.Thread(target=kill_an_actor)
-    killer.start()
+    output, killed = tmp_path / "ray", []
+    killer = kill_a_writer_once_scoring(output, killed)  # the actor's process
     result = invoke("run", scaleout_recipe(tmp_path, scaleout_input, "ray"), "--no-progress", *ON_RAY)
     killer.join()
     assert result.exit_code == 0, result.output

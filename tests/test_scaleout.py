@@ -77,11 +77,10 @@ def test_two_cpu_writers_write_the_one_process_output(tmp_path, scaleout_input, 
     assert {w["state"] for w in status["writers"]} == {"done"}
 
 
-def test_a_writer_killed_mid_run_is_replaced_and_the_output_is_the_same(tmp_path, scaleout_input, scaleout_reference):
-    output = tmp_path / "killed"
-    killed: list[int] = []
+def kill_a_writer_once_scoring(output: Path, killed: list[int]) -> threading.Thread:
+    """A thread that kills a writer (SIGKILL) once the run has committed a window and that writer is scoring."""
 
-    def kill_one_writer() -> None:
+    def kill() -> None:
         def scoring():
             return [b["pid"] for b in heartbeats(output) if b["state"] == "scoring"]
 
@@ -89,8 +88,14 @@ def test_a_writer_killed_mid_run_is_replaced_and_the_output_is_the_same(tmp_path
         killed.append(scoring()[0])
         os.kill(killed[0], signal.SIGKILL)
 
-    killer = threading.Thread(target=kill_one_writer)
-    killer.start()
+    thread = threading.Thread(target=kill)
+    thread.start()
+    return thread
+
+
+def test_a_writer_killed_mid_run_is_replaced_and_the_output_is_the_same(tmp_path, scaleout_input, scaleout_reference):
+    output, killed = tmp_path / "killed", []
+    killer = kill_a_writer_once_scoring(output, killed)
     result = invoke("run", scaleout_recipe(tmp_path, scaleout_input, "killed"), "--no-progress", "--devices", "cpu,cpu")
     killer.join()
     assert result.exit_code == 0, result.output
