@@ -1,8 +1,8 @@
 """`annotate bench --devices ...`: scaling efficiency of N writers against one, coordinator overhead, Ray start-up.
 
 Both runs give each writer the same share of the machine (the cores of N writers shared out, one GPU each), so
-the efficiency, pairs/s with N writers / (N x pairs/s with one), shows what scheduling costs. Rates are steady
-ones: rows scored from the moment every writer had loaded its model to the end of the run.
+the efficiency, pairs/s with N writers / (N x pairs/s with one), shows what scheduling costs. Windows are handed
+out once every writer has loaded its model, and rates are steady ones: from the first batch scored to the last.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ def _timed_coordinator(make_executor):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.marks: list[tuple[float, int]] = []
+            self.wait_for_every_writer = True  # N writers from the first window on
 
         def _executor(self) -> Any:
             return make_executor(self._writer_spec())
@@ -48,7 +49,7 @@ def timed_run(recipe: Any, make_executor, console: Any) -> dict[str, Any]:
     steady = [(t, rows) for t, rows in run.marks if t >= ready]
     rate = None
     if len(steady) >= 2 and steady[-1][0] > steady[0][0]:
-        rate = (steady[-1][1] - steady[0][1]) / (steady[-1][0] - steady[0][0])
+        rate = (steady[-1][1] - steady[0][1]) / (steady[-1][0] - steady[0][0])  # after the first batch
     return {
         "writers": run.executor.count,
         "pairs_per_s": round(rate, 3) if rate else None,

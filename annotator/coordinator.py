@@ -177,12 +177,13 @@ class Coordinator:
 
     # --- starting -----------------------------------------------------------------------------------
 
-    def start_writers(self, interrupted: str) -> None:
-        """Start every writer and wait until one has loaded the model; a signal meanwhile stops at once."""
+    def start_writers(self, interrupted: str, every: bool = False) -> None:
+        """Start the writers, wait until one (`every`: all) has loaded the model; a signal meanwhile stops at once."""
         self.interrupted = interrupted
         self.started_at = time.monotonic()
         self.executor.start()
-        while not any(slot.loaded for slot in self.slots.values()):
+        wait_for = all if every else any
+        while not wait_for(slot.loaded for slot in self.slots.values()):
             if self.stop.requested:
                 raise RunInterrupted(interrupted)
             for event in self.executor.events(POLL_S):

@@ -210,6 +210,7 @@ class Annotator:
         self.rows_done = 0  # rows scored or failed in this session, committed or not
         self.executor: Any = None
         self.coordinator: Coordinator | None = None
+        self.wait_for_every_writer = False  # hand out windows only once all have loaded (benchmarks)
 
     def run(self) -> dict[str, Any]:
         try:
@@ -236,7 +237,8 @@ class Annotator:
             again = f"annotate resume {self.folder.root}" if not self.fresh else "the same `annotate run` command"
             self.coordinator.start_writers(
                 f"Interrupted while loading the model, before this session wrote anything to {self.folder.root}. "
-                f"To go on, run {again} again."
+                f"To go on, run {again} again.",
+                every=self.wait_for_every_writer,
             )
             committed = self._prepare_folder()
             self.progress.begin(committed.values())
