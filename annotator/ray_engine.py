@@ -28,6 +28,31 @@ INSTALL = 'pip install -e ".[ray]"'
 POLL_S = 1.0  # how long an actor holds an `events` call open when it has nothing to say
 
 
+_started_here = False  # whether this process started the Ray it is connected to (then it stops it)
+
+
+def connect(config: RayConfig) -> tuple[int, float, bool]:
+    """Check Ray, join (or start) the cluster and plan the writers: every mistake is an error before anything is
+    written. Returns `plan_writers`' plan."""
+    global _started_here
+    check_ray()
+    import ray
+
+    if not ray.is_initialized():
+        # A Ray of our own when `address` is null (Ray still honours RAY_ADDRESS); `auto` joins this node's cluster.
+        try:
+            ray.init(address=config.address, include_dashboard=False, logging_level=logging.WARNING)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            where = "a new local Ray" if config.address is None else f"the Ray cluster at {config.address!r}"
+            raise AnnotatorError(
+                f"Could not start or join {where}: {str(exc).strip().splitlines()[0]}. Start the cluster first "
+                "(`ray start --head` on one node, `ray start --address=HEAD:6379` on the others), run `annotate` on a "
+                "node of it, or set `engine.ray.address: null` to start a Ray on this machine."
+            ) from None
+        _started_here = True
+    return plan_writers(config, ray.cluster_resources())
+
+
 def check_ray() -> None:
     """`engine.kind: ray` needs Ray in this environment: a clear user error, before anything is written, if not."""
     try:
@@ -105,13 +130,7 @@ class RayExecutor(SlotExecutor):
     """Writers as Ray actors: one per GPU of the cluster (or CPU actors where it has none)."""
 
     def __init__(self, spec: WriterSpec, config: RayConfig) -> None:
-        import ray
-
-        self.started_ray = not ray.is_initialized()
-        if self.started_ray:
-            # A Ray of our own when `address` is null (Ray still honours RAY_ADDRESS); `auto` joins this node's cluster.
-            ray.init(address=config.address, include_dashboard=False, logging_level=logging.WARNING)
-        self.count, cpus, self.on_gpus = plan_writers(config, ray.cluster_resources())
+        self.count, cpus, self.on_gpus = connect(config)
         threads, workers = max(1, int(cpus)), spec.recipe.batching.workers
         self.spec = replace(spec, cpu_threads=threads, workers=max(0, threads - 1) if workers == "auto" else workers)
         self.options = {"num_cpus": cpus, "num_gpus": 1 if self.on_gpus else 0, "max_concurrency": 4}
@@ -185,11 +204,13 @@ class RayExecutor(SlotExecutor):
         self._flush()
 
     def close(self) -> None:
+        global _started_here
         import ray
 
         for actor in self._actors.values():
             ray.kill(actor, no_restart=True)
         self._actors.clear()
         self._polls.clear()
-        if self.started_ray:
+        if _started_here:
             ray.shutdown()
+            _started_here = False

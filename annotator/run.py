@@ -203,7 +203,7 @@ class Annotator:
         self.folder = folder
         self.source = source
         self.console = console
-        self.devices = devices or check_engine(recipe)
+        self.devices = devices if devices is not None else check_engine(recipe)
         self.progress = RunProgress(
             recipe.name, console, source.total_rows, folder.root / "run.log", log_format, show=progress
         )
@@ -344,11 +344,12 @@ class Annotator:
 
 
 def check_engine(recipe: Recipe) -> list[str]:
-    """The engine's checks that need no folder: local devices that exist, or Ray importable. Returns the devices."""
+    """The engine's checks, before anything is written: local devices that exist, or a Ray that can place the writers.
+    Returns the local devices."""
     if recipe.engine.kind == "ray":
-        from annotator.ray_engine import check_ray
+        from annotator.ray_engine import connect
 
-        check_ray()
+        connect(recipe.engine.ray)  # joins or starts Ray, plans the actors
         return []
     from annotator.executors import resolve_devices
 
