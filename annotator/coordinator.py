@@ -138,6 +138,7 @@ class WriterSlot:
     """What the coordinator knows of one writer (one device or actor), across its incarnations."""
 
     loaded: bool = False
+    ever_loaded: bool = False  # an earlier incarnation loaded the model: this device works
     ready: bool = False  # loaded and told the session: may be granted windows
     alive: bool = True
     restarts: int = 0
@@ -246,7 +247,8 @@ class Coordinator:
     def _handle(self, kind: str, index: int, value: Any) -> None:
         slot = self.slots[index]
         if kind == "loaded":
-            slot.loaded, slot.label, slot.name = True, value.get("label", ""), value.get("writer", "")
+            slot.loaded = slot.ever_loaded = True
+            slot.label, slot.name = value.get("label", ""), value.get("writer", "")
             self.loaded_at.append(time.monotonic())
             self.progress.model_loaded(self.model, value["label"], value["dtype"], value["seconds"])
             if self.session_started is not None:
@@ -282,7 +284,7 @@ class Coordinator:
             if isinstance(failure, KeyboardInterrupt):  # Ctrl-C before the signal handlers took over
                 raise RunInterrupted(self.interrupted) from None
             raise failure
-        if failure.kind == "crash" and self.slots[index].loaded:
+        if failure.kind == "crash" and self.slots[index].ever_loaded:
             self._died(index, failure.message, failure.detail)
             return
         self.slots[index].alive = False
@@ -302,7 +304,7 @@ class Coordinator:
         scored, errors = slot.advanced
         slot.advanced = [0, 0]
         self.on_rows(-scored, -errors)  # rows of windows it did not commit are done again elsewhere
-        if not slot.loaded:
+        if not slot.ever_loaded:  # its first load: a device (or setup) problem, not a window's
             self._stop_others()
             raise RunInterrupted(
                 f"The writer on {self.executor.label(index)} died while loading the model ({how}). Check that "
