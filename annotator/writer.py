@@ -91,20 +91,27 @@ class WindowState:
 
 
 class WindowReader:
-    """Windows by id: consecutive ids continue one open stream, any other id opens the source at its first row."""
+    """Windows by id: consecutive ids continue one open stream; another id opens the source at its first row, or, for
+    a stream that cannot seek (`source.seekable` false: a streamed json or image folder), reads on to it."""
 
     def __init__(self, source: Any, size: int) -> None:
         self.source = source
         self.size = size
+        self.seekable = getattr(source, "seekable", True)
         self._next: int | None = None
         self._windows: Iterator[Window] = iter(())
 
     def read(self, index: int) -> Window | None:
         """Window `index`, or None when the input ends before it."""
-        if index != self._next:
+        if self._next is None or index < self._next or (index > self._next and self.seekable):
             self._windows = self.source.windows(self.size, index)
-        window = next(self._windows, None)
-        self._next = index + 1
+            self._next = index
+        window = None
+        while self._next <= index:
+            window = next(self._windows, None)
+            self._next += 1
+            if window is None:
+                break
         return window
 
 

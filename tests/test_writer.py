@@ -12,8 +12,8 @@ import pytest
 from annotator.errors import AnnotatorError, RunInterrupted
 from annotator.recipe import load_recipe
 from annotator.sink import RunFolder
-from annotator.sources import open_source
-from annotator.writer import WindowScorer, WriterSpec
+from annotator.sources import Window, open_source
+from annotator.writer import WindowReader, WindowScorer, WriterSpec
 from tests.conftest import write_recipe
 
 
@@ -58,3 +58,24 @@ def test_a_writer_never_publishes_once_its_coordinator_lost_the_folder(spec, tmp
         folder.write_window(0, pa.table({"x": [1]}), {"rows": 1})
     assert list(folder.data_dir.iterdir()) == [], "neither the window nor its hidden file"
     assert not folder.journal_path.exists()
+
+
+class Windows:
+    """A source of 10 one-row windows that records where it was opened."""
+
+    def __init__(self, seekable: bool) -> None:
+        self.seekable = seekable
+        self.opened: list[int] = []
+
+    def windows(self, size: int, first: int = 0):
+        self.opened.append(first)
+        return (Window(i, i, pa.table({"x": [i]}), [None]) for i in range(first, 10))
+
+
+@pytest.mark.parametrize(("seekable", "opened"), [(True, [0, 5, 3, 9]), (False, [0, 3])])
+def test_a_writer_reads_the_windows_it_is_handed_continuing_a_stream_where_it_can(seekable, opened):
+    source = Windows(seekable)
+    reader = WindowReader(source, 1)
+    windows = [reader.read(index) for index in [0, 1, 2, 5, 6, 3, 9, 10, 11]]
+    assert [w.index if w else None for w in windows] == [0, 1, 2, 5, 6, 3, 9, None, None]
+    assert source.opened == opened, "a seekable source opens at a gap, a stream reads on (and reopens going back)"
