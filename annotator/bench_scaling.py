@@ -119,7 +119,10 @@ def ray_run(recipe, writers: int, console: Any) -> dict[str, Any]:
     cores = available_cores()
     console.print(f"bench: starting Ray ({cores} CPUs), then {writers} actors...")
     started = time.monotonic()
-    ray.init(num_cpus=cores, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        ray.init(num_cpus=cores, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    except Exception as exc:  # Ray raises plain exceptions (a node that timed out starting on a busy machine)
+        raise AnnotatorError(f"Ray did not start on this machine: {exc}. Try again when it is less busy.") from None
     init_s = time.monotonic() - started
     try:
         each = max(0.01, (cores - 1) / writers)  # one CPU reserved, the rest shared out as in the local runs

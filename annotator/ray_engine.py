@@ -42,7 +42,7 @@ def connect(config: RayConfig) -> tuple[int, float, bool]:
         # A Ray of our own when `address` is null (Ray still honours RAY_ADDRESS); `auto` joins this node's cluster.
         try:
             ray.init(address=config.address, include_dashboard=False, logging_level=logging.WARNING)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
+        except Exception as exc:  # Ray raises plain exceptions too (a node that timed out starting)
             where = "a new local Ray" if config.address is None else f"the Ray cluster at {config.address!r}"
             raise AnnotatorError(
                 f"Could not start or join {where}: {str(exc).strip().splitlines()[0]}. Start the cluster first "
