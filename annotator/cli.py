@@ -2,19 +2,50 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from typer.exceptions import TyperException
 
-from annotator.errors import EXIT_RESUMABLE, AnnotatorError, RunInterrupted
+from annotator.errors import EXIT_RESUMABLE, EXIT_USER_ERROR, AnnotatorError, RunInterrupted
+
+MAX_MESSAGE = 3000  # characters of an error message shown; a message never floods the terminal
+
+
+class Commands(typer.core.TyperGroup):
+    """Command-line mistakes (unknown option, bad value, no command) exit 1 like any user error: 2 means resumable."""
+
+    @staticmethod
+    def _as_user_error(exc: TyperException) -> None:
+        if getattr(exc, "exit_code", None) == EXIT_RESUMABLE:  # click's usage errors exit 2
+            exc.exit_code = EXIT_USER_ERROR
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except TyperException as exc:
+            self._as_user_error(exc)
+            raise
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except TyperException as exc:
+            self._as_user_error(exc)
+            raise
+
 
 app = typer.Typer(
+    cls=Commands,
     help="Score image-text relevance with Qwen2-VL: parquet or Hugging Face datasets in, labelled parquet out.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -29,18 +60,29 @@ SetOption = Annotated[
 ]
 
 
+def _bounded(message: object) -> str:
+    text = str(message)
+    if len(text) > MAX_MESSAGE:
+        text = text[:MAX_MESSAGE] + f"... ({len(text) - MAX_MESSAGE:,} more characters)"
+    return escape(text)  # a path or a value with [brackets] is text, not console markup
+
+
 def user_errors(command):
-    """Exit 1 with the message for user mistakes, 2 for a resumable stop; never a traceback for either."""
+    """Exit 1 with the message for user mistakes, 2 for a resumable stop; never a traceback for either.
+
+    The library raises `AnnotatorError` (a mistake: recipe, input, folder) or `RunInterrupted` (a signal, a failed
+    write) at the depth where it knows what went wrong; anything else is a bug and keeps its traceback.
+    """
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except AnnotatorError as exc:
-            console.print(f"[bold red]Error:[/] {exc}", highlight=False, soft_wrap=True)
+            console.print(f"[bold red]Error:[/] {_bounded(exc)}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except RunInterrupted as exc:
-            console.print(f"[bold yellow]Interrupted:[/] {exc}", highlight=False, soft_wrap=True)
+            console.print(f"[bold yellow]Interrupted:[/] {_bounded(exc)}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             # Ctrl-C before the run loop took over signals (e.g. while the model loads): nothing is half-written.
@@ -136,7 +178,7 @@ def status(
     output_dir: Annotated[Path | None, typer.Argument(help="Run folder (default: latest run).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Progress, counts, label split and errors of a run."""
+    """Progress, counts, label split, errors, lease and integrity (a missing or stray file: "damaged") of a run."""
     from annotator.status import run_status
 
     result = run_status(output_dir)
@@ -147,9 +189,11 @@ def status(
     for key in ("state", "rows", "windows", "scored", "errors", "positives", "negatives", "rows_per_s", "lock"):
         table.add_row(key, str(result[key]))
     for kind, count in result["error_kinds"].items():
-        table.add_row(f"  {kind}", str(count))
+        table.add_row(f"  {escape(kind)}", str(count))
+    for problem in result["problems"]:
+        table.add_row("problem", escape(problem))
     if result["next"]:
-        table.add_row("next", result["next"])
+        table.add_row("next", escape(result["next"]))
     stdout.print(table)
 
 
@@ -230,5 +274,17 @@ def export(
     )
 
 
-def main() -> None:  # pragma: no cover - console script entry
-    sys.exit(app())
+def main() -> None:
+    """The `annotate` console script."""
+    try:
+        app()
+    except SystemExit as done:
+        if done.code == EXIT_RESUMABLE:
+            # A stopped run leaves as soon as its exit handlers ran (a further Ctrl-C meanwhile exits 2 at once):
+            # past them, the interpreter's slow teardown runs without signal handlers, and a second Ctrl-C there
+            # would kill it with another exit code.
+            atexit._run_exitfuncs()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_RESUMABLE)
+        raise

@@ -7,6 +7,7 @@ timeout error; a crashed worker costs only its row: the jobs it took down are re
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -142,6 +143,14 @@ class Preprocessor:
         for ticket, (job, future) in list(self._pending.items()):
             if future is None or future.cancelled() or not future.done() or future.exception() is not None:
                 self._pending[ticket] = (job, self._submit(job))
+
+    def kill_workers(self) -> None:
+        """SIGKILL every worker process; takes no lock, so a signal handler may call it before exiting at once."""
+        for pool in (self._pool, self._alone):
+            processes = getattr(pool, "_processes", None) or {}
+            for process in list(processes.values()):
+                with contextlib.suppress(ProcessLookupError, TypeError):  # gone already, or not started (no pid)
+                    os.kill(process.pid, signal.SIGKILL)
 
     def close(self) -> None:
         """Stop the workers at once; jobs not collected are dropped (a stopped run redoes their window)."""

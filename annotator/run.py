@@ -3,21 +3,44 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
+import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from annotator import __version__
 from annotator.batching import PlannedRow, WindowPlan, plan_recipe_window
+from annotator.checks import check_run
 from annotator.errors import EXIT_RESUMABLE, AnnotatorError, RunInterrupted
+from annotator.folder import (
+    Claim,
+    claim,
+    drop_previous,
+    foreign_run_entries,
+    name_entries,
+    problems,
+    recover,
+    start,
+    undo_start,
+)
 from annotator.images import image_kind
-from annotator.recipe import Recipe, frozen_recipe_yaml, load_recipe, merge, parse_overrides, validate_recipe
-from annotator.sink import RunFolder, latest_run, output_schema, window_table
-from annotator.sources import Window, open_source
+from annotator.recipe import (
+    Recipe,
+    frozen_recipe_yaml,
+    load_recipe,
+    merge,
+    parse_overrides,
+    read_recipe_file,
+    validate_recipe,
+)
+from annotator.sink import RUN_MARKER, RunFolder, latest_run, output_schema, window_table
+from annotator.sources import Window
 
 RESULT_KEYS_HINT = "model, prompt, pixels, answers, input columns, threshold"
 
@@ -58,30 +81,61 @@ class WindowState:
 
 
 class StopRequest:
-    """Ctrl-C / SIGTERM: the first asks to stop after the current batch, the second exits at once."""
+    """Ctrl-C / SIGTERM, for a whole `run` or `resume`.
+
+    Until the run loop starts (checks, folder, model load), and while the loop waits on something that can take
+    long (planning a window, an image), a signal stops at once with `RunInterrupted` (exit 2, the folder
+    resumable). Otherwise the first asks to stop after the current batch. The second always exits at once, after
+    killing the worker processes: committed windows are safe on disk; resume redoes the rest.
+    """
 
     def __init__(self, console) -> None:
         self.console = console
         self.requested = False
+        self.immediate = True
+        self.message = "Interrupted before the run started; nothing was committed. Run the same command again."
+        self.on_exit: list[Callable[[], None]] = []
         self._previous: dict[int, Any] = {}
+        self._depth = 0
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.requested:
-            os._exit(EXIT_RESUMABLE)  # committed windows are safe on disk; resume redoes the rest
+            for kill in self.on_exit:
+                kill()
+            os._exit(EXIT_RESUMABLE)
         self.requested = True
+        if self.immediate:
+            raise RunInterrupted(self.message)
         self.console.print(
             f"[yellow]{signal.Signals(signum).name}: stopping after the current batch "
             "(press Ctrl-C again to quit at once)...[/]"
         )
 
+    @contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """A wait that may take long: a signal during it stops the run at once."""
+        if self.requested:
+            raise RunInterrupted(self.message)
+        previous, self.immediate = self.immediate, True
+        try:
+            yield
+        finally:
+            self.immediate = previous
+
     def __enter__(self) -> StopRequest:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            self._previous[signum] = signal.signal(signum, self._handle)
+        self._depth += 1
+        if self._depth == 1 and threading.current_thread() is threading.main_thread():  # signals go to main only
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+        self._depth -= 1
+        if self._depth == 0:
+            for signum, handler in self._previous.items():
+                # After a stop, the process is on its way out: one more signal still exits 2 at once.
+                signal.signal(signum, self._handle if self.requested else handler)
+            self._previous.clear()
 
 
 def find_latest_unfinished(root: Path = Path("outputs")) -> Path:
@@ -94,42 +148,58 @@ def find_latest_unfinished(root: Path = Path("outputs")) -> Path:
 
 
 def prepare_run(recipe: Recipe, overwrite: bool) -> tuple[RunFolder, Any]:
-    """Check the input and the output folder (no model yet) and take the folder's lock.
+    """Check everything that can fail (no model yet), then start the run folder: marker, lease, recipe, manifest.
 
-    The folder is emptied and written (`start_fresh`) only once the model has loaded, so an --overwrite
-    whose model cannot be loaded leaves the previous run as it was.
+    A run already there is set aside, not deleted: it is put back if the new model cannot load (`Annotator`).
     """
-    source = open_source(recipe.input, recipe.prompt)
+    checked = check_run(recipe)
     folder = RunFolder(recipe.output_dir)
-    # A run that committed nothing (e.g. its model failed to load) has nothing to lose: start it again.
-    if folder.exists() and not overwrite and (folder.finished or folder.committed()):
-        if folder.finished:
-            raise AnnotatorError(
-                f"{str(folder.root)!r} already holds a finished run. Use another `output.dir`, or add "
-                "--overwrite to replace it."
-            )
+    _refuse_to_replace(folder, overwrite)
+    claim(folder)
+    folder.acquire_lock()  # held by another process: the marker stays, the folder is theirs to use
+    try:
+        recover(folder)
+        _refuse_to_replace(folder, overwrite)  # again, under the lease: another process may have run meanwhile
+        start(folder, frozen_recipe_yaml(recipe), _manifest(recipe, checked.source))
+    except AnnotatorError:
+        undo_start(folder, folder.claimed)
+        raise
+    except BaseException:
+        folder.release_lock()  # a signal: what was written settles at the next run or resume (`recover`)
+        raise
+    return folder, checked.source
+
+
+def _refuse_to_replace(folder: RunFolder, overwrite: bool) -> None:
+    """A run folder holding committed work is replaced only with --overwrite, and never with foreign files in it."""
+    if not folder.is_ours():
+        return
+    foreign = foreign_run_entries(folder)
+    if foreign:
+        raise AnnotatorError(
+            f"The run folder {str(folder.root)!r} holds {name_entries(folder.root, foreign)}, which annotator did "
+            "not write; starting a run there would move them away with the old run. Move them out of the run "
+            "folder first."
+        )
+    if overwrite:
+        return
+    if folder.finished:
+        raise AnnotatorError(
+            f"{str(folder.root)!r} already holds a finished run. Use another `output.dir`, or add "
+            "--overwrite to replace it."
+        )
+    if folder.committed():
         raise AnnotatorError(
             f"{str(folder.root)!r} holds an unfinished run. Continue it with `annotate resume {folder.root}`, "
             "or add --overwrite to start again from scratch."
         )
-    folder.acquire_lock()
-    return folder, source
-
-
-def start_fresh(recipe: Recipe, folder: RunFolder, source: Any) -> None:
-    """Empty the run folder (an --overwrite) and write the new run's recipe and manifest."""
-    import shutil
-
-    for path in (folder.data_dir, folder.journal_dir):
-        shutil.rmtree(path, ignore_errors=True)
-    for path in (folder.summary_path, folder.manifest_path, folder.recipe_path):
-        path.unlink(missing_ok=True)
-    folder.create(frozen_recipe_yaml(recipe), _manifest(recipe, source))
+    # A run that committed nothing (stopped while its model loaded) has nothing to lose: it is started again.
 
 
 def _manifest(recipe: Recipe, source: Any) -> dict[str, Any]:
     return {
         "annotator_version": __version__,
+        "run_id": secrets.token_hex(8),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "result_fingerprint": recipe.result_fingerprint(),
         "input_fingerprint": source.fingerprint(),
@@ -140,20 +210,62 @@ def _manifest(recipe: Recipe, source: Any) -> dict[str, Any]:
 
 
 def prepare_resume(output_dir: Path, overrides: list[str]) -> tuple[Recipe, RunFolder, Any]:
-    """Reload the frozen recipe, refuse result-changing edits and changed input, take the lock."""
-    folder = RunFolder(output_dir)
-    if not folder.exists():
-        raise AnnotatorError(
-            f"{str(output_dir)!r} is not a run folder (no manifest.json). Start it with `annotate run`."
-        )
-    if folder.finished:
-        raise AnnotatorError(f"The run in {str(output_dir)!r} is already finished; see `annotate status {output_dir}`.")
-    import yaml
+    """Take the lease, settle an interrupted start, reload the frozen recipe, refuse changed input or results.
 
-    frozen = yaml.safe_load(folder.recipe_path.read_text(encoding="utf-8"))
+    A run stopped before its manifest was written (nothing committed) starts again from its frozen recipe.
+    """
+    folder = RunFolder(output_dir)
+    if not folder.is_ours():
+        what = "does not exist" if not folder.root.exists() else f"is not a run folder (no {RUN_MARKER})"
+        raise AnnotatorError(f"{str(folder.root)!r} {what}. Start a run with `annotate run RECIPE`.")
+    folder.acquire_lock()
+    try:
+        recover(folder)
+        recipe = _frozen_recipe(folder, overrides)
+        checked = check_run(recipe)
+        if not folder.manifest_path.exists() and not folder.journal_records():
+            folder.claimed = Claim()  # nothing created: a failed load puts the old recipe back
+            start(folder, frozen_recipe_yaml(recipe), _manifest(recipe, checked.source))
+            return recipe, folder, checked.source
+        _check_resumable(folder, recipe, checked.source)
+    except BaseException:
+        folder.release_lock()
+        raise
+    return recipe, folder, checked.source
+
+
+def _frozen_recipe(folder: RunFolder, overrides: list[str]) -> Recipe:
+    if not folder.recipe_path.exists() and not folder.manifest_path.exists():
+        raise AnnotatorError(
+            f"The run in {str(folder.root)!r} was stopped before it wrote its recipe, so nothing was done. Start it "
+            "again with `annotate run RECIPE`."
+        )
+    try:
+        frozen = read_recipe_file(folder.recipe_path)
+    except AnnotatorError as exc:
+        raise AnnotatorError(
+            f"The run folder's recipe.yaml is missing or damaged ({exc}). Start the run again with "
+            "`annotate run RECIPE --overwrite`."
+        ) from None
     recipe = validate_recipe(merge(frozen, parse_overrides(overrides)), source=str(folder.recipe_path))
+    recipe.output.dir = str(folder.root)  # the folder may have been moved since: it is where it is now
+    return recipe
+
+
+def _check_resumable(folder: RunFolder, recipe: Recipe, source: Any) -> None:
     manifest = folder.manifest()
-    if recipe.result_fingerprint() != manifest["result_fingerprint"]:
+    damage = problems(folder)
+    repairable = [p for p in damage if p.repairable]
+    if len(damage) > len(repairable):
+        raise AnnotatorError(
+            f"The run folder {str(folder.root)!r} is damaged: {'; '.join(str(p) for p in damage if not p.repairable)}."
+            " Resume never overwrites files it did not write: move those out of data/, then resume."
+        )
+    if folder.finished and not repairable:
+        raise AnnotatorError(
+            f"The run in {str(folder.root)!r} is already finished; see `annotate status {folder.root}`."
+        )
+    if recipe.result_fingerprint() != manifest.get("result_fingerprint"):
         raise AnnotatorError(
             f"These --set values change results ({RESULT_KEYS_HINT}), so the resumed output would mix two "
             f"settings. Resume without them, or start a new run with `annotate run ... --overwrite`."
@@ -163,24 +275,59 @@ def prepare_resume(output_dir: Path, overrides: list[str]) -> tuple[Recipe, RunF
             f"`batching.window` cannot change on resume (the run uses {manifest['window']}): windows are the unit "
             "of resume. Drop that --set."
         )
-    source = open_source(recipe.input, recipe.prompt)
-    if source.fingerprint() != manifest["input_fingerprint"] or source.total_rows != manifest["total_rows"]:
+    changed = _input_change(manifest.get("input_fingerprint"), source.fingerprint())
+    if changed:
         raise AnnotatorError(
-            f"The input has changed since this run started (files, sizes or contents differ from "
-            f"{str(folder.manifest_path)!r}). Resuming would mix results of two inputs; start a new run with "
-            "--overwrite instead."
+            f"The input has changed since this run started: {changed}. Resuming would mix results of two inputs; "
+            "start a new run with --overwrite instead."
         )
-    folder.acquire_lock()
-    return recipe, folder, source
+    if source.total_rows != manifest.get("total_rows"):
+        raise AnnotatorError(
+            f"This run covers {manifest.get('total_rows')} rows (`input.limit` = {manifest.get('limit')}); with "
+            f"`input.limit` = {recipe.input.limit} it would cover {source.total_rows}. `input.limit` cannot change "
+            "on resume: drop that --set or --limit."
+        )
+    if folder.finished:
+        folder.summary_path.unlink()  # repaired below: the run is unfinished again until its windows are back
+
+
+def _input_change(recorded: Any, current: Any) -> str | None:
+    """What differs between the manifest's input fingerprint and the input now, in words; None if nothing."""
+    if not (isinstance(recorded, list) and isinstance(current, list)):
+        return None if recorded == current else "the dataset's files or revision differ"
+    if len(recorded) != len(current):
+        return f"{len(current)} input files now, {len(recorded)} when it started"
+    for was, now in zip(recorded, current, strict=True):
+        if not isinstance(was, dict) or was.get("file") != now["file"]:
+            return f"the files differ ({now['file']!r} is new)"
+        for key, what in (("size", "its size"), ("footer_sha256", "its parquet footer"), ("mtime_ns", "its time")):
+            if key in was and was[key] != now[key]:
+                hint = ""
+                if key == "mtime_ns":
+                    seconds = was[key] / 1e9
+                    hint = (
+                        f" (size and footer are the same: an edit in place, or a copy that did not keep times; if "
+                        f"its content is really unchanged, `touch -d @{seconds:.9f} {now['file']}` restores the time)"
+                    )
+                return f"{now['file']!r} was modified ({what} changed){hint}"
+    return None
 
 
 class Annotator:
     """One process annotating a run folder: plans windows, keeps workers busy, scores, commits in order."""
 
     def __init__(
-        self, recipe: Recipe, folder: RunFolder, source: Any, console, progress: bool = True, fresh: bool = False
+        self,
+        recipe: Recipe,
+        folder: RunFolder,
+        source: Any,
+        console,
+        progress: bool = True,
+        fresh: bool = False,
+        stop: StopRequest | None = None,
     ) -> None:
-        self.fresh = fresh  # a new run: the folder is (re)started once the model has loaded
+        self.fresh = fresh  # a new start: a failed load puts the folder back, a loaded model drops any run replaced
+        self.stop = stop
         self.recipe = recipe
         self.folder = folder
         self.source = source
@@ -196,29 +343,51 @@ class Annotator:
         finally:
             self.folder.release_lock()
 
-    def _run(self) -> dict[str, Any]:
+    def _load(self):
+        """The model and the prompt builder; a failed load of a new start leaves the folder as it was."""
         from annotator.models import load_model
-        from annotator.preprocess import Preprocessor, resolve_workers
         from annotator.prompt import PromptBuilder
+
+        m = self.recipe.model
+        try:
+            loaded = load_model(m.name, m.revision, m.dtype, m.device, m.attn_implementation)
+            builder = PromptBuilder(loaded.tokenizer, self.recipe.prompt)
+        except RunInterrupted:
+            raise  # a signal: the new run stays, resumable
+        except Exception:
+            if self.fresh:
+                undo_start(self.folder, self.folder.claimed or Claim())
+            raise
+        if self.fresh:
+            drop_previous(self.folder)
+        return loaded, builder
+
+    def _run(self) -> dict[str, Any]:
+        from annotator.preprocess import Preprocessor, resolve_workers
         from annotator.scoring import Scorer
 
         recipe = self.recipe
-        m = recipe.model
-        loaded = load_model(m.name, m.revision, m.dtype, m.device, m.attn_implementation)
-        if self.fresh:
-            start_fresh(recipe, self.folder, self.source)
+        stop = self.stop or StopRequest(self.console)
+        with stop:
+            stop.message = (
+                f"Interrupted before any window was committed. The run folder is ready: continue with "
+                f"`annotate resume {self.folder.root}`."
+            )
+            loaded, self.builder = self._load()
         self.folder.clean_leftovers()
         committed = self.folder.committed()
-        self.builder = PromptBuilder(loaded.tokenizer, recipe.prompt)
         self.scorer = Scorer(loaded, self.builder)
         self.schema = output_schema(self.source.schema, recipe.input.image_column)
         workers = resolve_workers(recipe.batching.workers)
         started = time.perf_counter()
         with (
             Preprocessor(workers, recipe.batching.image_timeout_s) as self.preprocessor,
-            StopRequest(self.console) as stop,
+            stop,
             self._progress(committed) as self.progress,
         ):
+            stop.on_exit.append(self.preprocessor.kill_workers)
+            stop.message = self._interrupted_message()
+            stop.immediate = False
             self._loop(self._windows_to_do(committed), stop, lookahead=max(2 * recipe.batching.max_batch_size, 8))
         elapsed = time.perf_counter() - started
         return self.finish(elapsed, loaded.device)
@@ -270,7 +439,8 @@ class Annotator:
                             jobs = [ImageJob(r.image, r.resized, max_pixels, draft) for r in batch]
                             submitted.append((state, batch, [self.preprocessor.submit(job) for job in jobs]))
                             continue
-                        state = upcoming.result()
+                        with stop.interruptible():  # reading a window's headers can stall on a slow disk
+                            state = upcoming.result()
                         upcoming = planner.submit(self._plan_next, windows) if state is not None else None
                         if state is None:
                             break
@@ -287,7 +457,9 @@ class Annotator:
                             break
                         continue
                     state, batch, tickets = submitted.popleft()
-                    launched = self._launch_batch(state, batch, [self.preprocessor.result(t) for t in tickets])
+                    with stop.interruptible():  # an image may take up to `image_timeout_s`
+                        images = [self.preprocessor.result(t) for t in tickets]
+                    launched = self._launch_batch(state, batch, images)
                     # The previous batch's results are read only now, so the GPU ran it while this one was prepared.
                     if in_flight is not None:
                         self._finish_batch(*in_flight)
@@ -435,12 +607,16 @@ def summarize(folder: RunFolder) -> dict[str, Any]:
 
 
 def run_recipe(recipe_path: str, overrides: list[str], overwrite: bool, console, progress: bool = True) -> dict:
-    recipe = load_recipe(recipe_path, overrides)
-    folder, source = prepare_run(recipe, overwrite)
-    return Annotator(recipe, folder, source, console, progress, fresh=True).run()
+    with StopRequest(console) as stop:  # from the first instant: a signal exits 2, never a half-written folder
+        recipe = load_recipe(recipe_path, overrides)
+        folder, source = prepare_run(recipe, overwrite)
+        annotator = Annotator(recipe, folder, source, console, progress, fresh=True, stop=stop)
+        return annotator.run()
 
 
 def resume_run(output_dir: str | None, overrides: list[str], console, progress: bool = True) -> dict:
-    root = Path(output_dir) if output_dir else find_latest_unfinished()
-    recipe, folder, source = prepare_resume(root, overrides)
-    return Annotator(recipe, folder, source, console, progress).run()
+    with StopRequest(console) as stop:
+        root = Path(output_dir) if output_dir else find_latest_unfinished()
+        recipe, folder, source = prepare_resume(root, overrides)
+        fresh = folder.claimed is not None  # stopped before its manifest: started again
+        return Annotator(recipe, folder, source, console, progress, fresh=fresh, stop=stop).run()

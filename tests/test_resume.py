@@ -25,7 +25,7 @@ ROWS = 120
 
 def annotate(*args: str | Path) -> subprocess.Popen:
     """`annotate ...` in its own process, as a user would start it."""
-    command = [sys.executable, "-c", "from annotator.cli import app; app()", *map(str, args)]
+    command = [sys.executable, "-c", "from annotator.cli import main; main()", *map(str, args)]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -230,23 +230,23 @@ def test_run_into_an_unfinished_folder_points_to_resume(tmp_path, dataset, refer
 
 
 def test_a_live_lock_blocks_a_second_writer(tmp_path, dataset, reference_run):
-    output = interrupted_copy(reference_run, tmp_path / "partial", keep_windows=2)
-    import socket
+    from annotator.lease import HOST, Lease
 
-    (output / "lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
-    result = invoke("resume", output, "--no-progress")
-    assert result.exit_code == 1 and f"being written by process {os.getpid()}" in result.output
-    status = json.loads(invoke("status", output, "--json").output)
-    assert status["state"] == "running" and str(os.getpid()) in status["lock"]
+    output = interrupted_copy(reference_run, tmp_path / "partial", keep_windows=2)
+    with Lease(output / "lock"):
+        result = invoke("resume", output, "--no-progress")
+        message = " ".join(result.output.split())
+        assert result.exit_code == 1 and f"is in use: held by pid {os.getpid()} on {HOST} until" in message
+        status = json.loads(invoke("status", output, "--json").output)
+        assert status["state"] == "running" and f"held by pid {os.getpid()}" in status["lock"]
 
 
 def test_a_stale_lock_from_a_dead_process_is_taken_over(tmp_path, dataset, reference_run, reference):
-    output = interrupted_copy(reference_run, tmp_path / "partial", keep_windows=2)
-    import socket
+    from tests.test_lease import dead_pid, write_holder
 
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    (output / "lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    output = interrupted_copy(reference_run, tmp_path / "partial", keep_windows=2)
+    write_holder(output / "lock", pid=dead_pid())
+    assert json.loads(invoke("status", output, "--json").output)["state"] == "interrupted"
     assert invoke("resume", output, "--no-progress").exit_code == 0
     assert_same_output(output, reference)
 
