@@ -52,28 +52,25 @@ def _within(path: str, folder: str) -> bool:
 
 
 def check_apart(recipe: Recipe, source: Any) -> None:
-    """The output folder must not be, hold, or sit inside the input: its files would be read back as input."""
-    from annotator.sources import would_list
-
-    output = os.path.realpath(recipe.output_dir)
-    where = f"`output.dir` {str(recipe.output_dir)!r}"
+    """The output folder must not hold the input, nor lie where the input is searched (its files would be read
+    back as input by the next run or resume), symbolic links included."""
+    output = Path(recipe.output_dir)
+    where = f"`output.dir` {str(output)!r}"
     fix = "Set `output.dir` to a folder outside the input."
+    real = os.path.realpath(output)
     for path in getattr(source, "files", []):
-        if "://" not in str(path) and _within(os.path.realpath(path), output):
+        if "://" not in str(path) and _within(os.path.realpath(path), real):
             raise AnnotatorError(f"{where} holds the input file {str(path)!r}. {fix}")
-    spec = recipe.input.parquet
-    if recipe.input.hf is not None and Path(recipe.input.hf.path).expanduser().is_dir():
-        spec = str(Path(recipe.input.hf.path).expanduser())
-    if spec is None:
-        return
-    spec_path = Path(spec).expanduser()
-    if spec_path.is_dir() and _within(output, os.path.realpath(spec_path)):
+    listing = getattr(source, "listing", None)
+    if listing is not None and listing.would_read(output / "data" / "part-000000.parquet"):
         raise AnnotatorError(
-            f"{where} is inside the input folder {spec!r}, so its files would be read as input by the next run "
-            f"or resume. {fix}"
+            f"{where} lies where the input {recipe.input.parquet!r} is searched, so the files a run writes there "
+            f"would be read as input by the next run or resume. {fix}"
         )
-    if not spec_path.exists() and would_list(spec, Path(recipe.output_dir) / "data" / "part-000000.parquet"):
-        raise AnnotatorError(
-            f"{where} lies where the input glob {spec!r} reaches, so its files would be read as input by the next "
-            f"run or resume. {fix}"
-        )
+    if recipe.input.hf is not None:
+        folder = Path(recipe.input.hf.path).expanduser()
+        if folder.is_dir() and _within(real, os.path.realpath(folder)):
+            raise AnnotatorError(
+                f"{where} is inside the input dataset's folder {recipe.input.hf.path!r}, so its files could be "
+                f"read as input by the next run or resume. {fix}"
+            )

@@ -187,12 +187,11 @@ def _image_ref(value: object, base_dir: str | None) -> tuple[ImageRef | None, st
     return None, f"image: unsupported value ({type(value).__name__})"
 
 
-def _hidden(name: str) -> bool:
-    return name.startswith((".", "_"))  # in-progress files (Spark's _temporary, ours) and hidden ones
+def _walk(top: str, max_depth: int | None, searched: dict[str, str]) -> Iterator[str]:
+    """Paths of the files under `top`, each real folder visited once: symbolic links are followed, loops cut.
 
-
-def _walk(top: str, max_depth: int | None = None) -> Iterator[str]:
-    """Regular-looking paths under `top`, each real folder visited once: symbolic links are followed, loops cut."""
+    Every folder visited is noted in `searched` (its real path -> its path relative to `top`).
+    """
     seen: set[tuple[int, int]] = set()
     for folder, dirs, files in os.walk(top, followlinks=True):
         try:
@@ -204,7 +203,9 @@ def _walk(top: str, max_depth: int | None = None) -> Iterator[str]:
             dirs.clear()
             continue
         seen.add((info.st_dev, info.st_ino))
-        depth = 0 if folder == top else os.path.relpath(folder, top).count(os.sep) + 1
+        relative = os.path.relpath(folder, top)
+        searched.setdefault(os.path.realpath(folder), relative)
+        depth = 0 if relative == "." else relative.count(os.sep) + 1
         if max_depth is not None and depth + 1 >= max_depth:
             dirs.clear()
         dirs.sort()
@@ -212,17 +213,17 @@ def _walk(top: str, max_depth: int | None = None) -> Iterator[str]:
             yield os.path.join(folder, name)
 
 
-def _match_parts(pattern: list[str], parts: list[str]) -> bool:
-    """glob.glob's matching, `**` included: wildcards do not match names that start with a dot."""
+def _match_parts(pattern: list[str], parts: list[str], hidden: tuple[str, ...] = (".",)) -> bool:
+    """glob.glob's matching, `**` included: wildcards match no name that starts with one of `hidden`."""
     if not pattern:
         return not parts
     head, rest = pattern[0], pattern[1:]
     if head == "**":
-        hidden = next((i for i, p in enumerate(parts) if p.startswith(".")), len(parts))
-        return any(_match_parts(rest, parts[i:]) for i in range(min(hidden, len(parts)) + 1))
-    if not parts or (parts[0].startswith(".") and not head.startswith(".")):
+        stop = next((i for i, p in enumerate(parts) if p.startswith(hidden)), len(parts))
+        return any(_match_parts(rest, parts[i:], hidden) for i in range(min(stop, len(parts)) + 1))
+    if not parts or (parts[0].startswith(hidden) and not head.startswith(hidden)):
         return False
-    return fnmatch.fnmatchcase(parts[0], head) and _match_parts(rest, parts[1:])
+    return fnmatch.fnmatchcase(parts[0], head) and _match_parts(rest, parts[1:], hidden)
 
 
 def _glob_base(spec: str) -> tuple[str, list[str]]:
@@ -234,60 +235,70 @@ def _glob_base(spec: str) -> tuple[str, list[str]]:
     return os.path.dirname(spec) or ".", [os.path.basename(spec)]
 
 
-def would_list(spec: str, path: Path) -> bool:
-    """Whether the glob `spec` matches `path` (which need not exist)."""
-    base, pattern = _glob_base(os.path.expanduser(spec))
-    relative = os.path.relpath(os.path.realpath(path), os.path.realpath(base))
-    return not relative.startswith("..") and _match_parts(pattern, relative.split(os.sep))
-
-
-def _glob(spec: str) -> list[str]:
-    base, pattern = _glob_base(spec)
-    depth = None if "**" in pattern else len(pattern)
-    return [p for p in _walk(base, depth) if _match_parts(pattern, os.path.relpath(p, base).split(os.sep))]
-
-
-def resolve_parquet_files(spec: str) -> list[Path]:
+class ParquetListing:
     """The input files of `input.parquet`, in order, each listed once by its real path.
 
-    Folders are searched recursively, following symbolic links but never twice into the same folder; names
-    starting with `.` or `_` are skipped. Globs match as `glob.glob` does. Folders are never taken for files, and
-    special files (FIFOs, devices, sockets) are refused without being opened.
+    A folder is searched recursively, skipping names that start with `.` or `_` (hidden, or being written); a
+    glob matches as `glob.glob` does. Symbolic links are followed but no real folder is searched twice, so loops
+    are harmless. Folders are never taken for files; special files (FIFOs, devices, sockets) are refused without
+    being opened.
     """
-    expanded = os.path.expanduser(spec)
-    if glob.has_magic(expanded):
-        candidates = sorted(_glob(expanded))
-    elif os.path.isdir(expanded):
-        top = expanded
-        found = (p for p in _walk(top) if p.endswith(".parquet"))
-        candidates = sorted(p for p in found if not any(_hidden(n) for n in os.path.relpath(p, top).split(os.sep)))
-    elif os.path.lexists(expanded):
-        candidates = [expanded]
-    else:
-        candidates = []
-    files, seen = [], set()
-    for candidate in candidates:
-        try:
-            info = os.stat(candidate)
-        except OSError:
-            continue  # a dangling symbolic link, or one in a loop
-        if stat.S_ISDIR(info.st_mode):
-            continue
-        if not stat.S_ISREG(info.st_mode):
+
+    def __init__(self, spec: str) -> None:
+        expanded = os.path.expanduser(spec)
+        self.searched: dict[str, str] = {}  # real path of each folder searched -> its path relative to the base
+        if glob.has_magic(expanded):
+            self.base, self.pattern, self.hidden = *_glob_base(expanded), (".",)
+        elif os.path.isdir(expanded):
+            self.base, self.pattern, self.hidden = expanded, ["**", "*.parquet"], (".", "_")
+        else:
+            self.base, self.pattern, self.hidden = None, [], ()
+        if self.base is not None:
+            depth = None if "**" in self.pattern else len(self.pattern)
+            walked = _walk(self.base, depth, self.searched)
+            candidates = sorted(p for p in walked if self._matches(os.path.relpath(p, self.base).split(os.sep)))
+        else:
+            candidates = [expanded] if os.path.lexists(expanded) else []
+        self.files = self._regular_once(candidates)
+        if not self.files:
             raise AnnotatorError(
-                f"Input {candidate!r} is a {_special_kind(info.st_mode)}, not a parquet file; reading it could wait "
-                "forever. Remove it from the input, or point `input.parquet` at regular files."
+                f"`input.parquet` = {spec!r} matches no parquet file. Give a file, a folder holding .parquet "
+                "files, or a glob such as data/*.parquet (relative paths are taken from the current folder)."
             )
-        real = os.path.realpath(candidate)
-        if real not in seen:
-            seen.add(real)
-            files.append(Path(candidate))
-    if not files:
-        raise AnnotatorError(
-            f"`input.parquet` = {spec!r} matches no parquet file. Give a file, a folder holding .parquet "
-            "files, or a glob such as data/*.parquet (relative paths are taken from the current folder)."
-        )
-    return files
+
+    def _matches(self, parts: list[str]) -> bool:
+        return _match_parts(self.pattern, parts, self.hidden)
+
+    @staticmethod
+    def _regular_once(candidates: list[str]) -> list[Path]:
+        files, seen = [], set()
+        for candidate in candidates:
+            try:
+                info = os.stat(candidate)
+            except OSError:
+                continue  # a dangling symbolic link, or one in a loop
+            if stat.S_ISDIR(info.st_mode):
+                continue
+            if not stat.S_ISREG(info.st_mode):
+                raise AnnotatorError(
+                    f"Input {candidate!r} is a {_special_kind(info.st_mode)}, not a parquet file; reading it could "
+                    "wait forever. Remove it from the input, or point `input.parquet` at regular files."
+                )
+            real = os.path.realpath(candidate)
+            if real not in seen:
+                seen.add(real)
+                files.append(Path(candidate))
+        return files
+
+    def would_read(self, path: Path) -> bool:
+        """Whether a file at `path` (which need not exist) would be listed, through any folder the search reached."""
+        real = os.path.realpath(path)
+        for folder, relative in self.searched.items():
+            if real.startswith(folder.rstrip(os.sep) + os.sep):
+                parts = [] if relative == "." else relative.split(os.sep)
+                if self._matches([*parts, *os.path.relpath(real, folder).split(os.sep)]):
+                    return True
+        return False
 
 
 def _special_kind(mode: int) -> str:
@@ -328,7 +339,8 @@ class ParquetSource:
         self.config = config
         if not config.parquet or not config.parquet.strip():
             raise AnnotatorError("`input.parquet` is empty. Give a parquet file, a folder of them, or a glob.")
-        self.files = resolve_parquet_files(config.parquet)
+        self.listing = ParquetListing(config.parquet)
+        self.files = self.listing.files
         try:
             self._metadata = [pq.ParquetFile(f).metadata for f in self.files]
             schemas = [plain_schema(pq.read_schema(f)) for f in self.files]

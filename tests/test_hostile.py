@@ -209,9 +209,14 @@ class FaultyFS:
 
 
 def snapshot(*roots: Path, skip: Path | None) -> dict[str, tuple]:
-    """Every path under `roots` (symbolic links not followed) with its kind, size, mtime and content hash."""
+    """Every path under `roots` (symbolic links not followed) with its kind, size, mtime and content hash.
+
+    Folders keep their mtime too (it moves when an entry is created or deleted in them), except the folders
+    holding `skip`, the run folder, which a run may create.
+    """
     seen: dict[str, tuple] = {}
     skipped = os.path.realpath(skip) if skip is not None else None
+    holders = {os.path.realpath(p) for p in Path(skipped).parents} if skipped else set()
     for root in roots:
         for folder, dirs, files in os.walk(root):
             if skipped is not None:
@@ -224,13 +229,15 @@ def snapshot(*roots: Path, skip: Path | None) -> dict[str, tuple]:
                 if os.path.islink(path):
                     seen[path] = ("link", os.readlink(path))
                 elif os.path.isdir(path):
-                    seen[path] = ("dir",)
+                    seen[path] = ("dir", None if os.path.realpath(path) in holders else info.st_mtime_ns)
                 elif os.path.isfile(path):
                     small = info.st_size <= 32 << 20  # a sparse gigabyte is compared by size and time
                     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest() if small else None
                     seen[path] = ("file", info.st_size, info.st_mtime_ns, digest)
                 else:
                     seen[path] = ("special", info.st_mode)
+            if os.path.realpath(folder) not in holders:
+                seen[folder] = ("dir", os.stat(folder).st_mtime_ns)
     return seen
 
 
@@ -443,7 +450,7 @@ def a_tilde_in_the_input_path(w):
 @case("inputs")
 def the_output_folder_inside_the_input_folder(w):
     parquet(w / "in" / "a.parquet")
-    return refused_run(w, w / "in", "is inside the input folder", out=w / "in" / "out")
+    return refused_run(w, w / "in", "lies where the input", out=w / "in" / "out")
 
 
 @case("inputs")
@@ -458,7 +465,23 @@ def the_output_folder_holding_the_input(w):
 @case("inputs")
 def an_input_glob_that_reaches_the_output(w):
     parquet(w / "data" / "a.parquet")
-    return refused_run(w, f"{w}/data/**/*.parquet", "where the input glob", out=w / "data" / "out")
+    return refused_run(w, f"{w}/data/**/*.parquet", "lies where the input", out=w / "data" / "out")
+
+
+@case("inputs")
+def an_output_folder_reached_through_a_symlink_in_the_input(w):
+    parquet(w / "data" / "a.parquet")
+    os.symlink(w, w / "data" / "everything")  # the glob reaches the whole case folder, the output included
+    return refused_run(w, f"{w}/data/**/*.parquet", "lies where the input", out=w / "out")
+
+
+@case("inputs")
+def an_output_folder_beside_the_files_of_a_flat_glob(w):
+    parquet(w / "data" / "a.parquet")
+    expect = plain_run(w, f"{w}/data/*.parquet", ROWS)  # data/out/data/part-*.parquet is not matched: allowed
+    expect.args = run_args(recipe(w / "r.yaml", f"{w}/data/*.parquet", w / "data" / "out"))
+    expect.run = w / "data" / "out"
+    return expect
 
 
 # --- image content --------------------------------------------------------------------------------------------
@@ -855,10 +878,17 @@ def overwrite_a_run_whose_data_holds_a_foreign_file(w):
 
 @case("damaged")
 def overwrite_with_a_model_that_cannot_load(w):
+    """The old run is set aside while the model loads (its folder's entries move), then put back file for file."""
     run = copy_of_run(w)
     r = recipe(w / "r.yaml", parquet(w / "in" / "a.parquet"), run, model={"name": "nobody/no-such-model"})
-    expect = unchanged_after(w, run_args(r, "--overwrite"), "Could not load model")
-    expect.then = lambda: assert_rows(run, ROWS)  # the finished run is whole, not set aside
+    files = {k: v for k, v in snapshot(run, skip=None).items() if v[0] != "dir"}
+    expect = Expect(run_args(r, "--overwrite"), 1, ("Could not load model",), run=run)
+
+    def put_back() -> None:
+        assert {k: v for k, v in snapshot(run, skip=None).items() if v[0] != "dir"} == files
+        assert_rows(run, ROWS)
+
+    expect.then = put_back
     return expect
 
 
@@ -1147,9 +1177,10 @@ def a_full_disk_at_the_summary(w):
 @case("filesystems")
 def a_full_disk_at_the_end_of_an_export(w):
     run = copy_of_run(w)
-    expect = Expect(["export", str(run), "--to", str(w / "kept")], 1, ("No space left on device",))
+    expect = Expect(["export", str(run), "--to", str(w / "kept")], 1, ("No space left on device",), run=w / "kept")
     expect.fault = FaultyFS(w / "kept", only="README")
-    return expect  # the snapshot shows that nothing of the failed export is left
+    expect.then = lambda: not (w / "kept").exists() or pytest.fail("the failed export left files behind")
+    return expect
 
 
 @case("filesystems")
