@@ -172,6 +172,8 @@ def recover(folder: RunFolder) -> str | None:
     dropping = folder.root / DROPPING
     if dropping.exists():
         shutil.rmtree(dropping)
+    for name in RUN_ENTRIES:  # the hidden files of atomic writes that were cut
+        (folder.root / f".{name}.tmp").unlink(missing_ok=True)
     aside = folder.root / SET_ASIDE
     if not aside.is_dir():
         return None
@@ -192,11 +194,13 @@ def recover(folder: RunFolder) -> str | None:
 
 
 def restore_previous(folder: RunFolder) -> None:
-    """Put the set-aside run back; what the new start wrote goes, its manifest first (so a cut here recovers again)."""
+    """Put the set-aside run back. What the new start wrote goes first, its manifest first; then `.moved` goes, so
+    that a restore cut short and done again never takes an entry already moved back for the new run's."""
     aside = folder.root / SET_ASIDE
     if (aside / MOVED).exists():
         for name in RUN_ENTRIES:  # every entry at the top now belongs to the new run, which committed nothing
             _remove(folder.root / name)
+        (aside / MOVED).unlink()
     for name in RUN_ENTRIES:
         if os.path.lexists(aside / name) and not os.path.lexists(folder.root / name):
             os.rename(aside / name, folder.root / name)
