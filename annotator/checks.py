@@ -24,12 +24,17 @@ class CheckedRun:
     source: Any
     schema: pa.Schema
     tokenizer: Any | None  # None: not to be had without the model's download; tokens are checked once it loads
+    tokenizer_note: str | None = None  # why there is no tokenizer
 
 
-def check_run(recipe: Recipe) -> CheckedRun:
-    """Raise `AnnotatorError` for anything in the recipe that would fail later; returns what it opened."""
+def check_run(recipe: Recipe, loads_model: bool = True) -> CheckedRun:
+    """Raise `AnnotatorError` for anything in the recipe that would fail later; returns what it opened.
+
+    With `loads_model` (run, resume) a Hub model that cannot be had (the Hub unreachable, the cache without it) is
+    an error here too, before anything is written; `plan` goes on without it.
+    """
     from annotator.folder import check_target
-    from annotator.models import check_attention, check_device, check_model_name, load_tokenizer
+    from annotator.models import check_attention, check_device, check_model_name, hub_access, load_tokenizer
     from annotator.prompt import PromptBuilder
     from annotator.sink import RunFolder, output_schema
     from annotator.sources import open_source
@@ -38,13 +43,15 @@ def check_run(recipe: Recipe) -> CheckedRun:
     check_device(recipe.model.device)
     check_attention(recipe.model.attn_implementation, recipe.model.device)
     check_model_name(recipe.model.name)
+    if loads_model:
+        hub_access(recipe.model.name, recipe.model.revision)
     source = open_source(recipe.input, recipe.prompt)
     check_apart(recipe, source)
     schema = output_schema(source.schema, recipe.input.image_column)
-    tokenizer = load_tokenizer(recipe.model.name, recipe.model.revision)
+    tokenizer, why = load_tokenizer(recipe.model.name, recipe.model.revision)
     if tokenizer is not None:
         PromptBuilder(tokenizer, recipe.prompt)  # answers that are not one token, a tokenizer that is not Qwen2-VL's
-    return CheckedRun(source, schema, tokenizer)
+    return CheckedRun(source, schema, tokenizer, why)
 
 
 def _within(path: str, folder: str) -> bool:

@@ -27,6 +27,7 @@ from annotator.sink import (
     RUN_MARKER,
     RunFolder,
     iter_entries,
+    window_is_whole,
 )
 
 SET_ASIDE = ".previous-run"
@@ -143,11 +144,24 @@ def _ours_in_data(name: str) -> bool:
     return bool(PART_FILE.fullmatch(name) or PART_LEFTOVER.fullmatch(name))
 
 
+def _owned(folder: RunFolder, name: str) -> bool:
+    """Whether the top-level entry `name` exists and is the run's (a README.md only when it is the run's card)."""
+    path = folder.root / name
+    if name == "README.md":
+        from annotator.card import RUN_CARD_MARKER
+
+        try:
+            return RUN_CARD_MARKER in path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return False
+    return os.path.lexists(path)
+
+
 def start(folder: RunFolder, recipe_yaml: str, manifest: dict) -> None:
     """Under the lease: set any earlier run aside, then write recipe, data/, journal/ and, last, the manifest."""
     try:
         recover(folder)
-        present = [name for name in RUN_ENTRIES if os.path.lexists(folder.root / name)]
+        present = [name for name in RUN_ENTRIES if _owned(folder, name)]
         if present:
             _set_aside(folder, present, manifest["run_id"])
         folder.write_text(folder.recipe_path, recipe_yaml)
@@ -198,8 +212,9 @@ def restore_previous(folder: RunFolder) -> None:
     that a restore cut short and done again never takes an entry already moved back for the new run's."""
     aside = folder.root / SET_ASIDE
     if (aside / MOVED).exists():
-        for name in RUN_ENTRIES:  # every entry at the top now belongs to the new run, which committed nothing
-            _remove(folder.root / name)
+        for name in RUN_ENTRIES:  # every entry of ours at the top now belongs to the new run, which committed nothing
+            if _owned(folder, name):
+                _remove(folder.root / name)
         (aside / MOVED).unlink()
     for name in RUN_ENTRIES:
         if os.path.lexists(aside / name) and not os.path.lexists(folder.root / name):
@@ -226,7 +241,8 @@ def undo_start(folder: RunFolder, made: Claim) -> None:
             restore_previous(folder)
         else:
             for name in RUN_ENTRIES:
-                _remove(folder.root / name)
+                if _owned(folder, name):
+                    _remove(folder.root / name)
     except OSError:
         pass
     folder.release_lock()
@@ -263,7 +279,8 @@ def problems(folder: RunFolder) -> list[Problem]:
     found = []
     if not folder.recipe_path.is_file():
         found.append(Problem(f"{str(folder.recipe_path)!r} is missing"))
-    records = folder.journal_records()
+    # A journaled window that is no longer whole (a pilot's last one, once grown) is redone: its file may change.
+    records = {w: r for w, r in folder.journal_records().items() if window_is_whole(r, manifest)}
     files = {}
     for name in iter_entries(folder.data_dir):
         match = PART_FILE.fullmatch(name)

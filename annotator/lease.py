@@ -142,6 +142,11 @@ class Holder:
 def _decode(data: bytes, path: Path) -> Holder:
     try:
         raw = json.loads(data)
+        if "token" not in raw and "pid" in raw and "host" in raw:  # a lock of annotator before leases
+            stat = path.stat()
+            since = float(raw.get("since", stat.st_mtime))
+            token = f"legacy-{stat.st_ino}-{stat.st_mtime_ns}"
+            return Holder(token, str(raw["host"]), int(raw["pid"]), since, since + LEASE_TTL_S)
         return Holder(
             token=str(raw["token"]),
             host=str(raw["host"]),

@@ -65,15 +65,14 @@ def plan_recipe(recipe: Recipe, max_rows: int | None = None) -> dict[str, Any]:
     from annotator.checks import check_run
     from annotator.prompt import PromptBuilder
 
-    checked = check_run(recipe)
-    source, tokenizer = checked.source, checked.tokenizer
+    checked = check_run(recipe, loads_model=False)
+    source, tokenizer, why = checked.source, checked.tokenizer, checked.tokenizer_note
+    tokenizer_note = None
     if tokenizer is None:
         from annotator.models import build_tiny_tokenizer
 
         tokenizer = build_tiny_tokenizer()
-        tokenizer_note = f"tokenizer of {recipe.model.name!r} unavailable offline: text lengths approximate"
-    else:
-        tokenizer_note = None
+        tokenizer_note = f"tokenizer of {recipe.model.name!r} unavailable ({why}): text lengths approximate"
     builder = PromptBuilder(tokenizer, recipe.prompt)
     columns = [recipe.input.image_column] + ([recipe.input.text_column] if recipe.prompt.query is None else [])
     grids: Counter[tuple[int, int, int]] = Counter()

@@ -14,13 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from annotator.batching import PlannedRow, WindowPlan, plan_recipe_window
+from annotator.card import write_run_card
 from annotator.errors import EXIT_RESUMABLE, RunInterrupted
 from annotator.folder import Claim, drop_previous, undo_start
 from annotator.images import image_kind
+from annotator.progress import RunProgress
 from annotator.recipe import Recipe, load_recipe
+from annotator.scores import JOURNAL_BINS, add, histogram
 from annotator.sink import RunFolder, output_schema, window_table
 from annotator.sources import Window
-from annotator.start import find_latest_unfinished, prepare_resume, prepare_run
+from annotator.start import find_latest_unfinished, grow, prepare_resume, prepare_run
 
 
 @dataclass
@@ -127,6 +130,7 @@ class Annotator:
         console,
         progress: bool = True,
         fresh: bool = False,
+        log_format: str = "text",
         stop: StopRequest | None = None,
     ) -> None:
         self.fresh = fresh  # a new start: a failed load puts the folder back, a loaded model drops any run replaced
@@ -135,65 +139,80 @@ class Annotator:
         self.folder = folder
         self.source = source
         self.console = console
-        self.show_progress = progress
+        self.progress = RunProgress(
+            recipe.name, console, source.total_rows, folder.root / "run.log", log_format, show=progress
+        )
         self.max_batch_tokens = recipe.batching.max_batch_tokens
-        self.rows_done = 0
-        self.errors_done = 0
+        self.rows_done = 0  # rows scored or failed in this session, committed or not
 
     def run(self) -> dict[str, Any]:
         try:
             return self._run()
+        except RunInterrupted as stopped:
+            self.progress.stopped(str(stopped))
+            raise
         finally:
+            self.progress.close()
             self.folder.release_lock()
 
+    def _run(self) -> dict[str, Any]:
+        recipe = self.recipe
+        stop = self.stop or StopRequest(self.console)
+        with stop:
+            stop.message = self._load_interrupted_message()
+            loaded, self.builder = self._load()
+        from annotator.preprocess import Preprocessor, resolve_workers
+        from annotator.scoring import Scorer
+
+        if not self.fresh and recipe.input.limit != self.folder.manifest().get("limit"):
+            grow(self.folder, recipe, self.source.total_rows)
+        self.folder.clean_leftovers()
+        committed = self.folder.committed()
+        write_run_card(self.folder, recipe)
+        self.progress.begin(committed.values())
+        self.scorer = Scorer(loaded, self.builder, recipe.model.forward)
+        self.schema = output_schema(self.source.schema, recipe.input.image_column)
+        workers = resolve_workers(recipe.batching.workers)
+        with (
+            Preprocessor(workers, recipe.batching.image_timeout_s) as self.preprocessor,
+            stop,
+            self.progress,
+        ):
+            stop.on_exit.append(self.preprocessor.kill_workers)
+            stop.message = self._interrupted_message()
+            stop.immediate = False
+            self._loop(self._windows_to_do(committed), stop, lookahead=max(2 * recipe.batching.max_batch_size, 8))
+        return self.finish(loaded.device)
+
     def _load(self):
-        """The model and the prompt builder; a failed load of a new start leaves the folder as it was."""
-        from annotator.models import load_model
+        """The model and the prompt builder, saying so (with the Hub's download bars on a terminal).
+
+        A new start whose model cannot load leaves the folder as it was (the run it replaced is back); once it has
+        loaded, the replaced run is deleted. A signal during the load leaves the new run, resumable.
+        """
+        from annotator.models import is_hub_model, load_model
         from annotator.prompt import PromptBuilder
 
         m = self.recipe.model
+        self.progress.loading_model(m.name, from_hub=is_hub_model(m.name))
+        started = time.perf_counter()
         try:
-            loaded = load_model(m.name, m.revision, m.dtype, m.device, m.attn_implementation)
+            loaded = load_model(
+                m.name, m.revision, m.dtype, m.device, m.attn_implementation, progress_bars=self.progress.model_bars
+            )
             builder = PromptBuilder(loaded.tokenizer, self.recipe.prompt)
         except RunInterrupted:
-            raise  # a signal: the new run stays, resumable
+            raise
+        except KeyboardInterrupt:  # no signal handler here (not the main thread): the same as a handled signal
+            raise RunInterrupted(self._load_interrupted_message()) from None
         except Exception:
             if self.fresh:
                 undo_start(self.folder, self.folder.claimed or Claim())
             raise
         if self.fresh:
             drop_previous(self.folder)
+        self.progress.model_loaded(m.name, loaded.device, loaded.dtype, time.perf_counter() - started)
         return loaded, builder
-
-    def _run(self) -> dict[str, Any]:
-        from annotator.preprocess import Preprocessor, resolve_workers
-        from annotator.scoring import Scorer
-
-        recipe = self.recipe
-        stop = self.stop or StopRequest(self.console)
-        with stop:
-            stop.message = (
-                f"Interrupted before any window was committed. The run folder is ready: continue with "
-                f"`annotate resume {self.folder.root}`."
-            )
-            loaded, self.builder = self._load()
-        self.folder.clean_leftovers()
-        committed = self.folder.committed()
-        self.scorer = Scorer(loaded, self.builder)
-        self.schema = output_schema(self.source.schema, recipe.input.image_column)
-        workers = resolve_workers(recipe.batching.workers)
-        started = time.perf_counter()
-        with (
-            Preprocessor(workers, recipe.batching.image_timeout_s) as self.preprocessor,
-            stop,
-            self._progress(committed) as self.progress,
-        ):
-            stop.on_exit.append(self.preprocessor.kill_workers)
-            stop.message = self._interrupted_message()
-            stop.immediate = False
-            self._loop(self._windows_to_do(committed), stop, lookahead=max(2 * recipe.batching.max_batch_size, 8))
-        elapsed = time.perf_counter() - started
-        return self.finish(elapsed, loaded.device)
 
     def _windows_to_do(self, committed: dict[int, dict]) -> Iterator[Window]:
         first = 0
@@ -315,7 +334,17 @@ class Annotator:
         )
         record = state.record()
         record["positives"] = sum(bool(v) for v in table.column("label").to_pylist())
+        record["histograms"] = {"prob": histogram(table.column("prob"), JOURNAL_BINS)}
+        record["limit"] = self.recipe.input.limit  # a window cut short by it is redone if the limit grows
+        record["session_started"] = self.progress.started_at
         self.folder.write_window(window.index, table, record)
+        self.progress.window_committed({**record, "window": window.index})
+
+    def _load_interrupted_message(self) -> str:
+        return (
+            f"Interrupted while loading the model, before any window was committed. The run folder is ready: "
+            f"continue with `annotate resume {self.folder.root}`."
+        )
 
     def _interrupted_message(self) -> str:
         return (
@@ -325,47 +354,20 @@ class Annotator:
 
     def _advance(self, scored: int, errors: int) -> None:
         self.rows_done += scored + errors
-        self.errors_done += errors
-        if self.progress is not None:
-            self.progress.update(self.task, advance=scored + errors, errors=self.errors_done)
+        self.progress.rows_advanced(scored, errors)
 
-    def _progress(self, committed: dict[int, dict]):
-        from contextlib import nullcontext
-
-        self.progress = None
-        if not self.show_progress:
-            return nullcontext()
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            _rate_column(),
-            TextColumn("[red]{task.fields[errors]} errors"),
-            TimeRemainingColumn(),
-            console=self.console,
-            transient=False,
-        )
-        done = sum(r["rows"] for r in committed.values())
-        self.errors_done = sum(r["errors"] for r in committed.values())
-        self.task = progress.add_task(
-            self.recipe.name, total=self.source.total_rows, completed=done, errors=self.errors_done
-        )
-        return progress
-
-    def finish(self, elapsed: float, device: Any) -> dict[str, Any]:
+    def finish(self, device: Any) -> dict[str, Any]:
         summary = summarize(self.folder)
-        session_rows = self.rows_done
+        seconds = self.progress.seconds
         summary.update(
             {
                 "finished": True,
                 "output_dir": str(self.folder.root),
                 "model": self.recipe.model.name,
                 "device": str(device),
-                "session_rows": session_rows,
-                "session_seconds": round(elapsed, 3),
-                "pairs_per_s": round(session_rows / elapsed, 3) if elapsed > 0 else None,
+                "session_rows": self.progress.session_rows,
+                "session_seconds": round(seconds, 3) if seconds is not None else None,
+                "rows_per_s": self.progress.rows_per_s,
             }
         )
         if summary["rows"] != self.source.total_rows and self.source.total_rows is not None:
@@ -373,21 +375,10 @@ class Annotator:
                 f"The run folder holds {summary['rows']} rows but the input has {self.source.total_rows}; "
                 f"run `annotate resume {self.folder.root}`."
             )
+        write_run_card(self.folder, self.recipe, summary)  # first: the summary is what marks the run finished
         self.folder.write_summary(summary)
+        self.progress.finished(summary)
         return summary
-
-
-def _rate_column():
-    from rich.progress import ProgressColumn
-    from rich.text import Text
-
-    class RateColumn(ProgressColumn):
-        """Rows per second over the recent past."""
-
-        def render(self, task) -> Text:
-            return Text(f"{task.speed:,.1f} rows/s" if task.speed else "- rows/s")
-
-    return RateColumn()
 
 
 def summarize(folder: RunFolder) -> dict[str, Any]:
@@ -397,6 +388,9 @@ def summarize(folder: RunFolder) -> dict[str, Any]:
     for r in records.values():
         kinds.update(r.get("error_kinds", {}))
     padded = sum(r["padded_tokens"] for r in records.values())
+    prob_histogram = None
+    for index, record in sorted(records.items()):
+        prob_histogram = add(prob_histogram, window_histogram(folder, index, record))
     return {
         "rows": sum(r["rows"] for r in records.values()),
         "scored": sum(r["scored"] for r in records.values()),
@@ -406,20 +400,36 @@ def summarize(folder: RunFolder) -> dict[str, Any]:
         "truncated_texts": sum(r.get("truncated_texts", 0) for r in records.values()),
         "windows": len(records),
         "padding_efficiency": round(sum(r["real_tokens"] for r in records.values()) / padded, 4) if padded else None,
+        "prob_histogram": prob_histogram or [0] * JOURNAL_BINS,
     }
 
 
-def run_recipe(recipe_path: str, overrides: list[str], overwrite: bool, console, progress: bool = True) -> dict:
+def window_histogram(folder: RunFolder, index: int, record: dict[str, Any], column: str = "prob") -> list[int]:
+    """A committed window's histogram of a score column: from its journal record, else (older runs) its file."""
+    counts = record.get("histograms", {}).get(column)
+    if counts is not None:
+        return counts
+    import pyarrow.parquet as pq
+
+    return histogram(pq.read_table(folder.window_file(index), columns=[column]).column(column), JOURNAL_BINS)
+
+
+def run_recipe(
+    recipe_path: str, overrides: list[str], overwrite: bool, console, progress: bool = True, log_format: str = "text"
+) -> dict:
     with StopRequest(console) as stop:  # from the first instant: a signal exits 2, never a half-written folder
         recipe = load_recipe(recipe_path, overrides)
         folder, source = prepare_run(recipe, overwrite)
-        annotator = Annotator(recipe, folder, source, console, progress, fresh=True, stop=stop)
+        annotator = Annotator(recipe, folder, source, console, progress, fresh=True, log_format=log_format, stop=stop)
         return annotator.run()
 
 
-def resume_run(output_dir: str | None, overrides: list[str], console, progress: bool = True) -> dict:
+def resume_run(
+    output_dir: str | None, overrides: list[str], console, progress: bool = True, log_format: str = "text"
+) -> dict:
     with StopRequest(console) as stop:
         root = Path(output_dir) if output_dir else find_latest_unfinished()
         recipe, folder, source = prepare_resume(root, overrides)
         fresh = folder.claimed is not None  # stopped before its manifest: started again
-        return Annotator(recipe, folder, source, console, progress, fresh=fresh, stop=stop).run()
+        annotator = Annotator(recipe, folder, source, console, progress, fresh=fresh, log_format=log_format, stop=stop)
+        return annotator.run()

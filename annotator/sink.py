@@ -8,6 +8,8 @@ Layout of OUTPUT_DIR:
     data/            part-NNNNNN.parquet, one per window, in input order (hidden while written)
     journal/         NAME.jsonl, one append-only journal per writer process: a line per committed window
     summary.json     written when the run finishes
+    run.log          a line per committed window and per session (progress.py)
+    README.md        a dataset card whose `configs:` make `load_dataset(OUTPUT_DIR)` read data/ (card.py)
 """
 
 from __future__ import annotations
@@ -24,16 +26,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from annotator.errors import AnnotatorError, RunInterrupted
+from annotator.images import image_kind
 from annotator.lease import Lease, LeaseHeld
 
 RUN_MARKER = ".annotator-run"
 # What a run writes at the top of its folder besides its marker and lease: all that --overwrite moves away.
-RUN_ENTRIES = ("manifest.json", "recipe.yaml", "summary.json", "data", "journal")
+# README.md counts only when it is the run's card (card.py marks it); report.html is `annotate report`'s default.
+RUN_ENTRIES = ("manifest.json", "recipe.yaml", "summary.json", "README.md", "run.log", "report.html", "data", "journal")
 PART_FILE = re.compile(r"part-(\d{6,})\.parquet")
 PART_LEFTOVER = re.compile(r"\.part-\d{6,}\.parquet\.\d+\.tmp")
 JOURNAL_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\.jsonl")
 # A journal line counts only with these (integer) fields; anything else is a torn or foreign line.
-RECORD_FIELDS = ("window", "rows", "scored", "errors", "real_tokens", "padded_tokens")
+RECORD_FIELDS = ("window", "start", "rows", "scored", "errors", "real_tokens", "padded_tokens")
 
 HF_METADATA_KEY = b"huggingface"
 OUTPUT_FEATURES = {
@@ -42,6 +46,7 @@ OUTPUT_FEATURES = {
     "label": {"dtype": "bool", "_type": "Value"},
     "answer_mass": {"dtype": "float32", "_type": "Value"},
     "error": {"dtype": "string", "_type": "Value"},
+    "error_kind": {"dtype": "string", "_type": "Value"},
 }
 
 
@@ -117,6 +122,7 @@ def output_schema(input_schema: pa.Schema, image_column: str) -> pa.Schema:
         ("label", pa.bool_()),
         ("answer_mass", pa.float32()),
         ("error", pa.string()),
+        ("error_kind", pa.string()),
     ]:
         schema = schema.append(pa.field(name, dtype))
     metadata = {"info": {"features": hf_features(input_schema, image_column)}}
@@ -150,6 +156,14 @@ class RunFolder:
     @property
     def finished(self) -> bool:
         return self.summary_path.is_file()
+
+    def create(self, recipe_yaml: str, manifest: dict[str, Any]) -> None:
+        """A whole run folder in one go, for synthetic runs (`fake_run`); a real run starts with `folder.start`."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.marker_path.touch()
+        self.write_text(self.recipe_path, recipe_yaml)
+        self.ensure_dirs()
+        self.write_text(self.manifest_path, json.dumps(manifest, indent=2))
 
     def ensure_dirs(self) -> None:
         self.data_dir.mkdir(exist_ok=True)
@@ -204,8 +218,20 @@ class RunFolder:
         return records
 
     def committed(self) -> dict[int, dict[str, Any]]:
-        """Window index -> journal record, for windows whose file exists: what resume skips."""
-        return {w: r for w, r in self.journal_records().items() if self.window_file(w).is_file()}
+        """Window index -> journal record, for windows whose file exists: what resume skips.
+
+        A window that holds fewer rows than it now should (a pilot's last window, after `input.limit` grew) is not
+        committed either: it is done again.
+        """
+        try:
+            manifest = self.manifest() if self.manifest_path.is_file() else {}
+        except AnnotatorError:
+            manifest = {}  # damaged: `status` says so, resume refuses it
+        return {
+            w: r
+            for w, r in self.journal_records().items()
+            if self.window_file(w).is_file() and window_is_whole(r, manifest)
+        }
 
     def clean_leftovers(self) -> int:
         """Delete hidden files of writes that never completed and end a torn journal line; returns files deleted."""
@@ -288,6 +314,25 @@ class RunFolder:
         return holder if holder is not None and not holder.stale() else None
 
 
+def window_is_whole(record: dict[str, Any], manifest: dict[str, Any]) -> bool:
+    """Whether a committed window holds every row it should under the manifest's current total (or limit).
+
+    A run grown from a pilot (`annotate resume --set input.limit=M`) redoes the pilot's last, short window.
+    For a stream of unknown length, a short window ends the stream unless the limit in force cut it.
+    """
+    size = manifest.get("window")
+    if size is None or record["rows"] >= size:
+        return True
+    total = manifest.get("total_rows")
+    if total is not None:
+        return record["rows"] >= min(size, total - record["start"])
+    cut_at = record.get("limit")  # the limit in force when the window was written
+    if cut_at is None or record["start"] + record["rows"] < cut_at:
+        return True  # the stream itself ended there
+    limit = manifest.get("limit")
+    return limit is not None and limit <= cut_at
+
+
 def latest_run(root: Path, unfinished: bool = False) -> RunFolder | None:
     """The most recently started run folder under `root` (only the unfinished ones, if asked).
 
@@ -331,5 +376,6 @@ def window_table(
         pa.array(labels, pa.bool_()),
         pa.array(masses, pa.float32()),
         pa.array(errors, pa.string()),
+        pa.array([None if e is None else image_kind(e) for e in errors], pa.string()),
     ]
     return pa.Table.from_arrays(columns, schema=schema)

@@ -301,6 +301,11 @@ class ParquetListing:
         return False
 
 
+def resolve_parquet_files(spec: str) -> list[Path]:
+    """The input files of `input.parquet` (see `ParquetListing`)."""
+    return ParquetListing(spec).files
+
+
 def _special_kind(mode: int) -> str:
     for test, kind in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device")):
         if test(mode):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from pathlib import Path
 from typing import Any
 
 from annotator import __version__
+from annotator.card import input_card
 from annotator.checks import check_run
 from annotator.errors import AnnotatorError
 from annotator.folder import Claim, claim, foreign_run_entries, name_entries, problems, recover, start, undo_start
@@ -85,6 +87,7 @@ def _manifest(recipe: Recipe, source: Any) -> dict[str, Any]:
         "window": recipe.batching.window,
         "total_rows": source.total_rows,
         "limit": recipe.input.limit,
+        "input_card": input_card(recipe.model_dump(mode="json"), source),
     }
 
 
@@ -101,12 +104,15 @@ def prepare_resume(output_dir: Path, overrides: list[str]) -> tuple[Recipe, RunF
     try:
         recover(folder)
         recipe = _frozen_recipe(folder, overrides)
+        starting = not folder.manifest_path.exists() and not folder.journal_records()
+        if not starting:
+            grows = _check_settings(folder, recipe)
         checked = check_run(recipe)
-        if not folder.manifest_path.exists() and not folder.journal_records():
+        if starting:
             folder.claimed = Claim()  # nothing created: a failed load puts the old recipe back
             start(folder, frozen_recipe_yaml(recipe), _manifest(recipe, checked.source))
             return recipe, folder, checked.source
-        _check_resumable(folder, recipe, checked.source)
+        _check_input(folder, recipe, checked.source, grows)
     except BaseException:
         folder.release_lock()
         raise
@@ -126,12 +132,19 @@ def _frozen_recipe(folder: RunFolder, overrides: list[str]) -> Recipe:
             f"The run folder's recipe.yaml is missing or damaged ({exc}). Start the run again with "
             "`annotate run RECIPE --overwrite`."
         ) from None
+    if folder.manifest_path.exists():
+        # The manifest's limit is the run's: growing a pilot writes it last (see `grow`), recipe.yaml's before.
+        limit = folder.manifest().get("limit")
+        section = frozen.setdefault("input", {})
+        if isinstance(section, dict):
+            section["limit"] = limit
     recipe = validate_recipe(merge(frozen, parse_overrides(overrides)), source=str(folder.recipe_path))
     recipe.output.dir = str(folder.root)  # the folder may have been moved since: it is where it is now
     return recipe
 
 
-def _check_resumable(folder: RunFolder, recipe: Recipe, source: Any) -> None:
+def _check_settings(folder: RunFolder, recipe: Recipe) -> bool:
+    """What resume refuses in the folder and the recipe alone; returns whether the run grows (a larger limit)."""
     manifest = folder.manifest()
     damage = problems(folder)
     repairable = [p for p in damage if p.repairable]
@@ -140,9 +153,13 @@ def _check_resumable(folder: RunFolder, recipe: Recipe, source: Any) -> None:
             f"The run folder {str(folder.root)!r} is damaged: {'; '.join(str(p) for p in damage if not p.repairable)}."
             " Resume never overwrites files it did not write: move those out of data/, then resume."
         )
-    if folder.finished and not repairable:
+    grows = recipe.input.limit != manifest.get("limit")
+    if grows:
+        check_growth(manifest.get("limit"), recipe.input.limit)
+    elif folder.finished and not repairable:
         raise AnnotatorError(
-            f"The run in {str(folder.root)!r} is already finished; see `annotate status {folder.root}`."
+            f"The run in {str(folder.root)!r} is already finished; see `annotate status {folder.root}`. To annotate "
+            f"more rows of its input, grow it: `annotate resume {folder.root} --set input.limit=M` (or =null for all)."
         )
     if recipe.result_fingerprint() != manifest.get("result_fingerprint"):
         raise AnnotatorError(
@@ -154,20 +171,26 @@ def _check_resumable(folder: RunFolder, recipe: Recipe, source: Any) -> None:
             f"`batching.window` cannot change on resume (the run uses {manifest['window']}): windows are the unit "
             "of resume. Drop that --set."
         )
+    return grows
+
+
+def _check_input(folder: RunFolder, recipe: Recipe, source: Any, grows: bool) -> None:
+    """The input must be the one the run started with; a finished run with missing windows is reopened."""
+    manifest = folder.manifest()
     changed = _input_change(manifest.get("input_fingerprint"), source.fingerprint())
     if changed:
         raise AnnotatorError(
             f"The input has changed since this run started: {changed}. Resuming would mix results of two inputs; "
             "start a new run with --overwrite instead."
         )
-    if source.total_rows != manifest.get("total_rows"):
+    if not grows and source.total_rows != manifest.get("total_rows"):
         raise AnnotatorError(
-            f"This run covers {manifest.get('total_rows')} rows (`input.limit` = {manifest.get('limit')}); with "
-            f"`input.limit` = {recipe.input.limit} it would cover {source.total_rows}. `input.limit` cannot change "
-            "on resume: drop that --set or --limit."
+            f"The input has changed since this run started: it has {source.total_rows} rows now, "
+            f"{manifest.get('total_rows')} then. Resuming would mix results of two inputs; start a new run with "
+            "--overwrite instead."
         )
-    if folder.finished:
-        folder.summary_path.unlink()  # repaired below: the run is unfinished again until its windows are back
+    if folder.finished and not grows:
+        folder.summary_path.unlink()  # missing windows are redone: the run is unfinished until they are back
 
 
 def _input_change(recorded: Any, current: Any) -> str | None:
@@ -190,3 +213,28 @@ def _input_change(recorded: Any, current: Any) -> str | None:
                     )
                 return f"{now['file']!r} was modified ({what} changed){hint}"
     return None
+
+
+def check_growth(old_limit: int | None, new_limit: int | None) -> None:
+    """A resumed run's `input.limit` may only grow: committed rows are never dropped."""
+    if old_limit is None or (new_limit is not None and new_limit < old_limit):
+        covered = "the whole input" if old_limit is None else f"the first {old_limit} rows"
+        raise AnnotatorError(
+            f"`input.limit` can only grow on resume: this run covers {covered}, and --set input.limit={new_limit} "
+            "would drop rows it has. To keep fewer rows, export them (`annotate export RUN_DIR --to DIR ...`), or "
+            "start a new run with --overwrite."
+        )
+
+
+def grow(folder: RunFolder, recipe: Recipe, total_rows: int | None) -> None:
+    """Extend a pilot to `recipe.input.limit` (checked by `prepare_resume`, done once the model has loaded).
+
+    Each step leaves a run that `annotate resume` finishes exactly: without summary.json the pilot is only
+    unfinished; the manifest (written atomically, and whose limit resume trusts over recipe.yaml's) then makes
+    it the grown run, in which the pilot's last window, if short, no longer counts as committed (`committed`).
+    """
+    manifest = folder.manifest()
+    folder.summary_path.unlink(missing_ok=True)
+    folder.write_text(folder.recipe_path, frozen_recipe_yaml(recipe))
+    grown = {**manifest, "limit": recipe.input.limit, "total_rows": total_rows}
+    folder.write_text(folder.manifest_path, json.dumps(grown, indent=2))

@@ -192,14 +192,6 @@ def test_resume_notices_an_edit_in_place_that_keeps_the_size_and_the_footer(tmp_
     assert result.exit_code == 1 and "was modified (its time changed)" in message and "touch -d @" in message
 
 
-def test_resume_explains_a_changed_limit(tmp_path, dataset, reference_run):
-    output = interrupted_copy(reference_run, tmp_path / "partial", keep_windows=3)
-    result = invoke("resume", output, "--set", "input.limit=30", "--no-progress")
-    message = " ".join(result.output.split())
-    assert result.exit_code == 1 and "This run covers 120 rows" in message and "input.limit" in message
-    assert "input has changed" not in message
-
-
 @pytest.mark.parametrize(
     "override",
     ["model.max_pixels=3136", "prompt.question=is {text} here?", "prompt.system=Be terse.", "model.name=other"],
