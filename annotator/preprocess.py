@@ -11,6 +11,9 @@ import contextlib
 import multiprocessing
 import os
 import signal
+import sys
+import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -50,15 +53,31 @@ def resolve_workers(workers: int | str) -> int:
     return int(workers)
 
 
-def _ignore_interrupts() -> None:
+def _worker_start(parent: int) -> None:
     # Ctrl-C reaches the whole process group; the main process decides how to stop, workers finish their job.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A parent killed with -9 cannot stop its workers, and they would wait on the job queue forever (each holds
+    # the queue's write end too): leave as soon as the parent is gone.
+    threading.Thread(target=_exit_with, args=(parent,), name="orphan-watch", daemon=True).start()
+
+
+def _exit_with(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
+
+
+# A second Ctrl-C kills the pool and exits without its cleanup; multiprocessing's resource tracker then removes
+# the pool's semaphores itself and would print a warning about them. It starts with our -W options: hush that one.
+TRACKER_QUIET = "ignore:resource_tracker:UserWarning"
 
 
 def _new_pool(workers: int) -> ProcessPoolExecutor:
+    if TRACKER_QUIET not in sys.warnoptions:
+        sys.warnoptions.append(TRACKER_QUIET)
     # spawn: the parent holds torch and its threads; forking those is unsafe.
     context = multiprocessing.get_context("spawn")
-    return ProcessPoolExecutor(workers, mp_context=context, initializer=_ignore_interrupts)
+    return ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_start, initargs=(os.getpid(),))
 
 
 def _discard(pool: ProcessPoolExecutor) -> None:

@@ -83,6 +83,8 @@ class StopRequest:
         if self.requested:
             for kill in self.on_exit:
                 kill()
+            # os.write, not the console: the interrupted thread may hold the console's lock.
+            os.write(2, f"\nQuit at once. {self.message}\n".encode())
             os._exit(EXIT_RESUMABLE)
         self.requested = True
         if self.immediate:

@@ -1225,7 +1225,9 @@ def a_real_file_size_limit_mid_run(w):
 HOOKS = Path(__file__).resolve().parent / "hooks"
 
 
-def signalled(w: Path, send: Callable[[subprocess.Popen, Path], None], env: dict, workers: int = 0) -> Expect:
+def signalled(
+    w: Path, send: Callable[[subprocess.Popen, Path], None], env: dict, workers: int = 0, exit: int = 2
+) -> Expect:
     out = w / "out"
     r = recipe(w / "r.yaml", parquet(w / "in" / "a.parquet"), out, batching={"workers": workers})
 
@@ -1245,7 +1247,8 @@ def signalled(w: Path, send: Callable[[subprocess.Popen, Path], None], env: dict
         cli("resume", out, "--no-progress")
         assert_rows(out, ROWS)
 
-    return Expect([], 2, ("annotate resume",), run=out, spawn=spawn, then=resumable)
+    says = ("annotate resume",) if exit == 2 else ()
+    return Expect([], exit, says, run=out, spawn=spawn, then=resumable)
 
 
 def wait_for(flags: Path, name: str, timeout: float = 90) -> list[Path]:
@@ -1277,20 +1280,43 @@ def ctrl_c_while_the_model_loads(w):
 
 
 @case("signals", slow=True)
-def ctrl_c_twice_with_workers_stuck_on_images(w):
+def ctrl_c_twice_during_a_forward_pass_with_workers_stuck(w):
+    """The first Ctrl-C lands while the main thread computes (it asks to stop after the batch); the second quits at
+    once, and must take the worker processes (stuck on the next batch's images) with it."""
     workers: list[int] = []
 
     def send(process, flags):
+        wait_for(flags, "scoring")
         workers.extend(int(p.name.split("-")[1]) for p in wait_for(flags, "decoding-*"))
         process.send_signal(signal.SIGINT)
-        time.sleep(0.05)
+        time.sleep(0.3)
+        assert process.poll() is None, "the first Ctrl-C waits for the batch"
         process.send_signal(signal.SIGINT)
         process.wait(timeout=15)  # at once, whatever the workers do
         time.sleep(0.5)
         alive = [pid for pid in workers if Path(f"/proc/{pid}").exists() and "Z" not in _state(pid)]
         assert not alive, f"worker processes {alive} outlived the second Ctrl-C"
 
-    return signalled(w, send, {"HOSTILE_SLOW_DECODE": "1"}, workers=2)
+    return signalled(w, send, {"HOSTILE_STUCK_AFTER": "4", "HOSTILE_SLOW_SCORE": "1"}, workers=2)
+
+
+@case("signals", slow=True)
+def kill_9_with_workers_busy(w):
+    """Nothing can stop the workers of a process killed with -9: they leave by themselves when they see it gone."""
+
+    def send(process, flags):
+        workers = [int(p.name.split("-")[1]) for p in wait_for(flags, "decoding-*")]
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=15)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in workers):
+            time.sleep(0.1)
+        alive = [pid for pid in workers if Path(f"/proc/{pid}").exists() and "Z" not in _state(pid)]
+        for pid in alive:  # do not leave them behind even when the test fails
+            os.kill(pid, signal.SIGKILL)
+        assert not alive, f"worker processes {alive} outlived their parent"
+
+    return signalled(w, send, {"HOSTILE_STUCK_AFTER": "0"}, workers=2, exit=-signal.SIGKILL)
 
 
 def _state(pid: int) -> str:
