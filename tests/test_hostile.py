@@ -830,15 +830,12 @@ FINISHED: dict[str, Path] = {}
 
 def copy_of_run(w: Path, keep_windows: int | None = None) -> Path:
     """The module's finished run copied into the case's folder; with `keep_windows`, turned into an unfinished one."""
-    run = w / "run"
-    shutil.copytree(FINISHED["run"], run, symlinks=True)
+    from tests.test_resume import interrupted_copy
+
     if keep_windows is not None:
-        (run / "summary.json").unlink()
-        journal = run / "journal" / "main.jsonl"
-        journal.write_text("".join(journal.read_text().splitlines(keepends=True)[:keep_windows]))
-        for path in sorted((run / "data").glob("part-*.parquet"))[keep_windows:]:
-            path.unlink()
-    return run
+        return interrupted_copy(FINISHED["run"], w / "run", keep_windows)
+    shutil.copytree(FINISHED["run"], w / "run")
+    return w / "run"
 
 
 def unchanged_after(w: Path, args: list[str], *says: str) -> Expect:
