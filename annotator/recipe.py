@@ -20,6 +20,7 @@ SEED_QUESTION = '请回答以下问题，务必只能回复一个词 "Y"或 "N"�
 OUTPUT_COLUMNS = ("row_id", "prob", "label", "answer_mass", "error", "error_kind")
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few kilobytes; anything this big is some other file
 MAX_YAML_VALUES = 100_000  # values a recipe may expand to, aliases counted at every use (a YAML bomb has billions)
+MAX_YAML_DEPTH = 64  # a recipe nests four levels; far deeper would overflow YAML's recursive composer
 
 
 class _Section(BaseModel):
@@ -152,7 +153,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
                 "e.g. --set model.name=tiny --set batching.max_batch_size=8."
             )
         try:
-            value = load_yaml(raw, f"--set {key}") if raw.strip() else raw
+            value = load_yaml(raw) if raw.strip() else raw
         except yaml.YAMLError:
             value = raw
         node = overrides
@@ -204,12 +205,28 @@ def _children(node: yaml.Node) -> list[yaml.Node]:
     return []
 
 
-def load_yaml(text: str, where: str) -> Any:
+_OPEN = (
+    yaml.FlowSequenceStartToken,
+    yaml.FlowMappingStartToken,
+    yaml.BlockSequenceStartToken,
+    yaml.BlockMappingStartToken,
+)
+_CLOSE = (yaml.FlowSequenceEndToken, yaml.FlowMappingEndToken, yaml.BlockEndToken)
+
+
+def _check_depth(text: str) -> None:
+    """Refuse deep nesting from the tokens (the scanner is a loop), before the recursive composer could overflow."""
+    depth = 0
+    for token in yaml.scan(text, Loader=yaml.SafeLoader):
+        depth += isinstance(token, _OPEN) - isinstance(token, _CLOSE)
+        if depth > MAX_YAML_DEPTH:
+            raise yaml.YAMLError(f"it is nested too deeply (over {MAX_YAML_DEPTH} levels)")
+
+
+def load_yaml(text: str) -> Any:
     """YAML with bounded cost: alias bombs and absurd nesting are a `yaml.YAMLError`, never hours or gigabytes."""
-    try:
-        return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
-    except RecursionError:
-        raise yaml.YAMLError(f"{where} is nested too deeply") from None
+    _check_depth(text)
+    return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _cut(text: str, limit: int = 200) -> str:
@@ -272,7 +289,7 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
             f"Recipe {shown} is not UTF-8 text (byte {exc.start} is invalid).{hint} Save the recipe as UTF-8."
         ) from None
     try:
-        data = load_yaml(text, f"Recipe {shown}")
+        data = load_yaml(text)
     except yaml.YAMLError as exc:
         detail = " ".join(str(exc).split())
         raise AnnotatorError(f"Recipe {shown} is not valid YAML: {_short(detail, 400)}. Fix it there.") from None
