@@ -38,11 +38,10 @@ def _timed_coordinator(make_executor):
 
 def timed_run(recipe: Any, make_executor, console: Any) -> dict[str, Any]:
     """One run of `recipe` by the executor `make_executor(spec)` makes: steady pairs/s, start-up, coordinator CPU."""
-    from annotator.run import check_engine, prepare_run
+    from annotator.start import prepare_run
 
-    devices = check_engine(recipe) if recipe.engine.kind == "local" else []
-    folder, source = prepare_run(recipe, overwrite=True)
-    run = _timed_coordinator(make_executor)(recipe, folder, source, console, False, True, "text", devices)
+    folder, source = prepare_run(recipe, overwrite=True)  # its checks include the engine's
+    run = _timed_coordinator(make_executor)(recipe, folder, source, console, progress=False, fresh=True)
     summary = run.run()
     coordinator = run.coordinator
     ready = max(coordinator.loaded_at)

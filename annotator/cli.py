@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -11,11 +13,40 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from typer.exceptions import TyperException
 
-from annotator.errors import EXIT_RESUMABLE, AnnotatorError, RunInterrupted
+from annotator.errors import EXIT_RESUMABLE, EXIT_USER_ERROR, AnnotatorError, RunInterrupted
+
+MAX_MESSAGE = 3000  # characters of an error message shown; a message never floods the terminal
+
+
+class Commands(typer.core.TyperGroup):
+    """Command-line mistakes (unknown option, bad value, no command) exit 1 like any user error: 2 means resumable."""
+
+    @staticmethod
+    def _as_user_error(exc: TyperException) -> None:
+        if getattr(exc, "exit_code", None) == EXIT_RESUMABLE:  # click's usage errors exit 2
+            exc.exit_code = EXIT_USER_ERROR
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except TyperException as exc:
+            self._as_user_error(exc)
+            raise
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except TyperException as exc:
+            self._as_user_error(exc)
+            raise
+
 
 app = typer.Typer(
+    cls=Commands,
     help="Score image-text relevance with Qwen2-VL: parquet or Hugging Face datasets in, labelled parquet out.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -61,8 +92,20 @@ LogFormatOption = Annotated[
 ]
 
 
+def _bounded(message: object) -> str:
+    """A message cut to `MAX_MESSAGE` characters."""
+    text = str(message)
+    if len(text) > MAX_MESSAGE:
+        text = text[:MAX_MESSAGE] + f"... ({len(text) - MAX_MESSAGE:,} more characters)"
+    return text
+
+
 def user_errors(command):
-    """Exit 1 with the message for user mistakes, 2 for a resumable stop; never a traceback for either."""
+    """Exit 1 with the message for user mistakes, 2 for a resumable stop; never a traceback for either.
+
+    The library raises `AnnotatorError` (a mistake: recipe, input, folder) or `RunInterrupted` (a signal, a failed
+    write) at the depth where it knows what went wrong; anything else is a bug and keeps its traceback.
+    """
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -70,11 +113,9 @@ def user_errors(command):
             return command(*args, **kwargs)
         except AnnotatorError as exc:
             if not _as_json_line(exc, kwargs):
-                from rich.markup import escape
-
                 from annotator.hub import ModelUnavailable, next_steps
 
-                console.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+                console.print(f"[bold red]Error:[/] {escape(_bounded(exc))}", highlight=False, soft_wrap=True)
                 if isinstance(exc, ModelUnavailable) and "ctx" in kwargs:
                     console.print("To go on:", highlight=False)
                     typed = _typed_command(kwargs["ctx"])
@@ -83,7 +124,7 @@ def user_errors(command):
             raise typer.Exit(exc.exit_code) from None
         except RunInterrupted as exc:
             if not _as_json_line(exc, kwargs):
-                console.print(f"[bold yellow]Interrupted:[/] {exc}", highlight=False, soft_wrap=True)
+                console.print(f"[bold yellow]Interrupted:[/] {escape(_bounded(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             # Ctrl-C before the run loop took over signals (the model load says so itself): nothing is half-written.
@@ -100,7 +141,7 @@ def _as_json_line(exc: AnnotatorError | RunInterrupted, kwargs: dict[str, Any]) 
     """With --log-format json a machine reads stderr: the error is one JSON line too. Whether it was printed so."""
     if kwargs.get("log_format") is not LogFormat.json:
         return False
-    print(json.dumps({"event": "error", "message": str(exc), "exit_code": exc.exit_code}), file=sys.stderr)
+    print(json.dumps({"event": "error", "message": _bounded(exc), "exit_code": exc.exit_code}), file=sys.stderr)
     return True
 
 
@@ -136,7 +177,7 @@ def _print_scores(status: dict) -> None:
         soft_wrap=True,
     )
     shares = {float(t): f"{t}: {share:.1%}" for t, share in status["kept_share_at"].items()}
-    if status["kept_share"] is not None:  # the run's own threshold, exact from the labels
+    if status["kept_share"] is not None and status["threshold"] is not None:  # the run's own, exact from labels
         shares[status["threshold"]] = f"[bold]{status['threshold']:g}: {status['kept_share']:.1%} (threshold)[/]"
     line = " | ".join(text for _, text in sorted(shares.items()))
     stdout.print(f"kept    prob >= {line}   of all rows (errors never)", highlight=False, soft_wrap=True)
@@ -244,7 +285,7 @@ def status(
     output_dir: Annotated[Path | None, typer.Argument(help="Run folder (default: latest run).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Progress, counts, label split and errors of a run."""
+    """Progress, counts, label split, errors, lease and integrity (a missing or stray file: "damaged") of a run."""
     from annotator.status import run_status
 
     result = run_status(output_dir)
@@ -257,9 +298,11 @@ def status(
         if key != "eta" or result[key] is not None:
             table.add_row(key, str(result[key]))
     for kind, count in result["error_kinds"].items():
-        table.add_row(f"  {kind}", str(count))
+        table.add_row(f"  {escape(kind)}", str(count))
+    for problem in result["problems"]:
+        table.add_row("problem", escape(problem))
     if result["next"]:
-        table.add_row("next", result["next"])
+        table.add_row("next", escape(result["next"]))
     stdout.print(table)
     _print_writers(result["writers"])
     _print_scores(result)
@@ -413,5 +456,17 @@ def _print_result(result: dict[str, Any], as_json: bool, title: str) -> None:
     stdout.print(table)
 
 
-def main() -> None:  # pragma: no cover - console script entry
-    sys.exit(app())
+def main() -> None:
+    """The `annotate` console script."""
+    try:
+        app()
+    except SystemExit as done:
+        if done.code == EXIT_RESUMABLE:
+            # A stopped run leaves as soon as its exit handlers ran (a further Ctrl-C meanwhile exits 2 at once):
+            # past them, the interpreter's slow teardown runs without signal handlers, and a second Ctrl-C there
+            # would kill it with another exit code.
+            atexit._run_exitfuncs()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_RESUMABLE)
+        raise

@@ -282,6 +282,7 @@ class Coordinator:
             self.slots[index].alive = False
             self._stop_others()
             if isinstance(failure, KeyboardInterrupt):  # Ctrl-C before the signal handlers took over
+                self.stop.requested = True  # as a handled Ctrl-C: a stop, not a failure
                 raise RunInterrupted(self.interrupted) from None
             raise failure
         if failure.kind == "crash" and self.slots[index].ever_loaded:
@@ -306,9 +307,11 @@ class Coordinator:
         self.on_rows(-scored, -errors)  # rows of windows it did not commit are done again elsewhere
         if not slot.ever_loaded:  # its first load: a device (or setup) problem, not a window's
             self._stop_others()
+            # Before any window was handed out, a new start is taken back (`Annotator`): it is started again.
+            again = "the same command again" if self.queue is None else "`annotate resume`"
             raise RunInterrupted(
                 f"The writer on {self.executor.label(index)} died while loading the model ({how}). Check that "
-                "device (memory, drivers), then run `annotate resume` to go on."
+                f"device (memory, drivers), then run {again}."
             )
         lost = self.queue.writer_gone(index) if self.queue is not None else []
         for window in lost:

@@ -102,6 +102,12 @@ class ThreadExecutor:
     def restart(self, index: int) -> None:  # pragma: no cover - a writer in this process fails, it does not die
         raise AssertionError("a writer in this process is never restarted")
 
+    def kill(self) -> None:
+        """For a signal handler about to exit at once: the writer's decoding workers go too (no lock taken)."""
+        preprocessor = getattr(self.writer, "preprocessor", None)
+        if preprocessor is not None:
+            preprocessor.kill_workers()
+
     def close(self) -> None:
         """Stop the writer and wait for its batch; one still loading the model (a download) ends with the process."""
         if self.writer is not None and self._thread is not None and self._thread.is_alive():
@@ -211,6 +217,12 @@ class ProcessExecutor(SlotExecutor):
     def stop(self, index: int) -> None:
         self.give(index, "stop")
 
+    def kill(self) -> None:
+        """For a signal handler about to exit at once: SIGKILL every writer process (they would die with us anyway)."""
+        for child in list(self._children.values()):
+            with contextlib.suppress(ProcessLookupError, TypeError):
+                os.kill(child.process.pid, signal.SIGKILL)
+
     def close(self) -> None:
         """Kill what is left (a stop already waited for the writers that could finish their batch)."""
         for child in self._children.values():
@@ -275,6 +287,17 @@ def child_main(spec: WriterSpec, conn: Connection, parent: int, settings: dict[s
     threading.Thread(target=listen, name="coordinator", daemon=True).start()
     host_writer(writer, emit, raw_errors=False)
     os._exit(0)  # skip interpreter teardown: the last event is sent, the journal is synced
+
+
+def check_engine(recipe: Recipe) -> list[str]:
+    """The engine's checks, before anything is written: local devices that exist, or a Ray that can place the
+    writers. Returns the local devices."""
+    if recipe.engine.kind == "ray":
+        from annotator.ray_engine import connect
+
+        connect(recipe.engine.ray)  # joins or starts Ray, plans the actors
+        return []
+    return resolve_devices(recipe)
 
 
 def resolve_devices(recipe: Recipe) -> list[str]:

@@ -9,7 +9,6 @@ from typing import Any
 from annotator.batching import MERGE_SIZE, image_token_count, plan_recipe_window
 from annotator.images import image_kind
 from annotator.recipe import Recipe
-from annotator.sources import open_source
 
 
 @dataclass(frozen=True)
@@ -62,12 +61,12 @@ def forward_flops(grid: tuple[int, int, int], sequence_length: int, arch: Archit
 
 
 def plan_recipe(recipe: Recipe, max_rows: int | None = None) -> dict[str, Any]:
-    """Read the input's headers and texts, plan every window, and add it all up."""
-    from annotator.models import load_tokenizer
+    """Run the checks `annotate run` makes, read the input's headers and texts, plan every window, add it all up."""
+    from annotator.checks import check_run
     from annotator.prompt import PromptBuilder
 
-    source = open_source(recipe.input, recipe.prompt)
-    tokenizer, why = load_tokenizer(recipe.model.name, recipe.model.revision)
+    checked = check_run(recipe, loads_model=False)
+    source, tokenizer, why = checked.source, checked.tokenizer, checked.tokenizer_note
     tokenizer_note = None
     if tokenizer is None:
         from annotator.models import build_tiny_tokenizer

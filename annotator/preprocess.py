@@ -7,10 +7,15 @@ timeout error; a crashed worker costs only its row: the jobs it took down are re
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
+import sys
+import threading
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
@@ -49,15 +54,32 @@ def resolve_workers(workers: int | str) -> int:
     return int(workers)
 
 
-def _ignore_interrupts() -> None:
+def _worker_start(parent: int) -> None:
     # Ctrl-C reaches the whole process group; the main process decides how to stop, workers finish their job.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A parent killed with -9 cannot stop its workers, and they would wait on the job queue forever (each holds
+    # the queue's write end too): leave as soon as the parent is gone.
+    threading.Thread(target=_exit_with, args=(parent,), name="orphan-watch", daemon=True).start()
+
+
+def _exit_with(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
+
+
+# A second Ctrl-C kills the pool and exits without its cleanup; multiprocessing's resource tracker then removes
+# the pool's semaphores itself and would print a warning about them. It starts with our -W options: hush that one.
+TRACKER_QUIET = "ignore:resource_tracker:UserWarning"
+CHECK_S = 0.2  # how often a wait that may be long (an image, a window) looks whether the run was told to stop
 
 
 def _new_pool(workers: int) -> ProcessPoolExecutor:
+    if TRACKER_QUIET not in sys.warnoptions:
+        sys.warnoptions.append(TRACKER_QUIET)
     # spawn: the parent holds torch and its threads; forking those is unsafe.
     context = multiprocessing.get_context("spawn")
-    return ProcessPoolExecutor(workers, mp_context=context, initializer=_ignore_interrupts)
+    return ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_start, initargs=(os.getpid(),))
 
 
 def _discard(pool: ProcessPoolExecutor) -> None:
@@ -98,8 +120,12 @@ class Preprocessor:
     def in_flight(self) -> int:
         return len(self._pending)
 
-    def result(self, ticket: int) -> np.ndarray | str:
-        """The ticket's image or error. Earlier tickets must have been collected: the timeout counts from here."""
+    def result(self, ticket: int, check: Callable[[], None] | None = None) -> np.ndarray | str:
+        """The ticket's image or error. Earlier tickets must have been collected: the timeout counts from here.
+
+        `check` is called every `CHECK_S` while the image is not ready: it may raise to give up waiting (a writer
+        told to stop, in a thread that no signal reaches).
+        """
         if self.workers == 0:
             return prepare_image(self._pending.pop(ticket)[0])
         job, future = self._pending[ticket]
@@ -108,7 +134,7 @@ class Preprocessor:
             job, future = self._pending[ticket]
         del self._pending[ticket]
         try:
-            return future.result(timeout=self.timeout_s)
+            return self._wait(future, check)
         except FutureTimeout:
             self._restart()
             return self._timeout_error()
@@ -117,6 +143,19 @@ class Preprocessor:
             # only a job that really kills its worker gets an error.
             self._restart()
             return self._retry_alone(job)
+
+    def _wait(self, future: Future, check: Callable[[], None] | None) -> np.ndarray | str:
+        if check is None:
+            return future.result(timeout=self.timeout_s)
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                return future.result(timeout=max(0.0, min(CHECK_S, left)))
+            except FutureTimeout:
+                if left <= CHECK_S:
+                    raise
+                check()
 
     def _retry_alone(self, job: ImageJob) -> np.ndarray | str:
         if self._alone is None:
@@ -142,6 +181,14 @@ class Preprocessor:
         for ticket, (job, future) in list(self._pending.items()):
             if future is None or future.cancelled() or not future.done() or future.exception() is not None:
                 self._pending[ticket] = (job, self._submit(job))
+
+    def kill_workers(self) -> None:
+        """SIGKILL every worker process; takes no lock, so a signal handler may call it before exiting at once."""
+        for pool in (self._pool, self._alone):
+            processes = getattr(pool, "_processes", None) or {}
+            for process in list(processes.values()):
+                with contextlib.suppress(ProcessLookupError, TypeError):  # gone already, or not started (no pid)
+                    os.kill(process.pid, signal.SIGKILL)
 
     def close(self) -> None:
         """Stop the workers at once; jobs not collected are dropped (a stopped run redoes their window)."""

@@ -203,6 +203,9 @@ class RayExecutor(SlotExecutor):
         self.give(index, "stop")
         self._flush()
 
+    def kill(self) -> None:
+        """For a signal handler about to exit at once: nothing to do, Ray kills the actors of a driver that exits."""
+
     def close(self) -> None:
         global _started_here
         import ray

@@ -1,4 +1,4 @@
-"""Run: the coordinator of a run folder (checks, resume, signals, progress, summary); writers do the scoring."""
+"""Run: the coordinator of a run folder (signals, progress, summary, the writers' engine); writers do the scoring."""
 
 from __future__ import annotations
 
@@ -6,177 +6,84 @@ import contextlib
 import json
 import os
 import signal
-import time
+import threading
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from annotator import __version__
-from annotator.card import input_card, write_run_card
+from annotator.card import write_run_card
 from annotator.coordinator import Coordinator, WindowQueue, first_uncommitted
-from annotator.errors import EXIT_RESUMABLE, AnnotatorError, RunInterrupted
-from annotator.executors import local_executor
+from annotator.errors import EXIT_RESUMABLE, RunInterrupted
+from annotator.executors import local_executor, resolve_devices
+from annotator.folder import Claim, drop_previous, undo_start
 from annotator.progress import RunProgress
-from annotator.recipe import Recipe, frozen_recipe_yaml, load_recipe, merge, parse_overrides, validate_recipe
+from annotator.recipe import Recipe, load_recipe
 from annotator.scores import JOURNAL_BINS, add, histogram
-from annotator.sink import RunFolder, latest_run
-from annotator.sources import open_source
+from annotator.sink import RunFolder
+from annotator.start import find_latest_unfinished, grow, prepare_resume, prepare_run
 from annotator.writer import WriterSpec
-
-RESULT_KEYS_HINT = "model, prompt, pixels, answers, input columns, threshold"
 
 
 class StopRequest:
-    """Ctrl-C / SIGTERM: the first asks to stop after the current batch, the second exits at once."""
+    """Ctrl-C / SIGTERM, for a whole `run` or `resume`.
+
+    Until the run loop starts (checks, folder, model load), and while the loop waits on something that can take
+    long (planning a window, an image), a signal stops at once with `RunInterrupted` (exit 2, the folder
+    resumable). Otherwise the first asks to stop after the current batch. The second always exits at once, after
+    killing the worker processes: committed windows are safe on disk; resume redoes the rest.
+    """
 
     def __init__(self, console) -> None:
         self.console = console
         self.requested = False
+        self.immediate = True
+        self.message = "Interrupted before the run started; nothing was committed. Run the same command again."
+        self.on_exit: list[Callable[[], None]] = []
         self._previous: dict[int, Any] = {}
+        self._depth = 0
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.requested:
-            os._exit(EXIT_RESUMABLE)  # committed windows are safe on disk; resume redoes the rest
+            for kill in self.on_exit:
+                kill()
+            # os.write, not the console: the interrupted thread may hold the console's lock.
+            os.write(2, f"\nQuit at once. {self.message}\n".encode())
+            os._exit(EXIT_RESUMABLE)
         self.requested = True
+        if self.immediate:
+            raise RunInterrupted(self.message)
         self.console.print(
             f"[yellow]{signal.Signals(signum).name}: stopping after the current batch "
             "(press Ctrl-C again to quit at once)...[/]"
         )
 
+    @contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """A wait that may take long: a signal during it stops the run at once."""
+        if self.requested:
+            raise RunInterrupted(self.message)
+        previous, self.immediate = self.immediate, True
+        try:
+            yield
+        finally:
+            self.immediate = previous
+
     def __enter__(self) -> StopRequest:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            self._previous[signum] = signal.signal(signum, self._handle)
+        self._depth += 1
+        if self._depth == 1 and threading.current_thread() is threading.main_thread():  # signals go to main only
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-
-def find_latest_unfinished(root: Path = Path("outputs")) -> Path:
-    folder = latest_run(root, unfinished=True)
-    if folder is None:
-        raise AnnotatorError(
-            f"No unfinished run under {str(root)!r}. Pass the run folder: `annotate resume OUTPUT_DIR`."
-        )
-    return folder.root
-
-
-def prepare_run(recipe: Recipe, overwrite: bool) -> tuple[RunFolder, Any]:
-    """Check the input and the output folder (no model yet) and take the folder's lock.
-
-    The folder is emptied and written (`start_fresh`) only once the model has loaded, so an --overwrite
-    whose model cannot be loaded leaves the previous run as it was.
-    """
-    source = open_source(recipe.input, recipe.prompt)
-    folder = RunFolder(recipe.output_dir)
-    # A run that committed nothing (e.g. its model failed to load) has nothing to lose: start it again.
-    if folder.exists() and not overwrite and (folder.finished or folder.committed()):
-        if folder.finished:
-            raise AnnotatorError(
-                f"{str(folder.root)!r} already holds a finished run. Use another `output.dir`, or add "
-                "--overwrite to replace it."
-            )
-        raise AnnotatorError(
-            f"{str(folder.root)!r} holds an unfinished run. Continue it with `annotate resume {folder.root}`, "
-            "or add --overwrite to start again from scratch."
-        )
-    folder.acquire_lock()
-    return folder, source
-
-
-def start_fresh(recipe: Recipe, folder: RunFolder, source: Any) -> None:
-    """Empty the run folder (an --overwrite) and write the new run's recipe and manifest."""
-    import shutil
-
-    for path in (folder.data_dir, folder.journal_dir):
-        shutil.rmtree(path, ignore_errors=True)
-    for path in (folder.summary_path, folder.manifest_path, folder.recipe_path):
-        path.unlink(missing_ok=True)
-    folder.create(frozen_recipe_yaml(recipe), _manifest(recipe, source))
-
-
-def _manifest(recipe: Recipe, source: Any) -> dict[str, Any]:
-    return {
-        "annotator_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "result_fingerprint": recipe.result_fingerprint(),
-        "input_fingerprint": source.fingerprint(),
-        "window": recipe.batching.window,
-        "total_rows": source.total_rows,
-        "limit": recipe.input.limit,
-        "input_card": input_card(recipe.model_dump(mode="json"), source),
-    }
-
-
-def prepare_resume(output_dir: Path, overrides: list[str]) -> tuple[Recipe, RunFolder, Any]:
-    """Reload the frozen recipe, refuse result-changing edits and changed input, take the lock."""
-    folder = RunFolder(output_dir)
-    if not folder.exists():
-        raise AnnotatorError(
-            f"{str(output_dir)!r} is not a run folder (no manifest.json). Start it with `annotate run`."
-        )
-    import yaml
-
-    frozen = yaml.safe_load(folder.recipe_path.read_text(encoding="utf-8"))
-    manifest = folder.manifest()
-    # The manifest's limit is the run's: growing a pilot writes it last (see `grow`), recipe.yaml's before.
-    frozen.setdefault("input", {})["limit"] = manifest.get("limit", frozen["input"].get("limit"))
-    recipe = validate_recipe(merge(frozen, parse_overrides(overrides)), source=str(folder.recipe_path))
-    grows = recipe.input.limit != manifest.get("limit")
-    if grows:
-        check_growth(manifest.get("limit"), recipe.input.limit)
-    elif folder.finished:
-        raise AnnotatorError(
-            f"The run in {str(output_dir)!r} is already finished; see `annotate status {output_dir}`. To annotate "
-            f"more rows of its input, grow it: `annotate resume {output_dir} --set input.limit=M` (or =null for all)."
-        )
-    if recipe.result_fingerprint() != manifest["result_fingerprint"]:
-        raise AnnotatorError(
-            f"These --set values change results ({RESULT_KEYS_HINT}), so the resumed output would mix two "
-            f"settings. Resume without them, or start a new run with `annotate run ... --overwrite`."
-        )
-    if recipe.batching.window != manifest["window"]:
-        raise AnnotatorError(
-            f"`batching.window` cannot change on resume (the run uses {manifest['window']}): windows are the unit "
-            "of resume. Drop that --set."
-        )
-    check_engine(recipe)
-    source = open_source(recipe.input, recipe.prompt)
-    if source.fingerprint() != manifest["input_fingerprint"] or (
-        not grows and source.total_rows != manifest["total_rows"]
-    ):
-        raise AnnotatorError(
-            f"The input has changed since this run started (files, sizes or contents differ from "
-            f"{str(folder.manifest_path)!r}). Resuming would mix results of two inputs; start a new run with "
-            "--overwrite instead."
-        )
-    folder.acquire_lock()
-    return recipe, folder, source
-
-
-def check_growth(old_limit: int | None, new_limit: int | None) -> None:
-    """A resumed run's `input.limit` may only grow: committed rows are never dropped."""
-    if old_limit is None or (new_limit is not None and new_limit < old_limit):
-        covered = "the whole input" if old_limit is None else f"the first {old_limit} rows"
-        raise AnnotatorError(
-            f"`input.limit` can only grow on resume: this run covers {covered}, and --set input.limit={new_limit} "
-            "would drop rows it has. To keep fewer rows, export them (`annotate export RUN_DIR --to DIR ...`), or "
-            "start a new run with --overwrite."
-        )
-
-
-def grow(folder: RunFolder, recipe: Recipe, total_rows: int | None) -> None:
-    """Extend a pilot to `recipe.input.limit` (checked by `prepare_resume`, done once the model has loaded).
-
-    Each step leaves a run that `annotate resume` finishes exactly: without summary.json the pilot is only
-    unfinished; the manifest (written atomically, and whose limit resume trusts over recipe.yaml's) then makes
-    it the grown run, in which the pilot's last window, if short, no longer counts as committed (`committed`).
-    """
-    manifest = folder.manifest()
-    folder.summary_path.unlink(missing_ok=True)
-    folder.create(frozen_recipe_yaml(recipe), {**manifest, "limit": recipe.input.limit, "total_rows": total_rows})
+        self._depth -= 1
+        if self._depth == 0:
+            for signum, handler in self._previous.items():
+                # After a stop, the process is on its way out: one more signal still exits 2 at once.
+                signal.signal(signum, self._handle if self.requested else handler)
+            self._previous.clear()
 
 
 class Annotator:
@@ -196,14 +103,16 @@ class Annotator:
         progress: bool = True,
         fresh: bool = False,
         log_format: str = "text",
+        stop: StopRequest | None = None,
         devices: list[str] | None = None,
     ) -> None:
-        self.fresh = fresh  # a new run: the folder is (re)started once a writer has loaded the model
+        self.fresh = fresh  # a new start: a failed load puts the folder back, a loaded model drops any run replaced
+        self.stop = stop
         self.recipe = recipe
         self.folder = folder
         self.source = source
         self.console = console
-        self.devices = devices if devices is not None else check_engine(recipe)
+        self.devices = devices  # local devices, checked (`check_run`); None: the recipe's
         self.progress = RunProgress(
             recipe.name, console, source.total_rows, folder.root / "run.log", log_format, show=progress
         )
@@ -226,27 +135,42 @@ class Annotator:
         from annotator.models import is_hub_model
 
         m = self.recipe.model
+        stop = self.stop or StopRequest(self.console)
+        self.folder.clean_leftovers()  # before any writer starts: hidden files of writes that were cut short
         self.executor = self._executor()
-        with StopRequest(self.console) as stop, contextlib.closing(self.executor):
-            forget = self.folder.clean_leftovers
-            self.coordinator = Coordinator(self.executor, self.progress, stop, m.name, self._advance, forget)
+        with stop, contextlib.closing(self.executor):
+            stop.message = self._load_interrupted_message()
+            stop.on_exit.append(self.executor.kill)  # a second Ctrl-C: no writer or worker outlives the process
+            self.coordinator = Coordinator(
+                self.executor, self.progress, stop, m.name, self._advance, self.folder.clean_leftovers
+            )
             self.coordinator.describe_window = self._describe_window
             if self.executor.count > 1 or self.recipe.engine.kind == "ray":
                 self.progress.writers_started(self.recipe.engine.kind, self.executor.count, self.executor.describe())
             self.progress.loading_model(m.name, from_hub=is_hub_model(m.name))
-            again = f"annotate resume {self.folder.root}" if not self.fresh else "the same `annotate run` command"
-            self.coordinator.start_writers(
-                f"Interrupted while loading the model, before this session wrote anything to {self.folder.root}. "
-                f"To go on, run {again} again.",
-                every=self.wait_for_every_writer,
-            )
+            self._start_writers(stop)
             committed = self._prepare_folder()
             self.progress.begin(committed.values())
             self.queue = WindowQueue(self._windows_to_do(committed))
             self.coordinator.begin(self.queue, self.progress.started_at)
+            stop.message = self._interrupted_message()
+            stop.immediate = False
             with self.progress:
                 self.coordinator.run(self._interrupted_message())
         return self.finish()
+
+    def _start_writers(self, stop: StopRequest) -> None:
+        """Start the writers and wait for a loaded model. A new start whose model cannot load (an error, or a writer
+        that dies loading it) leaves the folder as it was (the run it replaced is back); once one has loaded, the
+        replaced run is deleted. A signal meanwhile leaves the new run, resumable."""
+        try:
+            self.coordinator.start_writers(stop.message, every=self.wait_for_every_writer)
+        except Exception:
+            if self.fresh and not stop.requested:
+                undo_start(self.folder, self.folder.claimed or Claim())
+            raise
+        if self.fresh:
+            drop_previous(self.folder)
 
     def _executor(self) -> Any:
         """The writers' executor: a thread, a process per device, or Ray actors; all get the same `WriterSpec`."""
@@ -255,7 +179,7 @@ class Annotator:
             from annotator.ray_engine import RayExecutor
 
             return RayExecutor(spec, self.recipe.engine.ray)
-        return local_executor(spec, self.devices)
+        return local_executor(spec, self.devices if self.devices is not None else resolve_devices(self.recipe))
 
     def _writer_spec(self) -> WriterSpec:
         return WriterSpec(
@@ -268,15 +192,10 @@ class Annotator:
         )
 
     def _prepare_folder(self) -> dict[int, dict]:
-        """A writer has loaded the model: start (or grow) the folder, clean what killed writes left, read the journals.
-
-        Writers touch the folder only once they are handed a window, which is after this.
-        """
-        if self.fresh:
-            start_fresh(self.recipe, self.folder, self.source)
-        elif self.recipe.input.limit != self.folder.manifest().get("limit"):
+        """A writer has loaded the model: grow a pilot if asked, read the journals. Writers touch the folder only once
+        they are handed a window, which is after this."""
+        if not self.fresh and self.recipe.input.limit != self.folder.manifest().get("limit"):
             grow(self.folder, self.recipe, self.source.total_rows)
-        self.folder.clean_leftovers()
         committed = self.folder.committed()
         write_run_card(self.folder, self.recipe)
         return committed
@@ -291,6 +210,12 @@ class Annotator:
         size, total = self.recipe.batching.window, self.source.total_rows
         last = (index + 1) * size if total is None else min((index + 1) * size, total)
         return f"Window {index} (rows {index * size} to {last - 1})"
+
+    def _load_interrupted_message(self) -> str:
+        return (
+            f"Interrupted while loading the model, before any window was committed. The run folder is ready: "
+            f"continue with `annotate resume {self.folder.root}`."
+        )
 
     def _interrupted_message(self) -> str:
         return (
@@ -317,6 +242,7 @@ class Annotator:
     def finish(self) -> dict[str, Any]:
         self.folder.clean_leftovers()  # no writer runs any more
         self._check_every_window(self.folder.committed())
+        self.folder.lease.check()  # the summary only from the process that still holds the folder
         summary = summarize(self.folder)
         seconds = self.progress.seconds
         summary.update(
@@ -343,30 +269,22 @@ class Annotator:
         return summary
 
 
-def check_engine(recipe: Recipe) -> list[str]:
-    """The engine's checks, before anything is written: local devices that exist, or a Ray that can place the writers.
-    Returns the local devices."""
-    if recipe.engine.kind == "ray":
-        from annotator.ray_engine import connect
-
-        connect(recipe.engine.ray)  # joins or starts Ray, plans the actors
-        return []
-    from annotator.executors import resolve_devices
-
-    return resolve_devices(recipe)
-
-
 def with_absolute_paths(recipe: Recipe) -> Recipe:
     """The recipe as a writer anywhere reads it: input, output and a local model folder by absolute path."""
     data = recipe.model_dump(mode="json")
     if data["input"]["parquet"] is not None:
-        data["input"]["parquet"] = os.path.abspath(data["input"]["parquet"])
-    if data["input"]["hf"] is not None and os.path.exists(data["input"]["hf"]["path"]):
-        data["input"]["hf"]["path"] = os.path.abspath(data["input"]["hf"]["path"])
-    if os.path.exists(data["model"]["name"]):
-        data["model"]["name"] = os.path.abspath(data["model"]["name"])
+        data["input"]["parquet"] = os.path.abspath(os.path.expanduser(data["input"]["parquet"]))
+    if data["input"]["hf"] is not None:
+        data["input"]["hf"]["path"] = _absolute_if_local(data["input"]["hf"]["path"])
+    data["model"]["name"] = _absolute_if_local(data["model"]["name"])
     data["output"]["dir"] = os.path.abspath(recipe.output_dir)
     return Recipe.model_validate(data)
+
+
+def _absolute_if_local(name: str) -> str:
+    """A local path (`~` expanded) made absolute; a Hub name as it is."""
+    path = os.path.expanduser(name)
+    return os.path.abspath(path) if os.path.exists(path) else name
 
 
 def summarize(folder: RunFolder) -> dict[str, Any]:
@@ -405,15 +323,19 @@ def window_histogram(folder: RunFolder, index: int, record: dict[str, Any], colu
 def run_recipe(
     recipe_path: str, overrides: list[str], overwrite: bool, console, progress: bool = True, log_format: str = "text"
 ) -> dict:
-    recipe = load_recipe(recipe_path, overrides)
-    devices = check_engine(recipe)  # before anything is written
-    folder, source = prepare_run(recipe, overwrite)
-    return Annotator(recipe, folder, source, console, progress, True, log_format, devices).run()
+    with StopRequest(console) as stop:  # from the first instant: a signal exits 2, never a half-written folder
+        recipe = load_recipe(recipe_path, overrides)
+        folder, source = prepare_run(recipe, overwrite)
+        annotator = Annotator(recipe, folder, source, console, progress, fresh=True, log_format=log_format, stop=stop)
+        return annotator.run()
 
 
 def resume_run(
     output_dir: str | None, overrides: list[str], console, progress: bool = True, log_format: str = "text"
 ) -> dict:
-    root = Path(output_dir) if output_dir else find_latest_unfinished()
-    recipe, folder, source = prepare_resume(root, overrides)
-    return Annotator(recipe, folder, source, console, progress, log_format=log_format).run()
+    with StopRequest(console) as stop:
+        root = Path(output_dir) if output_dir else find_latest_unfinished()
+        recipe, folder, source = prepare_resume(root, overrides)
+        fresh = folder.claimed is not None  # stopped before its manifest: started again
+        annotator = Annotator(recipe, folder, source, console, progress, fresh=fresh, log_format=log_format, stop=stop)
+        return annotator.run()

@@ -1,27 +1,28 @@
 """Sink: the run folder. Each window becomes one parquet file, made visible atomically, then journaled.
 
 Layout of OUTPUT_DIR:
+    .annotator-run   the marker, written first: a folder is a run folder (ours) only with it
+    lock             the lease of the coordinator: the one process handing out this folder's windows (lease.py)
     recipe.yaml      the frozen, resolved recipe
-    manifest.json    input and recipe fingerprints, window size, total rows
+    manifest.json    input and recipe fingerprints, window size, total rows; written last when a run starts
     data/            part-NNNNNN.parquet, one per window, in input order (hidden while written)
     journal/         WRITER.jsonl, one append-only journal per writer incarnation (host-pid-token): a line per
                      committed window; WRITER.heartbeat.json beside it says where that writer runs and when it last
                      beat (`status` shows them)
     summary.json     written when the run finishes
-    lock             the coordinator's pid, host and token: the one process handing out this folder's windows
     run.log          a line per committed window and per session (progress.py)
     README.md        a dataset card whose `configs:` make `load_dataset(OUTPUT_DIR)` read data/ (card.py)
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import secrets
 import socket
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,22 @@ import pyarrow.parquet as pq
 
 from annotator.errors import AnnotatorError, RunInterrupted
 from annotator.images import image_kind
+from annotator.lease import Lease, LeaseHeld
+
+RUN_MARKER = ".annotator-run"
+# What a run writes at the top of its folder besides its marker and lease: all that --overwrite moves away.
+# README.md counts only when it is the run's card (card.py marks it); report.html is `annotate report`'s default.
+RUN_ENTRIES = ("manifest.json", "recipe.yaml", "summary.json", "README.md", "run.log", "report.html", "data", "journal")
+PART_FILE = re.compile(r"part-(\d{6,})\.parquet")
+# A window's file while its writer writes it, named after the writer (`writer_name`; a pid in older runs).
+PART_LEFTOVER = re.compile(r"\.part-\d{6,}\.parquet\.[A-Za-z0-9][A-Za-z0-9-]*\.tmp")
+# In journal/: a writer's heartbeat's hidden file while it is replaced; and all a run writes there (its journals too).
+HEARTBEAT_LEFTOVER = re.compile(r"\.[A-Za-z0-9][A-Za-z0-9-]*\.heartbeat\.json\.tmp")
+JOURNAL_FILE = re.compile(
+    rf"[A-Za-z0-9][A-Za-z0-9_.-]*\.jsonl|[A-Za-z0-9][A-Za-z0-9-]*\.heartbeat\.json|{HEARTBEAT_LEFTOVER.pattern}"
+)
+# A journal line counts only with these (integer) fields; anything else is a torn or foreign line.
+RECORD_FIELDS = ("window", "start", "rows", "scored", "errors", "real_tokens", "padded_tokens")
 
 HF_METADATA_KEY = b"huggingface"
 OUTPUT_FEATURES = {
@@ -56,19 +73,73 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_record(record: object) -> bool:
+    """A whole journal record: the counts `summarize` adds up, of the right types."""
+    if not isinstance(record, dict) or not all(_count(record.get(key)) for key in RECORD_FIELDS):
+        return False
+    kinds = record.get("error_kinds", {})
+    return (
+        isinstance(record.get("committed_at"), int | float)
+        and _count(record.get("positives", 0))
+        and _count(record.get("truncated_texts", 0))
+        and isinstance(kinds, dict)
+        and all(isinstance(k, str) and _count(v) for k, v in kinds.items())
+    )
+
+
+def read_journal(path: Path) -> list[dict[str, Any]]:
+    """The whole records of one journal, in the order committed; torn, damaged or foreign lines are skipped."""
+    records = []
+    for line in path.read_bytes().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if _is_record(record):
+            records.append(record)
+    return records
+
+
 def hf_features(schema: pa.Schema, image_column: str) -> dict[str, Any]:
-    """Hugging Face feature metadata for the output: the input's own, or derived, plus ours."""
-    features: dict[str, Any] | None = None
-    raw = (schema.metadata or {}).get(HF_METADATA_KEY)
-    if raw:
-        features = json.loads(raw).get("info", {}).get("features")
-    if not features:
+    """Hugging Face feature metadata for the output: the input's own (when it describes these columns), or derived."""
+    features = _input_features(schema)
+    if features is None:
         from datasets import Features
 
-        features = Features.from_arrow_schema(schema.remove_metadata()).to_dict()
+        features = {}
+        for field in schema.remove_metadata():
+            try:
+                features.update(Features.from_arrow_schema(pa.schema([field])).to_dict())
+            except (ValueError, TypeError, NotImplementedError):
+                raise AnnotatorError(
+                    f"Input column {field.name!r} has type {field.type}, which Hugging Face datasets cannot describe, "
+                    "so the output could not be loaded with `datasets`. Drop that column from the input, or cast it "
+                    "to a supported type (e.g. a map to a list of structs)."
+                ) from None
         if pa.types.is_struct(schema.field(image_column).type):
             features[image_column] = {"_type": "Image"}
     return {**features, **OUTPUT_FEATURES}
+
+
+def _input_features(schema: pa.Schema) -> dict[str, Any] | None:
+    """The input's own `huggingface` features, or None when absent, unreadable or not about these columns."""
+    from datasets import Features
+
+    raw = (schema.metadata or {}).get(HF_METADATA_KEY)
+    if not raw:
+        return None
+    try:
+        features = json.loads(raw)["info"]["features"]
+        if not isinstance(features, dict) or sorted(features) != sorted(schema.names):
+            return None
+        Features.from_dict(features)  # each entry must be a feature `datasets` can build
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return features
 
 
 def output_schema(input_schema: pa.Schema, image_column: str) -> pa.Schema:
@@ -90,7 +161,8 @@ class RunFolder:
     """Everything a run writes, and what resume and status read back."""
 
     def __init__(self, root: str | Path, journal_name: str = "main") -> None:
-        self.root = Path(root)
+        self.root = Path(root).expanduser()
+        self.marker_path = self.root / RUN_MARKER
         self.data_dir = self.root / "data"
         self.journal_dir = self.root / "journal"
         self.recipe_path = self.root / "recipe.yaml"
@@ -99,27 +171,55 @@ class RunFolder:
         self.lock_path = self.root / "lock"
         self.journal_name = journal_name
         self.journal_path = self.journal_dir / f"{journal_name}.jsonl"
+        self.lease = Lease(self.lock_path)
         # Called just before a window's file is published: raises if this writer may no longer write here.
         self.fence: Callable[[], None] | None = None
-        self.owner_token: str | None = None  # the lock's token while this process holds it
+        self.claimed: Any = None  # what this process's start created (`annotator.folder.Claim`), to undo it
+
+    def is_ours(self) -> bool:
+        """A run folder: a run wrote its marker here (the first thing it writes)."""
+        return self.marker_path.is_file()
 
     def exists(self) -> bool:
-        return self.manifest_path.is_file()
+        """A run folder whose run got as far as writing its manifest (the last thing a start writes)."""
+        return self.is_ours() and self.manifest_path.is_file()
 
     @property
     def finished(self) -> bool:
         return self.summary_path.is_file()
 
     def create(self, recipe_yaml: str, manifest: dict[str, Any]) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.journal_dir.mkdir(parents=True, exist_ok=True)
-        self._write_atomic(self.recipe_path, recipe_yaml)
-        self._write_atomic(self.manifest_path, json.dumps(manifest, indent=2))
+        """A whole run folder in one go, for synthetic runs (`fake_run`); a real run starts with `folder.start`."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.marker_path.touch()
+        self.write_text(self.recipe_path, recipe_yaml)
+        self.ensure_dirs()
+        self.write_text(self.manifest_path, json.dumps(manifest, indent=2))
+
+    def ensure_dirs(self) -> None:
+        self.data_dir.mkdir(exist_ok=True)
+        self.journal_dir.mkdir(exist_ok=True)
 
     def manifest(self) -> dict[str, Any]:
-        return json.loads(self.manifest_path.read_text())
+        """The manifest; a missing or damaged one is an error that names it."""
+        try:
+            manifest = json.loads(self.manifest_path.read_bytes())
+            if isinstance(manifest, dict) and isinstance(manifest.get("window"), int):
+                return manifest
+        except FileNotFoundError:
+            raise AnnotatorError(
+                f"{str(self.manifest_path)!r} is missing, so this run folder cannot be checked or continued. "
+                "Start the run again with `annotate run RECIPE --overwrite`."
+            ) from None
+        except (OSError, ValueError):
+            pass
+        raise AnnotatorError(
+            f"{str(self.manifest_path)!r} is damaged (not the manifest annotator wrote), so this run folder cannot be "
+            "checked or continued. Start the run again with `annotate run RECIPE --overwrite`."
+        )
 
-    def _write_atomic(self, path: Path, text: str) -> None:
+    def write_text(self, path: Path, text: str) -> None:
+        """Write a file of the folder atomically: hidden, fsync, rename."""
         hidden = path.with_name(f".{path.name}.tmp")
         with open(hidden, "w", encoding="utf-8") as f:
             f.write(text)
@@ -131,40 +231,54 @@ class RunFolder:
     def window_file(self, index: int) -> Path:
         return self.data_dir / f"part-{index:06d}.parquet"
 
-    def committed(self) -> dict[int, dict[str, Any]]:
-        """Window index -> journal record, over every journal, for windows whose file exists.
+    def journal_records(self) -> dict[int, dict[str, Any]]:
+        """Window index -> its journal record, over every journal, whether or not its file exists.
 
-        A window done twice (a writer declared dead that was only slow, or one killed between its rename and its
-        journal line) has identical content and several records: the last committed counts. A torn last line
-        (killed mid-append) is ignored: its window is simply done again. So is a window that holds fewer rows than
-        it now should (a pilot's last window, after `input.limit` grew).
+        A window done more than once (by two writers, one thought dead that was only slow; or a pilot's short last
+        window, done again whole once the limit grew) has a record in each journal that did it: of those, one that
+        holds every row the window should (`window_is_whole`) counts, the last committed. Lines that are not whole
+        records (a torn append, a damaged file) are skipped: their windows are done again.
         """
+        manifest = self._manifest_or_empty()
         records: dict[int, dict[str, Any]] = {}
-        manifest = self.manifest() if self.manifest_path.is_file() else {}
+        ranks: dict[int, tuple[bool, float]] = {}
         journals = sorted(self.journal_dir.glob("*.jsonl")) if self.journal_dir.is_dir() else []
         for journal in journals:
-            for line in journal.read_text(encoding="utf-8").splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                index = record["window"]
-                if not window_is_whole(record, manifest):
-                    continue
-                if index not in records or record.get("committed_at", 0) >= records[index].get("committed_at", 0):
-                    records[index] = record
-        return {index: record for index, record in records.items() if self.window_file(index).is_file()}
+            for record in read_journal(journal):
+                index, rank = record["window"], (window_is_whole(record, manifest), record["committed_at"])
+                if index not in ranks or rank >= ranks[index]:
+                    records[index], ranks[index] = record, rank
+        return records
+
+    def _manifest_or_empty(self) -> dict[str, Any]:
+        try:
+            return self.manifest() if self.manifest_path.is_file() else {}
+        except AnnotatorError:
+            return {}  # damaged: `status` says so, resume refuses it
+
+    def committed(self) -> dict[int, dict[str, Any]]:
+        """Window index -> journal record, for windows whose file exists: what resume skips.
+
+        A window that holds fewer rows than it now should (a pilot's last window, after `input.limit` grew) is not
+        committed either: it is done again.
+        """
+        manifest = self._manifest_or_empty()
+        return {
+            w: r
+            for w, r in self.journal_records().items()
+            if self.window_file(w).is_file() and window_is_whole(r, manifest)
+        }
 
     def clean_leftovers(self, writer: str | None = None) -> int:
-        """Delete hidden files of writes that never completed (data files, heartbeats); returns files deleted.
+        """Delete the hidden files of writes that never completed (window files, heartbeats); returns files deleted.
 
         Only the coordinator calls this: for the whole folder when no writer runs (before they start, after they
         are gone), or for one `writer` it knows is dead. A writer never deletes another's files. A torn journal line
-        needs no repair: every writer incarnation appends to a journal of its own.
+        needs no repair: every writer incarnation appends to a journal of its own, and nobody appends to it again.
         """
-        leftovers = [p for p in self.data_dir.iterdir() if p.name.startswith((".", "_"))]
-        if self.journal_dir.is_dir():
-            leftovers += [p for p in self.journal_dir.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")]
+        self.ensure_dirs()
+        leftovers = [p for p in self.data_dir.iterdir() if PART_LEFTOVER.fullmatch(p.name)]
+        leftovers += [p for p in self.journal_dir.iterdir() if HEARTBEAT_LEFTOVER.fullmatch(p.name)]
         if writer is not None:
             leftovers = [p for p in leftovers if p.name.endswith(f".{writer}.tmp") or p.name.startswith(f".{writer}.")]
         for path in leftovers:
@@ -185,79 +299,75 @@ class RunFolder:
                 pq.write_table(table, f)  # snappy: encoded images do not compress, and zstd on them halved write speed
                 f.flush()
                 os.fsync(f.fileno())
+                size = os.fstat(f.fileno()).st_size
+            if self.lease.holder is not None:
+                self.lease.check()  # never publish a window from a process whose lease was taken over
             if self.fence is not None:
-                self.fence()  # never publish a window into a folder that another coordinator now holds
+                self.fence()  # a writer: never publish into a folder its coordinator no longer holds
             os.replace(hidden, final)
             _fsync_dir(self.data_dir)
-            line = json.dumps({**record, "window": index, "file": final.name}) + "\n"
+            line = json.dumps({**record, "window": index, "file": final.name, "bytes": size}) + "\n"
             with open(self.journal_path, "a", encoding="utf-8") as journal:
                 journal.write(line)
                 journal.flush()
                 os.fsync(journal.fileno())
-        except BaseException as exc:
-            hidden.unlink(missing_ok=True)
-            if not isinstance(exc, OSError):
-                raise
+        except OSError as exc:
+            with contextlib.suppress(OSError):  # a filesystem gone read-only refuses this too
+                hidden.unlink(missing_ok=True)
             raise RunInterrupted(
                 f"Could not write window {index} to {self.data_dir} ({exc.strerror or exc}). Nothing half-written "
                 f"is visible; free space or fix permissions, then run `annotate resume {self.root}`."
             ) from exc
+        except BaseException:
+            hidden.unlink(missing_ok=True)
+            raise
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        self._write_atomic(self.summary_path, json.dumps(summary, indent=2))
+        try:
+            self.write_text(self.summary_path, json.dumps(summary, indent=2))
+        except OSError as exc:
+            raise RunInterrupted(
+                f"Every window is committed, but {str(self.summary_path)!r} could not be written "
+                f"({exc.strerror or exc}). Free space or fix permissions, then run `annotate resume {self.root}` "
+                "to finish."
+            ) from exc
 
     def data_files(self) -> list[Path]:
-        return sorted(self.data_dir.glob("part-*.parquet"))
+        """The committed window files, in window order."""
+        return [self.window_file(w) for w in sorted(self.committed())]
 
-    # --- the lock: one writing process per run folder -------------------------------------------
-
-    def lock_holder(self) -> dict[str, Any] | None:
-        """The live process holding the lock, or None (no lock, or a stale one from a dead process)."""
-        try:
-            holder = json.loads(self.lock_path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
-        if holder.get("host") == socket.gethostname() and not _pid_alive(int(holder.get("pid", -1))):
-            return None
-        return holder
+    # --- the lease: one writing process per run folder --------------------------------------------
 
     def acquire_lock(self) -> None:
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "token": secrets.token_hex(8)}
-        self.root.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self.lock_holder()
-                if holder is not None:
-                    raise AnnotatorError(
-                        f"Run folder {str(self.root)!r} is being written by process {holder.get('pid')} on "
-                        f"{holder.get('host')}. Wait for it to finish, or stop it; if that host is gone, delete "
-                        f"{str(self.lock_path)!r} and try again."
-                    ) from None
-                self.lock_path.unlink(missing_ok=True)  # stale: its process is dead
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self.owner_token = me["token"]
-            return
-        raise AnnotatorError(f"Could not take the lock {str(self.lock_path)!r}; another process keeps taking it.")
-
-    def lock_token(self) -> str | None:
-        """The token of whoever holds the lock now (live or not), or None when there is no lock."""
+        """Take the folder's lease (raises `LeaseHeld`, a user error naming the holder) and keep it renewed."""
         try:
-            return json.loads(self.lock_path.read_text()).get("token")
-        except (FileNotFoundError, json.JSONDecodeError, AttributeError):
-            return None
+            self.lease.acquire()
+        except LeaseHeld:
+            raise
+        except OSError as exc:
+            raise AnnotatorError(
+                f"Cannot take the lease {str(self.lock_path)!r}: {exc.strerror or exc}. The run folder must be "
+                "writable; fix its permissions or free space."
+            ) from None
+        self.lease.start_heartbeat()
 
     def release_lock(self) -> None:
-        holder = None
-        try:
-            holder = json.loads(self.lock_path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return
-        if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
-            self.lock_path.unlink(missing_ok=True)
+        self.lease.release()
+
+    def lock_holder(self):
+        """The holder of the folder's lease while it is live, else None."""
+        holder = self.lease.current()
+        return holder if holder is not None and not holder.stale() else None
+
+    @property
+    def owner_token(self) -> str | None:
+        """This process's lease token while it holds the folder: what its writers check before they publish."""
+        return self.lease.holder.token if self.lease.holder is not None else None
+
+    def lock_token(self) -> str | None:
+        """The token of whoever holds the lease now (live or not, a successor that claimed it included), or None."""
+        holder = self.lease.current()
+        return holder.token if holder is not None else None
 
 
 def window_is_whole(record: dict[str, Any], manifest: dict[str, Any]) -> bool:
@@ -280,23 +390,26 @@ def window_is_whole(record: dict[str, Any], manifest: dict[str, Any]) -> bool:
 
 
 def latest_run(root: Path, unfinished: bool = False) -> RunFolder | None:
-    """The most recently started run folder under `root` (only the unfinished ones, if asked)."""
-    folders = [RunFolder(p.parent) for p in root.glob("**/manifest.json")]
-    if unfinished:
-        folders = [f for f in folders if not f.finished]
+    """The most recently started run folder under `root` (only the unfinished ones, if asked).
+
+    Symbolic links are not followed and no run folder is searched inside, so loops and big data folders cost nothing.
+    """
+    folders = []
+    for folder, dirs, files in os.walk(root):
+        if RUN_MARKER in files:
+            dirs.clear()
+            run = RunFolder(folder)
+            if run.exists() and not (unfinished and run.finished):
+                folders.append(run)
     return max(folders, key=lambda f: f.manifest_path.stat().st_mtime, default=None)
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
+def iter_entries(folder: Path) -> Iterator[str]:
+    """Names in a folder, sorted; nothing when it does not exist."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        yield from sorted(os.listdir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return
 
 
 def window_table(

@@ -18,6 +18,8 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +27,7 @@ from annotator import __version__
 from annotator.batching import PlannedRow, WindowPlan, plan_recipe_window
 from annotator.errors import AnnotatorError, RunInterrupted
 from annotator.images import image_kind
+from annotator.preprocess import CHECK_S
 from annotator.recipe import Recipe
 from annotator.scores import JOURNAL_BINS, histogram
 from annotator.sink import RunFolder, output_schema, window_table, writer_name
@@ -134,6 +137,7 @@ class WindowScorer:
         self.label = spec.label
         self.windows_done = self.rows_done = 0
         self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._beating = threading.Lock()
 
     # --- what the coordinator sends -----------------------------------------------------------------
 
@@ -234,6 +238,7 @@ class WindowScorer:
                 return value
             if kind == "session":
                 self.session_started = value
+                self.write_heartbeat()  # at once: `status` lists this writer from its first window on
                 continue
             return None  # finish or stop
 
@@ -251,12 +256,12 @@ class WindowScorer:
             if window is None:
                 self.emit("end", index)
                 continue
-            self.state = "scoring"
+            if self.state != "scoring":
+                self.state = "scoring"
+                self.write_heartbeat()
             return self._plan(window)
 
     def _loop(self, lookahead: int) -> None:
-        from concurrent.futures import Future, ThreadPoolExecutor
-
         from annotator.preprocess import ImageJob
 
         open_windows: deque[WindowState] = deque()  # planned, not yet committed, in the order handed out
@@ -289,7 +294,7 @@ class WindowScorer:
                         # writer commits): wait for it only when there is nothing else to do.
                         if not upcoming.done() and (submitted or in_flight is not None):
                             break
-                        state = upcoming.result()
+                        state = self._wait(upcoming)
                         upcoming = planner.submit(self._plan_next) if state is not None else None
                         if state is None:
                             break
@@ -306,7 +311,9 @@ class WindowScorer:
                             break
                         continue
                     state, batch, tickets = submitted.popleft()
-                    launched = self._launch_batch(state, batch, [self.preprocessor.result(t) for t in tickets])
+                    # An image may take up to `image_timeout_s`: a stop meanwhile is not kept waiting.
+                    images = [self.preprocessor.result(t, self._check_stopping) for t in tickets]
+                    launched = self._launch_batch(state, batch, images)
                     # The previous batch's results are read only now, so the GPU ran it while this one was prepared.
                     if in_flight is not None:
                         self._finish_batch(*in_flight)
@@ -320,6 +327,18 @@ class WindowScorer:
                 raise
             if writing is not None:
                 writing.result()
+
+    def _check_stopping(self) -> None:
+        if self.stopping.is_set():
+            raise WriterStopped
+
+    def _wait(self, future: Future) -> Any:
+        """A future's result; a stop meanwhile raises `WriterStopped` (reading a window can stall on a slow disk)."""
+        while True:
+            try:
+                return future.result(timeout=CHECK_S)
+            except FutureTimeout:
+                self._check_stopping()
 
     def _launch_batch(self, state: WindowState, batch: list[PlannedRow], images: list):
         """Record decode errors, start scoring the rest; returns what `_finish_batch` needs."""
@@ -380,7 +399,7 @@ class WindowScorer:
         done = threading.Event()
 
         def beat() -> None:
-            while not done.wait(HEARTBEAT_S if self.session_started is not None else 0.2):
+            while not done.wait(HEARTBEAT_S):
                 self.write_heartbeat()
 
         thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
@@ -396,12 +415,13 @@ class WindowScorer:
         finally:
             done.set()
             thread.join()
-            if self.state == "scoring":
+            if self.state in ("ready", "scoring"):  # finished (one that was handed no window too)
                 self.state = "done"
             self.write_heartbeat()
 
     def write_heartbeat(self) -> None:
-        """`journal/NAME.heartbeat.json`: where this writer runs, what it has done, and when it last said so."""
+        """`journal/NAME.heartbeat.json`: where this writer runs, what it has done, and when it last said so (every
+        `HEARTBEAT_S`, and when its state changes)."""
         if self.session_started is None:
             return  # nothing handed out yet: the folder may still be being prepared
         beat = {
@@ -419,6 +439,8 @@ class WindowScorer:
         }
         path = self.folder.journal_dir / f"{self.name}.heartbeat.json"
         hidden = path.with_name(f".{path.name}.tmp")
-        with contextlib.suppress(OSError):  # a heartbeat is for `status`: a full disk stops the run elsewhere
+        # One thread at a time (the hidden file is shared); a heartbeat is for `status`: a full disk stops the run
+        # elsewhere.
+        with self._beating, contextlib.suppress(OSError):
             hidden.write_text(json.dumps(beat))
             os.replace(hidden, path)

@@ -127,7 +127,7 @@ def journal_lines(output_dir: Path) -> int:
     return sum(len(path.read_text().splitlines()) for path in journals(output_dir))
 
 
-def keep_windows(output_dir: Path, keep: int) -> None:
+def keep_first_windows(output_dir: Path, keep: int) -> None:
     """Make a finished one-writer run look interrupted after its first `keep` windows (journal lines and files)."""
     (journal,) = journals(output_dir)
     journal.write_text("".join(journal.read_text().splitlines(keepends=True)[:keep]))

@@ -224,3 +224,27 @@ def test_overwrite_keeps_the_previous_run_when_the_new_model_cannot_load(tmp_pat
     assert result.exit_code == 1 and "Could not load model" in result.output
     assert read_output(tmp_path / "out").num_rows == 3
     assert json.loads(invoke("status", tmp_path / "out", "--json").output)["state"] == "finished"
+
+
+def test_plan_runs_the_checks_run_makes(tmp_path, mixed_parquet):
+    recipe = write_recipe(tmp_path / "r.yaml", mixed_parquet, tmp_path / "out", prompt={"positive": "Yes indeed"})
+    result = invoke("plan", recipe)
+    assert result.exit_code == 1 and "`prompt.positive` = 'Yes indeed' is" in " ".join(result.output.split())
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "mine.txt").write_text("x")
+    busy = write_recipe(tmp_path / "r.yaml", mixed_parquet, tmp_path / "busy")
+    result = invoke("plan", busy)
+    assert result.exit_code == 1 and "not an annotator run folder" in " ".join(result.output.split())
+
+
+def test_make_tiny_model_writes_a_new_folder_and_replaces_only_its_own(tmp_path):
+    assert invoke("make-tiny-model", tmp_path / "tiny").exit_code == 0
+    assert (tmp_path / "tiny" / "config.json").is_file() and not list((tmp_path / "tiny").glob(".staging-*"))
+    marker = json.loads((tmp_path / "tiny" / ".annotator-tiny-model").read_text())
+    assert marker["complete"] and "config.json" in marker["files"]
+    assert invoke("make-tiny-model", tmp_path / "tiny").exit_code == 0, "its own folder is rebuilt"
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("years of work")
+    result = invoke("make-tiny-model", tmp_path / "mine")
+    assert result.exit_code == 1 and "thesis.tex" in result.output
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["thesis.tex"]

@@ -17,7 +17,15 @@ import pytest
 from typer.testing import CliRunner
 
 from annotator.cli import app
-from tests.conftest import journal_lines, journals, jpeg_bytes, keep_windows, read_output, write_dataset, write_recipe
+from tests.conftest import (
+    journal_lines,
+    journals,
+    jpeg_bytes,
+    keep_first_windows,
+    read_output,
+    write_dataset,
+    write_recipe,
+)
 
 runner = CliRunner()
 ROWS = 120
@@ -25,7 +33,7 @@ ROWS = 120
 
 def annotate(*args: str | Path) -> subprocess.Popen:
     """`annotate ...` in its own process, as a user would start it."""
-    command = [sys.executable, "-c", "from annotator.cli import app; app()", *map(str, args)]
+    command = [sys.executable, "-c", "from annotator.cli import main; main()", *map(str, args)]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -75,30 +83,54 @@ def assert_same_output(output: Path, reference) -> None:
     assert json.loads((output / "summary.json").read_text())["rows"] == ROWS
 
 
-def test_kill_9_at_random_instants_then_resume_is_exact(tmp_path, dataset, reference):
-    rng = random.Random(7)
+def wait_until(condition, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+@pytest.mark.slow
+def test_kill_9_from_the_first_instant_to_the_last_commit_then_resume_is_exact(tmp_path, dataset, reference):
+    """kill -9 in the first 100 ms, while starting up, right after the manifest (the model loading), after some
+    commits and around the last one; each time `annotate resume` (or `run` again when the folder holds no recipe
+    yet) goes on. The result is the uninterrupted run's, row for row and bit for bit."""
+    rng = random.Random(11)
+    limit = 30  # 5 windows of 6
     output = tmp_path / "killed"
-    process = annotate("run", make_recipe(tmp_path, dataset, "killed"), "--no-progress")
-    kills = 0
-    for _ in range(3):
-        # Kill once some windows are committed, at a random moment within the next window or two.
-        target = journal_lines(output) + rng.randint(1, 4)
-        deadline = time.monotonic() + 120
-        while journal_lines(output) < target and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(rng.uniform(0, 0.05))
-        if process.poll() is not None:
-            break
-        process.send_signal(signal.SIGKILL)
-        process.wait()
+    recipe = make_recipe(tmp_path, dataset, "killed")
+    last = limit // 6
+    instants = [
+        ("first 100 ms", lambda: True, rng.uniform(0, 0.1)),
+        ("starting up", lambda: True, rng.uniform(0.3, 2.0)),
+        ("model loading", lambda: (output / "manifest.json").exists(), rng.uniform(0, 0.2)),
+        ("after 2 commits", lambda: journal_lines(output) >= 2, rng.uniform(0, 0.05)),
+        ("around the last commit", lambda: journal_lines(output) >= last - 1, rng.uniform(0, 0.1)),
+    ]
+    killed = []
+    for when, ready, delay in instants:
+        started_with = "resume" if (output / "recipe.yaml").exists() else "run"
+        args = ("resume", output) if started_with == "resume" else ("run", recipe, "--limit", limit)
+        process = annotate(*args, "--no-progress")
+        wait_until(ready, process)
+        time.sleep(delay)
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            killed.append((when, started_with))
+        out, _ = process.communicate(timeout=120)
+        assert process.returncode in (0, -signal.SIGKILL), out
         if (output / "summary.json").exists():
-            break  # the kill came after the run had finished: nothing left to resume
-        kills += 1
-        process = annotate("resume", output, "--no-progress")
-    out, _ = process.communicate(timeout=300)
-    assert process.returncode in (0, -signal.SIGKILL), out
-    assert kills >= 2, "the run finished before it could be killed; make it longer"
-    assert_same_output(output, reference)
+            break
+    assert len(killed) >= 4, killed
+    if not (output / "summary.json").exists():
+        finish = annotate("resume", output, "--no-progress")
+        out, _ = finish.communicate(timeout=300)
+        assert finish.returncode == 0, out
+    table = read_output(output)
+    assert table.column("row_id").to_pylist() == list(range(limit)), "every row once, in order"
+    assert table.column("prob").to_pylist() == reference.column("prob").to_pylist()[:limit], "bit-identical"
+    assert table.column("caption").to_pylist() == reference.column("caption").to_pylist()[:limit]
+    assert not [p for p in (output / "data").iterdir() if p.name.startswith((".", "_"))]
+    assert not (output / ".previous-run").exists() and not (output / "lock").exists()
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
@@ -120,11 +152,11 @@ def test_interrupt_then_resume(tmp_path, dataset, reference, signum):
     assert_same_output(output, reference)
 
 
-def interrupted_copy(run: Path, destination: Path, keep: int) -> Path:
-    """A copy of a finished run turned into one that stopped after `keep` windows."""
+def interrupted_copy(run: Path, destination: Path, keep_windows: int) -> Path:
+    """A copy of a finished run turned into one that stopped after `keep_windows` windows."""
     shutil.copytree(run, destination)
     (destination / "summary.json").unlink()
-    keep_windows(destination, keep)
+    keep_first_windows(destination, keep_windows)
     return destination
 
 
@@ -133,11 +165,31 @@ def test_resume_refuses_changed_input(tmp_path, dataset):
     shutil.copy(dataset, own)
     recipe = make_recipe(tmp_path, own, "changed")
     assert invoke("run", recipe, "--no-progress", "--limit", "12").exit_code == 0
-    output = interrupted_copy(tmp_path / "changed", tmp_path / "partial", keep=1)
+    output = interrupted_copy(tmp_path / "changed", tmp_path / "partial", keep_windows=1)
     table = pq.read_table(own)
     pq.write_table(table.slice(1).append_column("extra", [list(range(ROWS - 1))]), own)
     result = invoke("resume", output, "--no-progress")
     assert result.exit_code == 1 and "input has changed" in result.output
+
+
+def test_resume_notices_an_edit_in_place_that_keeps_the_size_and_the_footer(tmp_path, dataset):
+    from annotator.sources import _footer_hash
+
+    own = tmp_path / "in.parquet"
+    shutil.copy(dataset, own)
+    assert invoke("run", make_recipe(tmp_path, own, "edited"), "--no-progress", "--limit", "12").exit_code == 0
+    output = interrupted_copy(tmp_path / "edited", tmp_path / "partial", keep_windows=1)
+    footer, size = _footer_hash(own), own.stat().st_size
+    time.sleep(0.01)
+    with open(own, "r+b") as f:  # one byte of a data page, far from the footer
+        f.seek(size // 2)
+        byte = f.read(1)
+        f.seek(size // 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    assert (_footer_hash(own), own.stat().st_size) == (footer, size)
+    result = invoke("resume", output, "--no-progress")
+    message = " ".join(result.output.split())
+    assert result.exit_code == 1 and "was modified (its time changed)" in message and "touch -d @" in message
 
 
 @pytest.mark.parametrize(
@@ -145,13 +197,13 @@ def test_resume_refuses_changed_input(tmp_path, dataset):
     ["model.max_pixels=3136", "prompt.question=is {text} here?", "prompt.system=Be terse.", "model.name=other"],
 )
 def test_resume_refuses_result_changing_overrides(tmp_path, dataset, reference_run, override):
-    output = interrupted_copy(reference_run, tmp_path / "partial", keep=3)
+    output = interrupted_copy(reference_run, tmp_path / "partial", keep_windows=3)
     result = invoke("resume", output, "--set", override, "--no-progress")
     assert result.exit_code == 1 and "change results" in result.output
 
 
 def test_resume_accepts_a_changed_batch_size(tmp_path, dataset, reference_run, reference):
-    output = interrupted_copy(reference_run, tmp_path / "partial", keep=3)
+    output = interrupted_copy(reference_run, tmp_path / "partial", keep_windows=3)
     result = invoke(
         "resume",
         output,
@@ -169,13 +221,13 @@ def test_resume_accepts_a_changed_batch_size(tmp_path, dataset, reference_run, r
 
 
 def test_resume_refuses_a_changed_window(tmp_path, dataset, reference_run):
-    output = interrupted_copy(reference_run, tmp_path / "partial", keep=3)
+    output = interrupted_copy(reference_run, tmp_path / "partial", keep_windows=3)
     result = invoke("resume", output, "--set", "batching.window=7", "--no-progress")
     assert result.exit_code == 1 and "batching.window" in result.output
 
 
 def test_hidden_leftovers_and_torn_journal_lines_are_cleaned(tmp_path, dataset, reference_run, reference):
-    output = interrupted_copy(reference_run, tmp_path / "partial", keep=4)
+    output = interrupted_copy(reference_run, tmp_path / "partial", keep_windows=4)
     leftover = output / "data" / ".part-000004.parquet.999.tmp"
     leftover.write_bytes(b"PAR1 half a file")
     (journal_path,) = journals(output)
@@ -191,7 +243,7 @@ def test_resume_skips_committed_windows_without_reading_their_images(
 ):
     import annotator.batching
 
-    output = interrupted_copy(reference_run, tmp_path / "partial", keep=15)
+    output = interrupted_copy(reference_run, tmp_path / "partial", keep_windows=15)
     seen: list[int] = []
     original = annotator.batching.plan_window
 
@@ -206,7 +258,7 @@ def test_resume_skips_committed_windows_without_reading_their_images(
 
 
 def test_default_resume_picks_the_latest_unfinished_run(tmp_path, dataset, reference_run, monkeypatch, reference):
-    output = interrupted_copy(reference_run, tmp_path / "partial", keep=2)
+    output = interrupted_copy(reference_run, tmp_path / "partial", keep_windows=2)
     os.makedirs("outputs", exist_ok=True)
     target = Path("outputs") / "partial"
     output.rename(target)
@@ -216,30 +268,30 @@ def test_default_resume_picks_the_latest_unfinished_run(tmp_path, dataset, refer
 
 
 def test_run_into_an_unfinished_folder_points_to_resume(tmp_path, dataset, reference_run):
-    partial = interrupted_copy(reference_run, tmp_path / "partial", keep=2)
+    partial = interrupted_copy(reference_run, tmp_path / "partial", keep_windows=2)
     recipe = write_recipe(tmp_path / "r.yaml", dataset, partial)
     result = invoke("run", recipe, "--no-progress")
     assert result.exit_code == 1 and "annotate resume" in result.output
 
 
 def test_a_live_lock_blocks_a_second_writer(tmp_path, dataset, reference_run):
-    output = interrupted_copy(reference_run, tmp_path / "partial", keep=2)
-    import socket
+    from annotator.lease import HOST, Lease
 
-    (output / "lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
-    result = invoke("resume", output, "--no-progress")
-    assert result.exit_code == 1 and f"being written by process {os.getpid()}" in result.output
-    status = json.loads(invoke("status", output, "--json").output)
-    assert status["state"] == "running" and str(os.getpid()) in status["lock"]
+    output = interrupted_copy(reference_run, tmp_path / "partial", keep_windows=2)
+    with Lease(output / "lock"):
+        result = invoke("resume", output, "--no-progress")
+        message = " ".join(result.output.split())
+        assert result.exit_code == 1 and f"is in use: held by pid {os.getpid()} on {HOST} until" in message
+        status = json.loads(invoke("status", output, "--json").output)
+        assert status["state"] == "running" and f"held by pid {os.getpid()}" in status["lock"]
 
 
 def test_a_stale_lock_from_a_dead_process_is_taken_over(tmp_path, dataset, reference_run, reference):
-    output = interrupted_copy(reference_run, tmp_path / "partial", keep=2)
-    import socket
+    from tests.test_lease import dead_pid, write_holder
 
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    (output / "lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    output = interrupted_copy(reference_run, tmp_path / "partial", keep_windows=2)
+    write_holder(output / "lock", pid=dead_pid())
+    assert json.loads(invoke("status", output, "--json").output)["state"] == "interrupted"
     assert invoke("resume", output, "--no-progress").exit_code == 0
     assert_same_output(output, reference)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -169,6 +170,26 @@ def test_a_window_that_kills_three_writers_stops_the_run_and_names_it(
     result = invoke("resume", output, "--no-progress", "--devices", "cpu,cpu")
     assert result.exit_code == 0, result.output
     assert_same_output(output, scaleout_reference)
+
+
+def test_writers_that_die_loading_the_model_leave_an_overwritten_run_as_it_was(
+    tmp_path, scaleout_input, scaleout_reference, monkeypatch
+):
+    """--overwrite keeps its promise with several writers: a new start whose model never loads puts the run back."""
+    output = tmp_path / "out"
+    shutil.copytree(scaleout_reference, output)
+    before = {p.relative_to(output): p.read_bytes() for p in output.rglob("*") if p.is_file()}
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HOOKS), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("SCALEOUT_KILL_LOAD", "1")
+    recipe = scaleout_recipe(tmp_path, scaleout_input, "out")
+    result = invoke("run", recipe, "--no-progress", "--devices", "cpu,cpu", "--overwrite")
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert "died while loading the model" in message and "run the same command again" in message, message
+    after = {p.relative_to(output): p.read_bytes() for p in output.rglob("*") if p.is_file()}
+    assert after == before, "the earlier run is back, file for file"
+    result = invoke("run", scaleout_recipe(tmp_path, scaleout_input, "new"), "--no-progress", "--devices", "cpu,cpu")
+    assert result.exit_code == 2 and not (tmp_path / "new").exists(), "a new folder is taken back whole"
 
 
 DIES_WITH_PARENT = """

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 
 import numpy as np
@@ -15,6 +14,7 @@ from annotator.cli import app
 from annotator.fake_run import write_fake_run
 from annotator.status import run_status, session_rate
 from tests.conftest import read_output
+from tests.test_lease import write_holder
 
 runner = CliRunner()
 
@@ -29,8 +29,7 @@ def as_running(folder, keep: int, seconds_ago: float) -> None:
         record["session_started"] = now - seconds_ago
         record["committed_at"] = now - seconds_ago + (i + 1) * seconds_ago / (keep + 1)
     folder.journal_path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    lock = {"pid": os.getpid(), "host": socket.gethostname(), "since": now - seconds_ago - 5}
-    (folder.root / "lock").write_text(json.dumps(lock))
+    write_holder(folder.root / "lock", pid=os.getpid(), since=now - seconds_ago - 5)
 
 
 def test_a_running_job_has_an_eta_from_its_live_rate(tmp_path):
@@ -98,3 +97,18 @@ def test_status_shows_each_writer_of_the_live_session(tmp_path):
     assert writers["cuda:1"]["state"] == "gone", "no heartbeat for 40 s"
     table = runner.invoke(app, ["status", str(folder.root)]).output
     assert "writers" in table and "cuda:1" in table and "gone" in table
+
+
+def test_damaged_heartbeats_and_journal_lines_are_left_out_of_the_writers(tmp_path):
+    """A heartbeat that is not an object, fields of other types, bytes that are not UTF-8: status still answers."""
+    folder = write_fake_run(tmp_path / "run", rows=300, window=100)
+    (folder.journal_dir / "vm-1-aa.heartbeat.json").write_text("[1, 2]")
+    (folder.journal_dir / "vm-2-bb.heartbeat.json").write_text(
+        json.dumps({"host": 7, "device": ["cuda:0"], "beat": "now", "session_started": True, "state": None})
+    )
+    (folder.journal_dir / "vm-2-bb.jsonl").write_bytes(b'\xff\xfe\n{"window": "0"}\n[]\n{"session_started": "x"}\n')
+    status = run_status(folder.root)
+    assert status["rows_done"] == 300
+    assert all(isinstance(w["host"], str) and isinstance(w["device"], str) for w in status["writers"])
+    result = runner.invoke(app, ["status", str(folder.root)])
+    assert result.exit_code == 0 and "Traceback" not in result.output

@@ -18,15 +18,16 @@ from tests.conftest import write_recipe
 
 
 @pytest.fixture
-def spec(tmp_path, mixed_parquet) -> WriterSpec:
+def spec(tmp_path, mixed_parquet):
     """What a coordinator holding `tmp_path/out` gives its writers."""
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", mixed_parquet, tmp_path / "out"))
     folder = RunFolder(tmp_path / "out")
-    folder.acquire_lock()
     folder.create("name: test\n", {"window": 8})
+    folder.acquire_lock()
     source = open_source(recipe.input, recipe.prompt)
     fingerprint = json.loads(json.dumps(source.fingerprint()))
-    return WriterSpec(recipe, str(folder.root), owner=folder.owner_token, input_fingerprint=fingerprint)
+    yield WriterSpec(recipe, str(folder.root), owner=folder.owner_token, input_fingerprint=fingerprint)
+    folder.release_lock()
 
 
 def refused(spec: WriterSpec) -> str:

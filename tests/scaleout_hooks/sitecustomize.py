@@ -1,12 +1,23 @@
-"""A fault for the writer processes of tests/test_scaleout.py, imported at their start through PYTHONPATH.
+"""Faults for the writer processes of tests/test_scaleout.py, imported at their start through PYTHONPATH.
 
 With SCALEOUT_KILL_WINDOW=K and SCALEOUT_CAUSE=FILE, a writer that reads window K while FILE exists kills itself
-with SIGKILL, as a decoder that segfaults or the kernel's out-of-memory killer would. Without them, nothing.
+with SIGKILL, as a decoder that segfaults or the kernel's out-of-memory killer would. With SCALEOUT_KILL_LOAD=1, a
+writer kills itself so as it starts loading the model (a device that runs out of memory). Without them, nothing.
 """
 
 import os
 
 WINDOW = os.environ.get("SCALEOUT_KILL_WINDOW")
+
+if os.environ.get("SCALEOUT_KILL_LOAD"):
+    import signal
+
+    import annotator.writer
+
+    def _killed_loading(self):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    annotator.writer.WindowScorer.load = _killed_loading
 
 if WINDOW is not None:
     import signal
