@@ -64,6 +64,7 @@ class BenchConfig:
     baseline: bool = False
     baseline_pairs: int = 32
     attn_implementation: str = "sdpa"
+    host: bool = True
 
 
 @dataclass(frozen=True)
@@ -427,6 +428,8 @@ def run_bench(config: BenchConfig, console: Any) -> dict[str, Any]:
         recipe = bench_recipe(config, parquet, Path(tmp) / "out")
         console.print(f"bench: scoring {config.pairs} pairs with {config.model} (the real pipeline)...")
         result, annotator = run_pipeline(recipe, console)
+        if config.host:
+            result.update(host_figures(recipe, Path(tmp), synthetic, annotator.builder, console))
     loaded, m = annotator.scorer.loaded, recipe.model
     console.print("bench: preprocessing rate per core (best of 3)...")
     mean, std = annotator.scorer.mean.cpu(), annotator.scorer.std.cpu()
@@ -448,6 +451,19 @@ def run_bench(config: BenchConfig, console: Any) -> dict[str, Any]:
         "max_pixels": config.max_pixels,
         **result,
     }
+
+
+def host_figures(recipe: Any, tmp: Path, synthetic: SyntheticPairs, builder: Any, console: Any) -> dict[str, Any]:
+    """Main-process CPU per pair (shared memory and pipes), worker CPU and bytes per image, the planner's stall."""
+    from annotator.bench_host import measure_host, planner_stall, worker_malloc
+
+    console.print("bench: host CPU, bytes per image through shared memory and through pipes (two more runs)...")
+    figures = measure_host(recipe, tmp, console)
+    figures.update(planner_stall(recipe, builder))
+    if figures["host"].get("pipes"):
+        console.print("bench: worker CPU per image with glibc's malloc defaults and tuned...")
+        figures.update(worker_malloc(synthetic.images, recipe.model.max_pixels, min(128, 2 * recipe.batching.window)))
+    return figures
 
 
 def run_pipeline(recipe: Any, console: Any) -> tuple[dict[str, Any], Any]:

@@ -178,6 +178,7 @@ def bench(
     attn_implementation: Annotated[str, typer.Option(help="sdpa, eager or flash_attention_2")] = "sdpa",
     baseline: Annotated[bool, typer.Option(help="Also time the naive one-pair-at-a-time loop.")] = False,
     baseline_pairs: Annotated[int, typer.Option(help="Pairs for the naive loop.")] = 32,
+    host: Annotated[bool, typer.Option(help="Also count host CPU per pair and bytes per image (more runs).")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Throughput benchmark on synthetic images: pairs/s, tokens/s, padding, MFU, memory, preprocessing rate."""
@@ -198,6 +199,7 @@ def bench(
             attn_implementation=attn_implementation,
             baseline=baseline,
             baseline_pairs=baseline_pairs,
+            host=host,
         ),
         console,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import time
@@ -211,6 +212,7 @@ class Annotator:
         committed = self.folder.committed()
         self.builder = PromptBuilder(loaded.tokenizer, recipe.prompt)
         self.scorer = Scorer(loaded, self.builder)
+        _settle_memory()
         self.schema = output_schema(self.source.schema, recipe.input.image_column)
         workers = resolve_workers(recipe.batching.workers)
         lookahead = max(2 * recipe.batching.max_batch_size, 8)
@@ -285,7 +287,7 @@ class Annotator:
                         if planned:
                             state, batch = planned.popleft()
                             jobs = [ImageJob(r.image, r.resized, max_pixels, draft) for r in batch]
-                            submitted.append((state, batch, [self.preprocessor.submit(job) for job in jobs]))
+                            submitted.append((state, batch, self.preprocessor.submit_batch(jobs)))
                             continue
                         state = upcoming.result()
                         upcoming = planner.submit(self._plan_next, windows) if state is not None else None
@@ -422,6 +424,26 @@ class Annotator:
             )
         self.folder.write_summary(summary)
         return summary
+
+
+def _settle_memory() -> None:
+    """Spare the main process work that is not the run's: it is a feeder for the device (docs/performance.md).
+
+    The model and libraries live as long as the run, so the garbage collector stops walking them every time the
+    planner allocates a window's rows (that was most of the planner's CPU). Arrow's default allocator gives freed
+    memory back to the kernel within milliseconds, so every window's buffers were page-faulted in and zeroed
+    again: jemalloc keeping freed pages for reuse saves that (peak memory is unchanged: a run holds at most two
+    windows).
+    """
+    import pyarrow as pa
+
+    gc.freeze()
+    try:
+        pool = pa.jemalloc_memory_pool()
+    except NotImplementedError:  # a pyarrow built without jemalloc
+        return
+    pa.jemalloc_set_decay_ms(-1)
+    pa.set_memory_pool(pool)
 
 
 def _rate_column():

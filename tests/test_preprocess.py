@@ -71,8 +71,8 @@ def bad_job(action: str, pid_file: str | None = None) -> ImageJob:
 
 
 def run_all(preprocessor: Preprocessor, jobs: list[ImageJob]) -> list:
-    """Results of `jobs`, copied out of shared memory, whose slots are then freed as a run frees them."""
-    tickets = [preprocessor.submit(job) for job in jobs]
+    """Results of `jobs` submitted as a run does (in chunks), copied out of shared memory, slots then freed."""
+    tickets = preprocessor.submit_batch(jobs)
     results = [r if isinstance(r, str) else r.copy() for r in map(preprocessor.result, tickets)]
     preprocessor.release(tickets)
     return results
