@@ -429,7 +429,7 @@ def run_bench(config: BenchConfig, console: Any) -> dict[str, Any]:
         console.print(f"bench: scoring {config.pairs} pairs with {config.model} (the real pipeline)...")
         result, annotator = run_pipeline(recipe, console)
         if config.host:
-            result.update(host_figures(recipe, Path(tmp), synthetic, annotator.builder, console))
+            result.update(host_figures(recipe, Path(tmp), synthetic, annotator.builder, console, config.pairs))
     loaded, m = annotator.scorer.loaded, recipe.model
     console.print("bench: preprocessing rate per core (best of 3)...")
     mean, std = annotator.scorer.mean.cpu(), annotator.scorer.std.cpu()
@@ -453,7 +453,9 @@ def run_bench(config: BenchConfig, console: Any) -> dict[str, Any]:
     }
 
 
-def host_figures(recipe: Any, tmp: Path, synthetic: SyntheticPairs, builder: Any, console: Any) -> dict[str, Any]:
+def host_figures(
+    recipe: Any, tmp: Path, synthetic: SyntheticPairs, builder: Any, console: Any, pairs: int
+) -> dict[str, Any]:
     """Main-process CPU per pair (shared memory and pipes), worker CPU and bytes per image, the planner's stall."""
     from annotator.bench_host import measure_host, planner_stall, worker_malloc
 
@@ -462,7 +464,7 @@ def host_figures(recipe: Any, tmp: Path, synthetic: SyntheticPairs, builder: Any
     figures.update(planner_stall(recipe, builder))
     if figures["host"].get("pipes"):
         console.print("bench: worker CPU per image with glibc's malloc defaults and tuned...")
-        figures.update(worker_malloc(synthetic.images, recipe.model.max_pixels, min(128, 2 * recipe.batching.window)))
+        figures.update(worker_malloc(synthetic.images, recipe.model.max_pixels, min(128, max(16, pairs))))
     return figures
 
 
