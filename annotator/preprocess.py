@@ -25,14 +25,16 @@ import numpy as np
 from annotator.images import ImageError, ImageRef, decode_resized
 from annotator.ring import ImageRing, MappedRing, RingHandle, shared_memory_problem
 
-# glibc's defaults give large blocks back to the kernel at every free, so each decoded image is page-faulted
-# in again. Workers keep them: allocations up to 32 MiB come from the heap, which keeps up to 256 MiB free.
+# glibc serves blocks over 128 KiB with mmap (raising that bar only as such blocks are freed) and trims the heap
+# over 128 KiB free, so decoded images and codec buffers are page-faulted in and zeroed again and again. Workers
+# take blocks up to 32 MiB from the heap and keep up to 256 MiB of it (docs/performance.md: -2.5 ms per image).
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MALLOC_SETTINGS = ((M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 256 << 20))
 PR_SET_PDEATHSIG = 1
 # Images a worker decodes per call: each call is a round trip through the pool's manager and feeder threads,
 # which costs the main process about 0.4 ms of CPU; a batch's images are spread over the workers in chunks.
 CHUNK_IMAGES = 8
+ENCODED_BYTES_MAX = 256 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +98,10 @@ def _start_worker(ring: RingHandle | MappedRing | None, parent: int, tune_malloc
 
 
 def _die_with(parent: int) -> None:
-    """Linux: the kernel kills this worker when the main process dies, even by kill -9, so none is left behind."""
+    """Linux: the kernel kills this worker when the main process dies, even by kill -9, so none is left behind.
+
+    The kernel watches the thread that started the worker: the run's main thread, which lives as long as the run.
+    """
     if not sys.platform.startswith("linux"):
         return
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -344,8 +349,9 @@ def _open_ring(slots: int, slot_bytes: int) -> tuple[ImageRing | None, str | Non
     problem = shared_memory_problem()
     if problem is None:
         try:
-            # Encoded images are usually far smaller than decoded ones; a larger one goes through the pipe.
-            return ImageRing(slots, slot_bytes, slots * max(256 << 10, slot_bytes // 2)), None
+            # Encoded images are usually far smaller than decoded ones, and one that does not fit goes through the
+            # pipe; the area is written all round, so all of it becomes resident: it is capped.
+            return ImageRing(slots, slot_bytes, min(ENCODED_BYTES_MAX, slots * max(256 << 10, slot_bytes // 2))), None
         except OSError as exc:
             problem = f"cannot map {exc.strerror or exc}"
     return None, f"shared memory is not available ({problem}): images go to and from the workers through pipes"
