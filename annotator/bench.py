@@ -64,6 +64,8 @@ class BenchConfig:
     baseline: bool = False
     baseline_pairs: int = 32
     attn_implementation: str = "sdpa"
+    forward: str = "lean"
+    count_images: int = 64
     host: bool = True
 
 
@@ -402,6 +404,7 @@ def bench_recipe(config: BenchConfig, parquet: Path, output_dir: Path) -> Any:
                 "device": config.device,
                 "max_pixels": config.max_pixels,
                 "attn_implementation": config.attn_implementation,
+                "forward": config.forward,
             },
             "batching": {
                 "max_batch_tokens": config.max_batch_tokens,
@@ -420,6 +423,8 @@ def run_bench(config: BenchConfig, console: Any) -> dict[str, Any]:
     fmt = image_format(config.image_format)
     if config.pairs < 1 or config.baseline_pairs < 1:
         raise AnnotatorError("--pairs and --baseline-pairs must be at least 1.")
+    if config.count_images < 0:
+        raise AnnotatorError("--count-images must be 0 (no op counts) or more.")
     with tempfile.TemporaryDirectory(prefix="annotate-bench-") as tmp:
         console.print(f"bench: encoding {len(sizes)} synthetic {fmt} photos, writing {config.pairs} pairs...")
         synthetic = SyntheticPairs(synthetic_images(sizes, fmt), synthetic_captions())
@@ -440,12 +445,17 @@ def run_bench(config: BenchConfig, console: Any) -> dict[str, Any]:
         baseline = run_baseline(loaded, recipe, synthetic, config.baseline_pairs)
     result["baseline_pairs_per_s"] = round(baseline, 3) if baseline else None
     result["speedup_vs_baseline"] = round(result["pairs_per_s"] / baseline, 2) if baseline else None
+    result["op_counts"] = None
+    if config.count_images:
+        console.print(f"bench: ATen ops and host syncs of a batch of {config.count_images} seed-sized images...")
+        result["op_counts"] = measure_forward_ops(config.count_images, m.min_pixels, config.max_pixels)
     return {
         "model": config.model,
         "device": str(loaded.device),
         "device_name": device_name(loaded.device),
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "attn_implementation": recipe.model.attn_implementation,
+        "forward": recipe.model.forward,
         "sizes": [f"{i.name}:{i.weight}" for i in synthetic.images],
         "image_format": fmt.lower(),
         "max_pixels": config.max_pixels,
@@ -466,6 +476,31 @@ def host_figures(
         console.print("bench: worker CPU per image with glibc's malloc defaults and tuned...")
         figures.update(worker_malloc(synthetic.images, recipe.model.max_pixels, min(128, max(16, pairs))))
     return figures
+
+
+def measure_forward_ops(images: int, min_pixels: int, max_pixels: int) -> dict[str, Any]:
+    """ATen ops and host syncs of one batch of `images` seed-sized pairs (756x476, "a cat"), lean vs transformers.
+
+    Counted on Qwen2-VL-2B's architecture (`opcount.qwen2_vl_2b`): the lean forward at full size on fake tensors,
+    transformers' own forward, which must read values, at reduced width with the same depth. Counts depend on
+    the depth and the code path, not on widths.
+    """
+    from annotator.batching import grid_thw
+    from annotator.opcount import count_launch, on_fake_tensors, qwen2_vl_2b
+    from annotator.prompt import PromptBuilder
+    from annotator.recipe import PromptConfig
+    from annotator.scoring import ScoreInput, Scorer
+
+    grid = grid_thw(476, 756, min_pixels, max_pixels)
+    counts: dict[str, Any] = {"images": images, "grid": list(grid)}
+    for forward, reduced in (("lean", False), ("transformers", True)):
+        loaded = qwen2_vl_2b(reduced)
+        builder = PromptBuilder(loaded.tokenizer, PromptConfig())
+        image = np.zeros((grid[1] * 14, grid[2] * 14, 3), np.uint8)
+        rows = [ScoreInput(image, grid, builder.question_tokens(["a cat"])[0])] * images
+        with on_fake_tensors(loaded):
+            counts[forward] = {"model": loaded.name, **count_launch(Scorer(loaded, builder, forward), rows).summary()}
+    return counts
 
 
 def run_pipeline(recipe: Any, console: Any) -> tuple[dict[str, Any], Any]:
@@ -491,7 +526,7 @@ def run_pipeline(recipe: Any, console: Any) -> tuple[dict[str, Any], Any]:
     flops = [forward_flops(r.grid, r.length, arch)["total"] for r in planned_rows(recipe, annotator.builder)]
     flops_per_pair = statistics.fmean(flops) if flops else None
     real_tokens = sum(r["real_tokens"] for r in folder.committed().values())
-    pairs, pairs_per_s = summary["scored"], summary["pairs_per_s"]
+    pairs, pairs_per_s = summary["scored"], summary["rows_per_s"]
     steady = steady_rate(annotator.marks)
     peak = peak_flops(loaded.device, loaded.dtype)
     result = {

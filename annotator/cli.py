@@ -5,8 +5,9 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -29,6 +30,20 @@ SetOption = Annotated[
 ]
 
 
+class LogFormat(str, Enum):
+    text = "text"
+    json = "json"
+
+
+LogFormatOption = Annotated[
+    LogFormat,
+    typer.Option(
+        "--log-format",
+        help="text: a bar on a terminal, else one line per committed window; json: one JSON object per line.",
+    ),
+]
+
+
 def user_errors(command):
     """Exit 1 with the message for user mistakes, 2 for a resumable stop; never a traceback for either."""
 
@@ -37,55 +52,129 @@ def user_errors(command):
         try:
             return command(*args, **kwargs)
         except AnnotatorError as exc:
-            console.print(f"[bold red]Error:[/] {exc}", highlight=False, soft_wrap=True)
+            if not _as_json_line(exc, kwargs):
+                from rich.markup import escape
+
+                from annotator.hub import ModelUnavailable, next_steps
+
+                console.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+                if isinstance(exc, ModelUnavailable) and "ctx" in kwargs:
+                    console.print("To go on:", highlight=False)
+                    typed = _typed_command(kwargs["ctx"])
+                    for step in next_steps(typed, can_change_model=command.__name__ != "resume"):
+                        console.print(f"  {step}", highlight=False, soft_wrap=True, markup=False)
             raise typer.Exit(exc.exit_code) from None
         except RunInterrupted as exc:
-            console.print(f"[bold yellow]Interrupted:[/] {exc}", highlight=False, soft_wrap=True)
+            if not _as_json_line(exc, kwargs):
+                console.print(f"[bold yellow]Interrupted:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
-            # Ctrl-C before the run loop took over signals (e.g. while the model loads): nothing is half-written.
-            console.print("[bold yellow]Interrupted.[/] Committed windows are safe; continue with `annotate resume`.")
+            # Ctrl-C before the run loop took over signals (the model load says so itself): nothing is half-written.
+            console.print(
+                "[bold yellow]Interrupted[/] before scoring began; nothing is half-written. Run the same command "
+                "again (a run folder with committed windows continues with `annotate resume OUTPUT_DIR`)."
+            )
             raise typer.Exit(EXIT_RESUMABLE) from None
 
     return wrapper
 
 
+def _as_json_line(exc: AnnotatorError | RunInterrupted, kwargs: dict[str, Any]) -> bool:
+    """With --log-format json a machine reads stderr: the error is one JSON line too. Whether it was printed so."""
+    if kwargs.get("log_format") is not LogFormat.json:
+        return False
+    print(json.dumps({"event": "error", "message": str(exc), "exit_code": exc.exit_code}), file=sys.stderr)
+    return True
+
+
+def _typed_command(ctx: typer.Context) -> list[str]:
+    """The running command as the user could type it again: its arguments, then the options given on the line."""
+    words, options = ["annotate", ctx.info_name or ""], []
+    for param in ctx.command.params:
+        source = ctx.get_parameter_source(param.name)
+        if source is None or source.name != "COMMANDLINE":
+            continue
+        value = ctx.params[param.name]
+        value = value.value if isinstance(value, Enum) else value
+        if not param.opts[0].startswith("-"):
+            words.append(str(value))
+        elif getattr(param, "is_flag", False):
+            options.append(param.opts[0] if value or not param.secondary_opts else param.secondary_opts[0])
+        else:
+            for item in value if param.multiple else [value]:
+                options += [param.opts[0], str(item)]
+    return words + options
+
+
+def _print_scores(status: dict) -> None:
+    """The prob histogram on one line and the kept share at a few thresholds (and the run's own)."""
+    counts = status["prob_histogram"]
+    if not any(counts):
+        return
+    from annotator.scores import bars
+
+    stdout.print(
+        f"prob    0 [cyan]{bars(counts)}[/] 1   ({len(counts)} bins of {1 / len(counts):g})",
+        highlight=False,
+        soft_wrap=True,
+    )
+    shares = {float(t): f"{t}: {share:.1%}" for t, share in status["kept_share_at"].items()}
+    if status["kept_share"] is not None:  # the run's own threshold, exact from the labels
+        shares[status["threshold"]] = f"[bold]{status['threshold']:g}: {status['kept_share']:.1%} (threshold)[/]"
+    line = " | ".join(text for _, text in sorted(shares.items()))
+    stdout.print(f"kept    prob >= {line}   of all rows (errors never)", highlight=False, soft_wrap=True)
+
+
 def _print_summary(summary: dict) -> None:
+    from annotator.status import run_status
+
     table = Table(title=f"annotated -> {summary['output_dir']}", show_header=False)
-    for key in ("rows", "scored", "errors", "positives", "truncated_texts", "padding_efficiency", "pairs_per_s"):
+    for key in ("rows", "scored", "errors", "positives", "truncated_texts", "padding_efficiency", "rows_per_s"):
         table.add_row(key, str(summary.get(key)))
     for kind, count in summary.get("error_kinds", {}).items():
         table.add_row(f"  {kind}", str(count))
     stdout.print(table)
+    _print_scores(run_status(Path(summary["output_dir"])))
+    stdout.print(
+        f"next: annotate report {summary['output_dir']}   (histograms and thumbnails, one HTML page)", highlight=False
+    )
 
 
 @app.command()
 @user_errors
 def run(
+    ctx: typer.Context,
     recipe: Annotated[Path, typer.Argument(help="The recipe YAML file.")],
     set_: SetOption = None,
     limit: Annotated[int | None, typer.Option(help="Annotate only the first N rows.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run in the output folder.")] = False,
-    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+    progress: Annotated[bool, typer.Option(help="Show progress (a bar, or log lines when not a terminal).")] = True,
+    log_format: LogFormatOption = LogFormat.text,
 ) -> None:
     """Run a recipe into its output folder."""
     from annotator.run import run_recipe
 
     overrides = [*(set_ or []), *([f"input.limit={limit}"] if limit is not None else [])]
-    _print_summary(run_recipe(str(recipe), overrides, overwrite, console, progress))
+    _print_summary(run_recipe(str(recipe), overrides, overwrite, console, progress, log_format.value))
 
 
 @app.command()
 @user_errors
 def resume(
+    ctx: typer.Context,
     output_dir: Annotated[Path | None, typer.Argument(help="Run folder (default: latest unfinished run).")] = None,
     set_: SetOption = None,
-    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+    progress: Annotated[bool, typer.Option(help="Show progress (a bar, or log lines when not a terminal).")] = True,
+    log_format: LogFormatOption = LogFormat.text,
 ) -> None:
-    """Continue an interrupted run exactly where its committed windows end."""
+    """Continue an interrupted run exactly where its committed windows end.
+
+    Grow a finished pilot with --set input.limit=M (or =null for every row): its committed full windows are kept.
+    """
     from annotator.run import resume_run
 
-    _print_summary(resume_run(str(output_dir) if output_dir else None, set_ or [], console, progress))
+    root = str(output_dir) if output_dir else None
+    _print_summary(resume_run(root, set_ or [], console, progress, log_format.value))
 
 
 @app.command()
@@ -144,13 +233,16 @@ def status(
         print(json.dumps(result))
         return
     table = Table(title=f"status: {result['output_dir']}", show_header=False)
-    for key in ("state", "rows", "windows", "scored", "errors", "positives", "negatives", "rows_per_s", "lock"):
-        table.add_row(key, str(result[key]))
+    keys = ("state", "rows", "windows", "scored", "errors", "positives", "negatives", "rows_per_s", "eta", "lock")
+    for key in keys:
+        if key != "eta" or result[key] is not None:
+            table.add_row(key, str(result[key]))
     for kind, count in result["error_kinds"].items():
         table.add_row(f"  {kind}", str(count))
     if result["next"]:
         table.add_row("next", result["next"])
     stdout.print(table)
+    _print_scores(result)
 
 
 @app.command("make-tiny-model")
@@ -176,6 +268,8 @@ def bench(
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda")] = "auto",
     attn_implementation: Annotated[str, typer.Option(help="sdpa, eager or flash_attention_2")] = "sdpa",
+    forward: Annotated[str, typer.Option(help="model.forward: lean or transformers")] = "lean",
+    count_images: Annotated[int, typer.Option(help="Images per batch for the op/sync counts (0: skip).")] = 64,
     baseline: Annotated[bool, typer.Option(help="Also time the naive one-pair-at-a-time loop.")] = False,
     baseline_pairs: Annotated[int, typer.Option(help="Pairs for the naive loop.")] = 32,
     host: Annotated[bool, typer.Option(help="Also count host CPU per pair and bytes per image (more runs).")] = True,
@@ -197,19 +291,15 @@ def bench(
             dtype=dtype,
             device=device,
             attn_implementation=attn_implementation,
+            forward=forward,
+            count_images=count_images,
             baseline=baseline,
             baseline_pairs=baseline_pairs,
             host=host,
         ),
         console,
     )
-    if as_json:
-        print(json.dumps(result))
-        return
-    table = Table(title="annotate bench", show_header=False)
-    for key, value in result.items():
-        table.add_row(key, str(value))
-    stdout.print(table)
+    _print_result(result, as_json, "annotate bench")
 
 
 @app.command()
@@ -219,6 +309,10 @@ def export(
     to: Annotated[Path, typer.Option("--to", help="Folder for the kept rows.")],
     min_prob: Annotated[float | None, typer.Option(help="Keep rows with prob >= P.")] = None,
     label: Annotated[str | None, typer.Option(help="Keep rows whose label is true or false.")] = None,
+    top_fraction: Annotated[
+        float | None,
+        typer.Option(help="Keep the top F of all rows by prob (round(F x rows), ties to the lower row_id)."),
+    ] = None,
     rejected: Annotated[Path | None, typer.Option(help="Also write the rows not kept here.")] = None,
     drop_columns: Annotated[str, typer.Option(help="Comma-separated columns to leave out.")] = "",
     rows_per_shard: Annotated[int, typer.Option(help="Rows per output parquet file.")] = 10000,
@@ -226,10 +320,49 @@ def export(
     """Write the kept (and optionally the rejected) rows of a run as a dataset with a dataset card."""
     from annotator.export import export_run
 
-    result = export_run(output_dir, to, min_prob, label, rejected, drop_columns, rows_per_shard)
+    result = export_run(output_dir, to, min_prob, label, rejected, drop_columns, rows_per_shard, top_fraction)
     stdout.print(
         f"kept {result['kept']} rows -> {to}" + (f"; rejected {result['rejected']} -> {rejected}" if rejected else "")
     )
+
+
+@app.command()
+@user_errors
+def report(
+    output_dir: Annotated[Path, typer.Argument(help="A run folder (finished or not).")],
+    out: Annotated[Path | None, typer.Option(help="The HTML file to write (default: OUTPUT_DIR/report.html).")] = None,
+    thumbnails: Annotated[int, typer.Option(help="Thumbnails per grid.")] = 12,
+) -> None:
+    """One self-contained HTML page: counts, histograms, kept share vs threshold, thumbnails, throughput, recipe."""
+    from annotator.report import write_report
+
+    path = write_report(output_dir, out, thumbnails)
+    stdout.print(
+        f"report -> {path}  (one file, no network needed: open it in a browser)", highlight=False, soft_wrap=True
+    )
+
+
+@app.command("bench-report")
+@user_errors
+def bench_report(
+    rows: Annotated[int, typer.Option(help="Rows of the synthetic run.")] = 1_000_000,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Time `report`, `status` and `export --top-fraction` on a synthetic finished run of ROWS rows."""
+    from annotator.fake_run import bench_reading
+
+    _print_result(bench_reading(rows, console), as_json, "annotate bench-report")
+
+
+def _print_result(result: dict[str, Any], as_json: bool, title: str) -> None:
+    """A benchmark's figures: one JSON object, or a two-column table."""
+    if as_json:
+        print(json.dumps(result))
+        return
+    table = Table(title=title, show_header=False)
+    for key, value in result.items():
+        table.add_row(key, str(value))
+    stdout.print(table)
 
 
 def main() -> None:  # pragma: no cover - console script entry

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+from fractions import Fraction
 from pathlib import Path
-from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
+from annotator.card import export_card, split_name
 from annotator.errors import AnnotatorError
+from annotator.run import summarize
 from annotator.sink import HF_METADATA_KEY, RunFolder
 
 # Small row groups, as the Hub writes image datasets: a reader can fetch a few rows without megabytes of images.
 ROW_GROUP_ROWS = 100
+SEVERAL_FILTERS = "Give one of --min-prob, --label or --top-fraction, not several (without any, --label true is used)."
 
 
 class RowFilter:
@@ -24,7 +29,7 @@ class RowFilter:
 
     def __init__(self, min_prob: float | None, label: str | None) -> None:
         if min_prob is not None and label is not None:
-            raise AnnotatorError("Give one of --min-prob or --label, not both (without either, --label true is used).")
+            raise AnnotatorError(SEVERAL_FILTERS)
         if min_prob is not None and not 0.0 <= min_prob <= 1.0:
             raise AnnotatorError(f"--min-prob {min_prob} is not a probability; give a value from 0 to 1.")
         if label is not None and label.strip().lower() not in ("true", "false"):
@@ -44,11 +49,83 @@ class RowFilter:
         return pc.fill_null(pc.and_(pc.is_null(table.column("error")), wanted), False)
 
 
-class ShardWriter:
-    """Rows appended in order, cut into `data/train-XXXXX-of-NNNNN.parquet` files, hidden until closed."""
+def order_keys(prob: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """uint32 keys that sort as the float32 values do (nulls give 0, below every value)."""
+    floats = pc.fill_null(prob, 0.0).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    bits = floats.view(np.uint32)
+    keys = np.where(bits >> 31, ~bits, bits | np.uint32(0x80000000)).astype(np.uint32)
+    return np.where(pc.is_null(prob).to_numpy(zero_copy_only=False), np.uint32(0), keys)
 
-    def __init__(self, root: Path, schema: pa.Schema, rows_per_shard: int) -> None:
+
+class TopFraction:
+    """The top F of ALL rows by prob: K = round(F x rows) rows (halves up), or every scored row if fewer are
+    scored; ties at the cut go to the lower row_id; a row with an error is never kept.
+
+    Exact in bounded memory, from two passes over the prob column alone: a histogram of the high 16 bits of
+    each prob's order key finds the bucket holding the K-th largest, a histogram of the low 16 bits within it
+    finds the K-th largest value itself; `mask` then keeps every row above it and, in row order, as many rows
+    equal to it as K still needs.
+    """
+
+    def __init__(self, fraction: float) -> None:
+        if not 0.0 < fraction <= 1.0:
+            raise AnnotatorError(f"--top-fraction {fraction} is not a fraction; give a value in (0, 1], e.g. 0.3.")
+        self.fraction = fraction
+        self.cut: int | None = None  # order key of the K-th largest prob; None: keep every scored row
+        self.equal_left = 0
+
+    def describe(self) -> str:
+        return f"the top {self.fraction:g} of all rows by `prob` ({self.rows_kept} rows, ties to the lower row_id)"
+
+    def prepare(self, files: list[Path]) -> None:
+        rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+        self.rows_kept = math.floor(Fraction(repr(self.fraction)) * rows + Fraction(1, 2))
+        high = np.zeros(1 << 16, np.int64)
+        for keys in _prob_keys(files):
+            high += np.bincount(keys >> 16, minlength=1 << 16)
+        high[0] = 0  # nulls: never kept
+        scored = int(high.sum())
+        if self.rows_kept >= scored:
+            self.rows_kept = scored
+            return
+        bucket, above = _kth_from_top(high, self.rows_kept)
+        low = np.zeros(1 << 16, np.int64)
+        for keys in _prob_keys(files):
+            low += np.bincount(keys[(keys >> 16) == bucket] & 0xFFFF, minlength=1 << 16)
+        value, greater = _kth_from_top(low, self.rows_kept - above)
+        self.cut = (bucket << 16) | value
+        self.equal_left = self.rows_kept - above - greater
+
+    def mask(self, table: pa.Table) -> pa.Array:
+        keys = order_keys(table.column("prob"))
+        if self.cut is None:
+            return pa.array(keys > 0)
+        wanted = keys > self.cut
+        equal = np.flatnonzero(keys == self.cut)[: self.equal_left]
+        wanted[equal] = True
+        self.equal_left -= len(equal)
+        return pa.array(wanted)
+
+
+def _prob_keys(files: list[Path]):
+    for path in files:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1 << 16, columns=["prob"]):
+            yield order_keys(batch.column(0)).astype(np.int64)
+
+
+def _kth_from_top(counts: np.ndarray, k: int) -> tuple[int, int]:
+    """The index holding the k-th largest (1-based) of the counted values, and how many lie above it."""
+    from_top = np.cumsum(counts[::-1])
+    index = len(counts) - 1 - int(np.searchsorted(from_top, k))
+    return index, int(from_top[len(counts) - 2 - index]) if index < len(counts) - 1 else 0
+
+
+class ShardWriter:
+    """Rows appended in order, cut into `data/SPLIT-XXXXX-of-NNNNN.parquet` files, hidden until closed."""
+
+    def __init__(self, root: Path, schema: pa.Schema, rows_per_shard: int, split: str = "train") -> None:
         self.root = root
+        self.split = split
         self.data_dir = root / "data"
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.schema = schema
@@ -69,7 +146,7 @@ class ShardWriter:
                 self._flush()
 
     def _open(self) -> pq.ParquetWriter:
-        self.shards.append(self.data_dir / f".train-{len(self.shards):05d}.parquet.tmp")
+        self.shards.append(self.data_dir / f".{self.split}-{len(self.shards):05d}.parquet.tmp")
         return pq.ParquetWriter(self.shards[-1], self.schema, compression="zstd")
 
     def _flush(self) -> None:
@@ -92,7 +169,7 @@ class ShardWriter:
             self._writer.close()
             self._writer = None
         for i, hidden in enumerate(self.shards):
-            os.replace(hidden, self.data_dir / f"train-{i:05d}-of-{len(self.shards):05d}.parquet")
+            os.replace(hidden, self.data_dir / f"{self.split}-{i:05d}-of-{len(self.shards):05d}.parquet")
 
 
 def export_run(
@@ -103,6 +180,7 @@ def export_run(
     rejected: Path | None,
     drop_columns: str,
     rows_per_shard: int,
+    top_fraction: float | None = None,
 ) -> dict[str, int]:
     """Stream a finished run's files into the kept (and optionally the rejected) dataset; returns the counts."""
     folder = RunFolder(output_dir)
@@ -115,7 +193,9 @@ def export_run(
         )
     if rows_per_shard < 1:
         raise AnnotatorError(f"--rows-per-shard {rows_per_shard} must be at least 1.")
-    row_filter = RowFilter(min_prob, label)
+    if top_fraction is not None and (min_prob is not None or label is not None):
+        raise AnnotatorError(SEVERAL_FILTERS)
+    row_filter = TopFraction(top_fraction) if top_fraction is not None else RowFilter(min_prob, label)
     _check_targets(to, rejected)
     files = folder.data_files()
     if not files:
@@ -123,8 +203,13 @@ def export_run(
     schema = pq.read_schema(files[0])
     drop = _columns_to_drop(drop_columns, schema)
     out_schema = _schema_without(schema, drop)
-    kept = ShardWriter(to, out_schema, rows_per_shard)
-    rest = ShardWriter(rejected, out_schema, rows_per_shard) if rejected is not None else None
+    if isinstance(row_filter, TopFraction):
+        row_filter.prepare(files)
+    recipe = yaml.safe_load(folder.recipe_path.read_text(encoding="utf-8"))
+    info = folder.manifest().get("input_card") or {}
+    split = info.get("split") or split_name(recipe)
+    kept = ShardWriter(to, out_schema, rows_per_shard, split)
+    rest = ShardWriter(rejected, out_schema, rows_per_shard, split) if rejected is not None else None
     counts = {"kept": 0, "rejected": 0, "errors": 0}
     for path in files:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=ROW_GROUP_ROWS):
@@ -138,12 +223,13 @@ def export_run(
             kept.write(rows.filter(mask))
             if rest is not None:
                 rest.write(rows.filter(pc.invert(mask)))
-    recipe = yaml.safe_load(folder.recipe_path.read_text(encoding="utf-8"))
+    histogram = summarize(folder)["prob_histogram"]
     for which, writer in (("kept", kept), ("rejected", rest)):
         if writer is not None:
             writer.close()
-            card = _card(recipe, folder, writer.root, which, row_filter, counts)
-            (writer.root / "README.md").write_text(card, encoding="utf-8")
+            rule = f"rows with {row_filter.describe()}" if which == "kept" else f"rows without {row_filter.describe()}"
+            card = export_card(recipe, info, writer.root, which, split, rule, counts, histogram)
+            card.save(writer.root / "README.md")
     return {"kept": counts["kept"], "rejected": counts["rejected"]}
 
 
@@ -182,48 +268,3 @@ def _schema_without(schema: pa.Schema, drop: list[str]) -> pa.Schema:
         return kept
     metadata["info"]["features"] = {name: feature for name, feature in features.items() if name not in drop}
     return kept.with_metadata({HF_METADATA_KEY: json.dumps(metadata).encode()})
-
-
-def _card(
-    recipe: dict[str, Any], run: RunFolder, root: Path, which: str, row_filter: RowFilter, counts: dict[str, int]
-) -> str:
-    """README.md: a config that `load_dataset(folder)` and the Hub read, then where the rows come from and why."""
-    source, prompt, model = recipe["input"], recipe["prompt"], recipe["model"]
-    hf = source.get("hf")
-    if hf:
-        origin = f"the Hugging Face dataset `{hf['path']}` (config `{hf['name']}`, split `{hf['split']}`"
-        origin += f", revision `{hf['revision']}`)" if hf.get("revision") else ")"
-    else:
-        origin = f"the parquet input `{source['parquet']}`"
-    text = f"the fixed text `{prompt['query']}`" if prompt.get("query") else f"its `{source['text_column']}` column"
-    revision = f" (revision `{model['revision']}`)" if model.get("revision") else ""
-    total = counts["kept"] + counts["rejected"]
-    header = {"configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*"}]}]}
-    return "\n".join(
-        [
-            "---",
-            yaml.safe_dump(header, sort_keys=False).strip(),
-            "---",
-            f"# {recipe['name']}: {which} rows",
-            "",
-            f"Rows of {origin}. For each row the model was asked whether the image is related to {text}; `prob` "
-            f"is P({prompt['positive']!r}) renormalised over {{{prompt['positive']!r}, {prompt['negative']!r}}}.",
-            "",
-            "| | |",
-            "| --- | --- |",
-            f"| recipe | `{recipe['name']}`, run folder `{run.root}` (the frozen recipe is its `recipe.yaml`) |",
-            f"| model | `{model['name']}`{revision} |",
-            f"| threshold | `label = prob >= {recipe['output']['threshold']}` |",
-            f"| kept | rows with `{row_filter.describe()}` and no `error` |",
-            f"| counts | {counts['kept']} kept, {counts['rejected']} rejected, {total} in all |",
-            f"| errors | {counts['errors']} row(s) could not be scored: never kept, they are among the rejected |",
-            f"| this folder | the {counts[which]} {which} rows |",
-            "",
-            "```python",
-            "from datasets import load_dataset",
-            "",
-            f'ds = load_dataset("parquet", data_files="{root}/data/*.parquet", split="train")',
-            "```",
-            "",
-        ]
-    )

@@ -144,6 +144,7 @@ def _load(hf: HFInput) -> tuple[Any, Any]:
     """The builder and the split (an IterableDataset when streaming, else a prepared Dataset)."""
     import datasets
 
+    _check_hub(hf)
     try:
         builder = datasets.load_dataset_builder(
             hf.path, hf.name, data_dir=hf.data_dir, data_files=hf.data_files, revision=hf.revision
@@ -159,8 +160,27 @@ def _load(hf: HFInput) -> tuple[Any, Any]:
             f"split={hf.split!r}): {detail}. Set `input.hf.path` to a Hub id (user/dataset) or a local folder "
             "of parquet, arrow or image files (or a builder such as `parquet` with `input.hf.data_files`), and "
             "check `input.hf.name` and `input.hf.split`. Hub datasets need network access (HF_HUB_OFFLINE and "
-            "HF_DATASETS_OFFLINE unset) and, for private or gated ones, `huggingface-cli login`."
+            "HF_DATASETS_OFFLINE unset) and, for private or gated ones, `hf auth login`."
         ) from None
+
+
+def _check_hub(hf: HFInput) -> None:
+    """A Hub dataset with the Hub unreachable is an error in seconds, not after a minute of retries."""
+    from datasets import config
+    from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+
+    from annotator.hub import endpoint, is_hub_id, unreachable_reason
+
+    if config.HF_HUB_OFFLINE or hf.path in _PACKAGED_DATASETS_MODULES or not is_hub_id(hf.path):
+        return
+    reason = unreachable_reason()
+    if reason is not None:
+        raise AnnotatorError(
+            f"Cannot load the Hugging Face dataset `input.hf.path` = {hf.path!r}: the Hub at {endpoint()} cannot "
+            f"be reached ({reason}). Without network, point `input.hf.path` at a local copy (a folder of parquet, "
+            "arrow or image files), or, if `datasets` has it cached from an earlier run, set "
+            "HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 before the command."
+        )
 
 
 def _data_files(builder: Any, split: str) -> list[str]:

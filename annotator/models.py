@@ -222,22 +222,64 @@ def resolve_dtype(dtype: str, device):
     return getattr(torch, dtype)
 
 
-def _read_image_normalisation(source: str, revision: str | None) -> tuple[tuple, tuple]:
+def _read_image_normalisation(source: str, revision: str | None, local_only: bool) -> tuple[tuple, tuple]:
     if source in (TINY, RANDOM_2B):
         return IMAGE_MEAN, IMAGE_STD
     from transformers.image_processing_base import ImageProcessingMixin
 
-    config, _ = ImageProcessingMixin.get_image_processor_dict(source, revision=revision)
+    config, _ = ImageProcessingMixin.get_image_processor_dict(source, revision=revision, local_files_only=local_only)
     return tuple(config.get("image_mean", IMAGE_MEAN)), tuple(config.get("image_std", IMAGE_STD))
 
 
-def load_model(name: str, revision: str | None, dtype: str, device: str, attn_implementation: str) -> LoadedModel:
-    """Load the scoring model; a hub id that cannot be fetched is a clear error, never a silent fallback."""
+def is_hub_model(name: str) -> bool:
+    """A model name that is a Hugging Face Hub repository (not `tiny`, the random 2B or a local folder)."""
+    from annotator.hub import is_hub_id
+
+    return name not in (TINY, RANDOM_2B) and is_hub_id(name)
+
+
+def _hub_access(name: str, revision: str | None) -> tuple[bool, str | None]:
+    """(cache only?, why) for a model name: a Hub id is read from the cache alone when the Hub cannot be reached.
+
+    Raises `ModelUnavailable` at once (before torch is imported) when the cache does not even hold its config.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    from annotator.hub import ModelUnavailable, unreachable_reason
+
+    if not is_hub_model(name):
+        return False, None
+    reason = unreachable_reason()
+    if reason is not None and not isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
+        raise ModelUnavailable(name, reason)
+    return reason is not None, reason
+
+
+def load_model(
+    name: str,
+    revision: str | None,
+    dtype: str,
+    device: str,
+    attn_implementation: str,
+    progress_bars: str = "none",
+) -> LoadedModel:
+    """Load the scoring model; a hub id that cannot be fetched is a clear error, never a silent fallback.
+
+    The Hub is probed first (seconds): unreachable, the model comes from the cache or the error says what to
+    type. `progress_bars`: `all` (a terminal), `downloads` (the Hub's download bars only: a first run downloads
+    about 4.4 GB, and a log should show it) or `none`.
+    """
+    local_only, unreachable = _hub_access(name, revision)  # before torch is imported: an offline error at once
     import torch
+    from huggingface_hub.utils import enable_progress_bars
     from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()  # transformers' own bars (loading weights), and the Hub's with them
+    if progress_bars == "all":
+        hf_logging.enable_progress_bar()
+    if progress_bars in ("all", "downloads"):
+        enable_progress_bars()
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     try:
@@ -249,31 +291,52 @@ def load_model(name: str, revision: str | None, dtype: str, device: str, attn_im
                 model = Qwen2VLForConditionalGeneration._from_config(config, dtype=torch_dtype)
         else:
             source = str(tiny_model_dir()) if name == TINY else name
-            tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+            tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, local_files_only=local_only)
             model = Qwen2VLForConditionalGeneration.from_pretrained(
-                source, revision=revision, dtype=torch_dtype, attn_implementation=attn_implementation
+                source,
+                revision=revision,
+                dtype=torch_dtype,
+                attn_implementation=attn_implementation,
+                local_files_only=local_only,
             )
-        mean, std = _read_image_normalisation(str(tiny_model_dir()) if name == TINY else name, revision)
+        mean, std = _read_image_normalisation(str(tiny_model_dir()) if name == TINY else name, revision, local_only)
     except (OSError, ValueError) as exc:
-        where = "a local folder" if Path(name).exists() else "the Hugging Face Hub (offline, no such repo, or gated)"
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if unreachable is not None:
+            from annotator.hub import ModelUnavailable
+
+            raise ModelUnavailable(name, unreachable) from None
+        where = "a local folder" if Path(name).exists() else "the Hugging Face Hub (no such repo, or gated)"
         raise AnnotatorError(
-            f"Could not load model {name!r} from {where}: {str(exc).splitlines()[0]} "
-            "Set `model.name` to a local folder holding a Qwen2-VL checkpoint (config.json, weights, tokenizer, "
-            "preprocessor_config.json), or to `tiny` for the offline random test model."
+            f"Could not load model {name!r} from {where}: {detail} Set `model.name` to a local folder holding a "
+            "Qwen2-VL checkpoint (config.json, weights, tokenizer, preprocessor_config.json), or to `tiny` for the "
+            "offline random test model. For a gated or private repo, accept its terms on the Hub and run "
+            "`hf auth login`."
         ) from None
     model = model.to(torch_device).eval()
     model.requires_grad_(False)
     return LoadedModel(model, tokenizer, mean, std, name, torch_device, torch_dtype)
 
 
-def load_tokenizer(name: str, revision: str | None):
-    """The tokenizer alone (for `annotate plan`); None when it cannot be had without a download."""
+def load_tokenizer(name: str, revision: str | None) -> tuple[Any, str | None]:
+    """The tokenizer alone (for `annotate plan`), or None and why when it cannot be had without a download.
+
+    An unreachable Hub is found in seconds (the tokenizer then comes from the cache, if it is there).
+    """
     from transformers import AutoTokenizer
 
     if name == RANDOM_2B:
-        return build_tiny_tokenizer()
+        return build_tiny_tokenizer(), None
+    from annotator.hub import ModelUnavailable
+
+    try:
+        local_only, unreachable = _hub_access(name, revision)
+    except ModelUnavailable as exc:
+        return None, f"{exc.why}, and the cache does not hold it"
     source = str(tiny_model_dir()) if name == TINY else name
     try:
-        return AutoTokenizer.from_pretrained(source, revision=revision)
-    except (OSError, ValueError):
-        return None
+        return AutoTokenizer.from_pretrained(source, revision=revision, local_files_only=local_only), None
+    except (OSError, ValueError) as exc:
+        if unreachable is not None:
+            return None, f"the Hub cannot be reached ({unreachable}), and the cache does not hold it whole"
+        return None, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -67,14 +67,13 @@ def plan_recipe(recipe: Recipe, max_rows: int | None = None) -> dict[str, Any]:
     from annotator.prompt import PromptBuilder
 
     source = open_source(recipe.input, recipe.prompt)
-    tokenizer = load_tokenizer(recipe.model.name, recipe.model.revision)
+    tokenizer, why = load_tokenizer(recipe.model.name, recipe.model.revision)
+    tokenizer_note = None
     if tokenizer is None:
         from annotator.models import build_tiny_tokenizer
 
         tokenizer = build_tiny_tokenizer()
-        tokenizer_note = f"tokenizer of {recipe.model.name!r} unavailable offline: text lengths approximate"
-    else:
-        tokenizer_note = None
+        tokenizer_note = f"tokenizer of {recipe.model.name!r} unavailable ({why}): text lengths approximate"
     builder = PromptBuilder(tokenizer, recipe.prompt)
     columns = [recipe.input.image_column] + ([recipe.input.text_column] if recipe.prompt.query is None else [])
     grids: Counter[tuple[int, int, int]] = Counter()

@@ -317,10 +317,6 @@ class Preprocessor:
             if future is None or future.cancelled() or not future.done() or future.exception() is not None:
                 chunk.future = self._submit(chunk)
 
-    def pin(self) -> bool:
-        """Page-lock the ring for CUDA (copies from it to the GPU are then direct); False if there is none."""
-        return self.ring is not None and self.ring.pin()
-
     def worker_pids(self) -> list[int]:
         pools = [pool for pool in (self._pool, self._alone) if pool is not None]
         return [process.pid for pool in pools for process in (pool._processes or {}).values()]

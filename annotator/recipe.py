@@ -15,7 +15,7 @@ from annotator.errors import AnnotatorError
 
 # The seed's exact question: the newline and the 24 spaces are part of the prompt it was tuned with.
 SEED_QUESTION = '请回答以下问题，务必只能回复一个词 "Y"或 "N"：\n                        图片和"{text}"是否相关？'
-OUTPUT_COLUMNS = ("row_id", "prob", "label", "answer_mass", "error")
+OUTPUT_COLUMNS = ("row_id", "prob", "label", "answer_mass", "error", "error_kind")
 
 
 class _Section(BaseModel):
@@ -52,6 +52,11 @@ class ModelConfig(_Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    forward: Literal["lean", "transformers"] = Field(
+        "lean",
+        description="lean: annotator's own forward over the model's modules (no host sync, one attention call per"
+        " layer; attn_implementation does not apply); transformers: the model's own forward. Same scores.",
+    )
     min_pixels: int = Field(3136, ge=784)
     max_pixels: int = Field(307200, ge=784)
     jpeg_draft: bool = Field(
@@ -119,7 +124,7 @@ class Recipe(_Section):
         """A hash of every setting that changes a row's result (not batch sizes or devices)."""
         settings = {
             "input": self.input.model_dump(exclude={"limit"}),
-            "model": self.model.model_dump(exclude={"device", "attn_implementation"}),
+            "model": self.model.model_dump(exclude={"device", "attn_implementation", "forward"}),
             "prompt": self.prompt.model_dump(),
             "threshold": self.output.threshold,
         }

@@ -46,7 +46,6 @@ class ImageRing:
         # A stack: the slot freed last is reused first, so a run touches only as many slots as it keeps in use.
         self._free = list(range(slots - 1, -1, -1))
         self._encoded: deque[tuple[int, int]] = deque()  # (start, end) in the encoded area, oldest first
-        self._pinned: int | None = None  # the address registered with CUDA
 
     @property
     def free_slots(self) -> int:
@@ -104,24 +103,7 @@ class ImageRing:
     def handle(self) -> RingHandle:
         return RingHandle(self.fd, self.size, self.slot_bytes)
 
-    def pin(self) -> bool:
-        """Page-lock the memory for CUDA, so that copies from a slot to the GPU are direct and asynchronous."""
-        import torch
-
-        address = self.memory.ctypes.data
-        error = torch.cuda.cudart().cudaHostRegister(address, self.size, 0)
-        if int(error) != 0:
-            return False
-        self._pinned = address
-        return True
-
     def close(self) -> None:
-        if self._pinned is not None:
-            import torch
-
-            torch.cuda.synchronize()  # a stopped run may still have copies from the ring queued
-            torch.cuda.cudart().cudaHostUnregister(self._pinned)
-            self._pinned = None
         self.memory = None
         with contextlib.suppress(BufferError):  # an image view is still referenced: the mapping ends with the process
             self._map.close()

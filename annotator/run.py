@@ -14,9 +14,12 @@ from typing import Any
 
 from annotator import __version__
 from annotator.batching import PlannedRow, WindowPlan, plan_recipe_window
+from annotator.card import input_card, write_run_card
 from annotator.errors import EXIT_RESUMABLE, AnnotatorError, RunInterrupted
 from annotator.images import image_kind
+from annotator.progress import RunProgress
 from annotator.recipe import Recipe, frozen_recipe_yaml, load_recipe, merge, parse_overrides, validate_recipe
+from annotator.scores import JOURNAL_BINS, add, histogram
 from annotator.sink import RunFolder, latest_run, output_schema, window_table
 from annotator.sources import Window, open_source
 
@@ -137,6 +140,7 @@ def _manifest(recipe: Recipe, source: Any) -> dict[str, Any]:
         "window": recipe.batching.window,
         "total_rows": source.total_rows,
         "limit": recipe.input.limit,
+        "input_card": input_card(recipe.model_dump(mode="json"), source),
     }
 
 
@@ -147,13 +151,21 @@ def prepare_resume(output_dir: Path, overrides: list[str]) -> tuple[Recipe, RunF
         raise AnnotatorError(
             f"{str(output_dir)!r} is not a run folder (no manifest.json). Start it with `annotate run`."
         )
-    if folder.finished:
-        raise AnnotatorError(f"The run in {str(output_dir)!r} is already finished; see `annotate status {output_dir}`.")
     import yaml
 
     frozen = yaml.safe_load(folder.recipe_path.read_text(encoding="utf-8"))
-    recipe = validate_recipe(merge(frozen, parse_overrides(overrides)), source=str(folder.recipe_path))
     manifest = folder.manifest()
+    # The manifest's limit is the run's: growing a pilot writes it last (see `grow`), recipe.yaml's before.
+    frozen.setdefault("input", {})["limit"] = manifest.get("limit", frozen["input"].get("limit"))
+    recipe = validate_recipe(merge(frozen, parse_overrides(overrides)), source=str(folder.recipe_path))
+    grows = recipe.input.limit != manifest.get("limit")
+    if grows:
+        check_growth(manifest.get("limit"), recipe.input.limit)
+    elif folder.finished:
+        raise AnnotatorError(
+            f"The run in {str(output_dir)!r} is already finished; see `annotate status {output_dir}`. To annotate "
+            f"more rows of its input, grow it: `annotate resume {output_dir} --set input.limit=M` (or =null for all)."
+        )
     if recipe.result_fingerprint() != manifest["result_fingerprint"]:
         raise AnnotatorError(
             f"These --set values change results ({RESULT_KEYS_HINT}), so the resumed output would mix two "
@@ -165,7 +177,9 @@ def prepare_resume(output_dir: Path, overrides: list[str]) -> tuple[Recipe, RunF
             "of resume. Drop that --set."
         )
     source = open_source(recipe.input, recipe.prompt)
-    if source.fingerprint() != manifest["input_fingerprint"] or source.total_rows != manifest["total_rows"]:
+    if source.fingerprint() != manifest["input_fingerprint"] or (
+        not grows and source.total_rows != manifest["total_rows"]
+    ):
         raise AnnotatorError(
             f"The input has changed since this run started (files, sizes or contents differ from "
             f"{str(folder.manifest_path)!r}). Resuming would mix results of two inputs; start a new run with "
@@ -175,58 +189,113 @@ def prepare_resume(output_dir: Path, overrides: list[str]) -> tuple[Recipe, RunF
     return recipe, folder, source
 
 
+def check_growth(old_limit: int | None, new_limit: int | None) -> None:
+    """A resumed run's `input.limit` may only grow: committed rows are never dropped."""
+    if old_limit is None or (new_limit is not None and new_limit < old_limit):
+        covered = "the whole input" if old_limit is None else f"the first {old_limit} rows"
+        raise AnnotatorError(
+            f"`input.limit` can only grow on resume: this run covers {covered}, and --set input.limit={new_limit} "
+            "would drop rows it has. To keep fewer rows, export them (`annotate export RUN_DIR --to DIR ...`), or "
+            "start a new run with --overwrite."
+        )
+
+
+def grow(folder: RunFolder, recipe: Recipe, total_rows: int | None) -> None:
+    """Extend a pilot to `recipe.input.limit` (checked by `prepare_resume`, done once the model has loaded).
+
+    Each step leaves a run that `annotate resume` finishes exactly: without summary.json the pilot is only
+    unfinished; the manifest (written atomically, and whose limit resume trusts over recipe.yaml's) then makes
+    it the grown run, in which the pilot's last window, if short, no longer counts as committed (`committed`).
+    """
+    manifest = folder.manifest()
+    folder.summary_path.unlink(missing_ok=True)
+    folder.create(frozen_recipe_yaml(recipe), {**manifest, "limit": recipe.input.limit, "total_rows": total_rows})
+
+
 class Annotator:
     """One process annotating a run folder: plans windows, keeps workers busy, scores, commits in order."""
 
     def __init__(
-        self, recipe: Recipe, folder: RunFolder, source: Any, console, progress: bool = True, fresh: bool = False
+        self,
+        recipe: Recipe,
+        folder: RunFolder,
+        source: Any,
+        console,
+        progress: bool = True,
+        fresh: bool = False,
+        log_format: str = "text",
     ) -> None:
         self.fresh = fresh  # a new run: the folder is (re)started once the model has loaded
         self.recipe = recipe
         self.folder = folder
         self.source = source
         self.console = console
-        self.show_progress = progress
+        self.progress = RunProgress(
+            recipe.name, console, source.total_rows, folder.root / "run.log", log_format, show=progress
+        )
         self.max_batch_tokens = recipe.batching.max_batch_tokens
-        self.rows_done = 0
-        self.errors_done = 0
+        self.rows_done = 0  # rows scored or failed in this session, committed or not
 
     def run(self) -> dict[str, Any]:
         try:
             return self._run()
+        except RunInterrupted as stopped:
+            self.progress.stopped(str(stopped))
+            raise
         finally:
+            self.progress.close()
             self.folder.release_lock()
 
     def _run(self) -> dict[str, Any]:
-        from annotator.models import load_model
+        recipe = self.recipe
+        loaded = self._load_model()  # first: an unreachable Hub is reported before torch is even imported
         from annotator.preprocess import resolve_workers
         from annotator.prompt import PromptBuilder
         from annotator.scoring import Scorer
 
-        recipe = self.recipe
-        m = recipe.model
-        loaded = load_model(m.name, m.revision, m.dtype, m.device, m.attn_implementation)
         if self.fresh:
             start_fresh(recipe, self.folder, self.source)
+        elif recipe.input.limit != self.folder.manifest().get("limit"):
+            grow(self.folder, recipe, self.source.total_rows)
         self.folder.clean_leftovers()
         committed = self.folder.committed()
+        write_run_card(self.folder, recipe)
+        self.progress.begin(committed.values())
         self.builder = PromptBuilder(loaded.tokenizer, recipe.prompt)
-        self.scorer = Scorer(loaded, self.builder)
+        self.scorer = Scorer(loaded, self.builder, recipe.model.forward)
         _settle_memory()
         self.schema = output_schema(self.source.schema, recipe.input.image_column)
         workers = resolve_workers(recipe.batching.workers)
         lookahead = max(2 * recipe.batching.max_batch_size, 8)
-        started = time.perf_counter()
         with (
-            self._preprocessor(workers, lookahead, loaded.device) as self.preprocessor,
+            self._preprocessor(workers, lookahead) as self.preprocessor,
             StopRequest(self.console) as stop,
-            self._progress(committed) as self.progress,
+            self.progress,
         ):
             self._loop(self._windows_to_do(committed), stop, lookahead)
-        elapsed = time.perf_counter() - started
-        return self.finish(elapsed, loaded.device)
+        return self.finish(loaded.device)
 
-    def _preprocessor(self, workers: int, lookahead: int, device: Any):
+    def _load_model(self):
+        """Load the recipe's model, saying so (with the Hub's download bars on a terminal)."""
+        from annotator.models import is_hub_model, load_model
+
+        m = self.recipe.model
+        self.progress.loading_model(m.name, from_hub=is_hub_model(m.name))
+        started = time.perf_counter()
+        try:
+            loaded = load_model(
+                m.name, m.revision, m.dtype, m.device, m.attn_implementation, progress_bars=self.progress.model_bars
+            )
+        except KeyboardInterrupt:
+            again = f"annotate resume {self.folder.root}" if not self.fresh else "the same `annotate run` command"
+            raise RunInterrupted(
+                f"Interrupted while loading the model, before this session wrote anything to {self.folder.root}. "
+                f"To go on, run {again} again."
+            ) from None
+        self.progress.model_loaded(m.name, loaded.device, loaded.dtype, time.perf_counter() - started)
+        return loaded
+
+    def _preprocessor(self, workers: int, lookahead: int):
         """The workers and their shared-memory ring, with a slot for every image that can be in flight or held."""
         from annotator.preprocess import Preprocessor
 
@@ -238,8 +307,6 @@ class Annotator:
         )
         if preprocessor.note:
             self.console.print(f"[yellow]{preprocessor.note}[/]")
-        if device.type == "cuda" and preprocessor.ring is not None and not preprocessor.pin():
-            self.console.print("[yellow]Could not page-lock the shared memory for CUDA: one more copy per image.[/]")
         return preprocessor
 
     def _windows_to_do(self, committed: dict[int, dict]) -> Iterator[Window]:
@@ -364,7 +431,11 @@ class Annotator:
         )
         record = state.record()
         record["positives"] = sum(bool(v) for v in table.column("label").to_pylist())
+        record["histograms"] = {"prob": histogram(table.column("prob"), JOURNAL_BINS)}
+        record["limit"] = self.recipe.input.limit  # a window cut short by it is redone if the limit grows
+        record["session_started"] = self.progress.started_at
         self.folder.write_window(window.index, table, record)
+        self.progress.window_committed({**record, "window": window.index})
 
     def _interrupted_message(self) -> str:
         return (
@@ -374,47 +445,20 @@ class Annotator:
 
     def _advance(self, scored: int, errors: int) -> None:
         self.rows_done += scored + errors
-        self.errors_done += errors
-        if self.progress is not None:
-            self.progress.update(self.task, advance=scored + errors, errors=self.errors_done)
+        self.progress.rows_advanced(scored, errors)
 
-    def _progress(self, committed: dict[int, dict]):
-        from contextlib import nullcontext
-
-        self.progress = None
-        if not self.show_progress:
-            return nullcontext()
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            _rate_column(),
-            TextColumn("[red]{task.fields[errors]} errors"),
-            TimeRemainingColumn(),
-            console=self.console,
-            transient=False,
-        )
-        done = sum(r["rows"] for r in committed.values())
-        self.errors_done = sum(r["errors"] for r in committed.values())
-        self.task = progress.add_task(
-            self.recipe.name, total=self.source.total_rows, completed=done, errors=self.errors_done
-        )
-        return progress
-
-    def finish(self, elapsed: float, device: Any) -> dict[str, Any]:
+    def finish(self, device: Any) -> dict[str, Any]:
         summary = summarize(self.folder)
-        session_rows = self.rows_done
+        seconds = self.progress.seconds
         summary.update(
             {
                 "finished": True,
                 "output_dir": str(self.folder.root),
                 "model": self.recipe.model.name,
                 "device": str(device),
-                "session_rows": session_rows,
-                "session_seconds": round(elapsed, 3),
-                "pairs_per_s": round(session_rows / elapsed, 3) if elapsed > 0 else None,
+                "session_rows": self.progress.session_rows,
+                "session_seconds": round(seconds, 3) if seconds is not None else None,
+                "rows_per_s": self.progress.rows_per_s,
             }
         )
         if summary["rows"] != self.source.total_rows and self.source.total_rows is not None:
@@ -422,7 +466,9 @@ class Annotator:
                 f"The run folder holds {summary['rows']} rows but the input has {self.source.total_rows}; "
                 f"run `annotate resume {self.folder.root}`."
             )
+        write_run_card(self.folder, self.recipe, summary)  # first: the summary is what marks the run finished
         self.folder.write_summary(summary)
+        self.progress.finished(summary)
         return summary
 
 
@@ -446,19 +492,6 @@ def _settle_memory() -> None:
     pa.set_memory_pool(pool)
 
 
-def _rate_column():
-    from rich.progress import ProgressColumn
-    from rich.text import Text
-
-    class RateColumn(ProgressColumn):
-        """Rows per second over the recent past."""
-
-        def render(self, task) -> Text:
-            return Text(f"{task.speed:,.1f} rows/s" if task.speed else "- rows/s")
-
-    return RateColumn()
-
-
 def summarize(folder: RunFolder) -> dict[str, Any]:
     """Counts over every committed window, from the journals alone (no data file is read)."""
     records = folder.committed()
@@ -466,6 +499,9 @@ def summarize(folder: RunFolder) -> dict[str, Any]:
     for r in records.values():
         kinds.update(r.get("error_kinds", {}))
     padded = sum(r["padded_tokens"] for r in records.values())
+    prob_histogram = None
+    for index, record in sorted(records.items()):
+        prob_histogram = add(prob_histogram, window_histogram(folder, index, record))
     return {
         "rows": sum(r["rows"] for r in records.values()),
         "scored": sum(r["scored"] for r in records.values()),
@@ -475,16 +511,31 @@ def summarize(folder: RunFolder) -> dict[str, Any]:
         "truncated_texts": sum(r.get("truncated_texts", 0) for r in records.values()),
         "windows": len(records),
         "padding_efficiency": round(sum(r["real_tokens"] for r in records.values()) / padded, 4) if padded else None,
+        "prob_histogram": prob_histogram or [0] * JOURNAL_BINS,
     }
 
 
-def run_recipe(recipe_path: str, overrides: list[str], overwrite: bool, console, progress: bool = True) -> dict:
+def window_histogram(folder: RunFolder, index: int, record: dict[str, Any], column: str = "prob") -> list[int]:
+    """A committed window's histogram of a score column: from its journal record, else (older runs) its file."""
+    counts = record.get("histograms", {}).get(column)
+    if counts is not None:
+        return counts
+    import pyarrow.parquet as pq
+
+    return histogram(pq.read_table(folder.window_file(index), columns=[column]).column(column), JOURNAL_BINS)
+
+
+def run_recipe(
+    recipe_path: str, overrides: list[str], overwrite: bool, console, progress: bool = True, log_format: str = "text"
+) -> dict:
     recipe = load_recipe(recipe_path, overrides)
     folder, source = prepare_run(recipe, overwrite)
-    return Annotator(recipe, folder, source, console, progress, fresh=True).run()
+    return Annotator(recipe, folder, source, console, progress, fresh=True, log_format=log_format).run()
 
 
-def resume_run(output_dir: str | None, overrides: list[str], console, progress: bool = True) -> dict:
+def resume_run(
+    output_dir: str | None, overrides: list[str], console, progress: bool = True, log_format: str = "text"
+) -> dict:
     root = Path(output_dir) if output_dir else find_latest_unfinished()
     recipe, folder, source = prepare_resume(root, overrides)
-    return Annotator(recipe, folder, source, console, progress).run()
+    return Annotator(recipe, folder, source, console, progress, log_format=log_format).run()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -9,6 +10,7 @@ import numpy as np
 import torch
 
 from annotator.batching import MERGE_SIZE, PATCH_SIZE, image_token_count
+from annotator.forward import LeanInputs, VisionLayout, image_token_index, lean_logits
 from annotator.models import LoadedModel
 from annotator.prompt import PromptBuilder, TextTokens, rope_positions
 
@@ -30,69 +32,101 @@ class Score:
     answer_mass: float
 
 
-def patchify(image: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 (h, w, 3) -> normalised patches (grid_h * grid_w, 3 * 2 * 14 * 14), as Qwen2-VL's processor lays them out.
+def patchify(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 (h, w, 3), or (n, h, w, 3) of one size -> normalised patches (n * grid_h * grid_w, 3 * 2 * 14 * 14).
 
-    Patches are ordered by 2x2 merge group, then within the group, and each is repeated over the
-    two temporal slots, which a still image fills with the same frame.
+    Laid out as Qwen2-VL's processor does, image after image: patches by 2x2 merge group, then within the
+    group, each repeated over the two temporal slots, which a still image fills with the same frame.
     """
-    pixels = (image.permute(2, 0, 1).float() / 255.0 - mean[:, None, None]) / std[:, None, None]
-    channels, height, width = pixels.shape
+    batch = images if images.dim() == 4 else images.unsqueeze(0)
+    pixels = (batch.permute(0, 3, 1, 2).float() / 255.0 - mean[:, None, None]) / std[:, None, None]
+    count, channels, height, width = pixels.shape
     grid_h, grid_w = height // PATCH_SIZE, width // PATCH_SIZE
     patches = pixels.reshape(
-        channels, grid_h // MERGE_SIZE, MERGE_SIZE, PATCH_SIZE, grid_w // MERGE_SIZE, MERGE_SIZE, PATCH_SIZE
-    ).permute(1, 4, 2, 5, 0, 3, 6)
-    patches = patches.unsqueeze(5).expand(*patches.shape[:5], TEMPORAL_PATCH_SIZE, *patches.shape[5:])
-    return patches.reshape(grid_h * grid_w, channels * TEMPORAL_PATCH_SIZE * PATCH_SIZE * PATCH_SIZE)
+        count, channels, grid_h // MERGE_SIZE, MERGE_SIZE, PATCH_SIZE, grid_w // MERGE_SIZE, MERGE_SIZE, PATCH_SIZE
+    ).permute(0, 2, 5, 3, 6, 1, 4, 7)
+    patches = patches.unsqueeze(6).expand(*patches.shape[:6], TEMPORAL_PATCH_SIZE, *patches.shape[6:])
+    return patches.reshape(count * grid_h * grid_w, channels * TEMPORAL_PATCH_SIZE * PATCH_SIZE * PATCH_SIZE)
+
+
+FORWARDS = ("lean", "transformers")
 
 
 class Scorer:
-    """Turns batches of `ScoreInput` into `Score`s with one forward pass each."""
+    """Turns batches of `ScoreInput` into `Score`s with one forward pass each.
 
-    def __init__(self, loaded: LoadedModel, builder: PromptBuilder) -> None:
+    `forward` is `lean` (`annotator.forward`: no host sync, one attention call per layer) or `transformers`
+    (the model's own `forward`); both use the same weights and give the same scores.
+    """
+
+    def __init__(self, loaded: LoadedModel, builder: PromptBuilder, forward: str = "lean") -> None:
+        if forward not in FORWARDS:
+            raise ValueError(f"forward must be one of {FORWARDS}, not {forward!r}")
         self.loaded = loaded
         self.builder = builder
+        self.forward = forward
         self.device = loaded.device
+        self.pin = self.device.type == "cuda"
         self.mean = torch.tensor(loaded.image_mean, dtype=torch.float32, device=self.device)
         self.std = torch.tensor(loaded.image_std, dtype=torch.float32, device=self.device)
         self.answer_ids = torch.tensor([builder.positive_id, builder.negative_id], device=self.device)
         self.forward_hook: Callable[[int], None] | None = None  # tests use it to simulate OOM
 
-    def collate(self, rows: Sequence[ScoreInput]) -> dict[str, torch.Tensor]:
-        """Left-padded ids, mask, image-token types and 3-D positions, plus patches and grids."""
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        return (tensor.pin_memory() if self.pin else tensor).to(self.device, non_blocking=True)
+
+    def collate(self, rows: Sequence[ScoreInput]) -> LeanInputs | dict[str, torch.Tensor]:
+        """Left-padded ids, mask and 3-D positions, plus patches and where they go; built on the host.
+
+        The lean forward sees the images grouped by grid (one patchify and one attention layout per grid); the
+        transformers forward sees them in row order with the image-token types and grids it asks for.
+        """
         builder = self.builder
-        sequences = []
-        positions = []
         prefix = len(builder.prefix_ids)
-        for row in rows:
-            image_tokens = image_token_count(row.grid)
-            ids = builder.sequence(image_tokens, row.text)
-            sequences.append(ids)
-            positions.append(rope_positions(prefix, row.grid, len(ids) - prefix - image_tokens))
+        sequences = [builder.sequence(image_token_count(row.grid), row.text) for row in rows]
         length = max(len(s) for s in sequences)
         input_ids = np.full((len(rows), length), builder.pad_id, dtype=np.int64)
-        attention_mask = np.zeros((len(rows), length), dtype=np.int64)
+        valid = np.zeros((len(rows), length), dtype=bool)
         position_ids = np.zeros((3, len(rows), length), dtype=np.int64)
-        for i, (ids, pos) in enumerate(zip(sequences, positions, strict=True)):
-            input_ids[i, length - len(ids) :] = ids
-            attention_mask[i, length - len(ids) :] = 1
-            position_ids[:, i, length - len(ids) :] = pos
-        input_ids_t = torch.from_numpy(input_ids)
-        pin = self.device.type == "cuda"
-        host = {
-            "input_ids": input_ids_t,
-            "attention_mask": torch.from_numpy(attention_mask),
-            "mm_token_type_ids": (input_ids_t == builder.image_pad_id).to(torch.int64),
-            "position_ids": torch.from_numpy(position_ids),
-            "image_grid_thw": torch.tensor([row.grid for row in rows], dtype=torch.int64),
-        }
-        batch = {k: (v.pin_memory() if pin else v).to(self.device, non_blocking=True) for k, v in host.items()}
-        images = [torch.from_numpy(row.image) for row in rows]
-        if pin:
-            images = [image.pin_memory() for image in images]
-        patches = [patchify(image.to(self.device, non_blocking=True), self.mean, self.std) for image in images]
-        batch["pixel_values"] = torch.cat(patches).to(self.loaded.dtype)
-        return batch
+        for i, (row, ids) in enumerate(zip(rows, sequences, strict=True)):
+            start = length - len(ids)
+            input_ids[i, start:] = ids
+            valid[i, start:] = True
+            image_tokens = image_token_count(row.grid)
+            position_ids[:, i, start:] = rope_positions(prefix, row.grid, len(ids) - prefix - image_tokens)
+        lean = self.forward == "lean"
+        order = sorted(range(len(rows)), key=lambda i: rows[i].grid) if lean else list(range(len(rows)))
+        pixel_values = self._patches([rows[i] for i in order])
+        host = {"input_ids": torch.from_numpy(input_ids), "position_ids": torch.from_numpy(position_ids)}
+        if not lean:
+            host["attention_mask"] = torch.from_numpy(valid.astype(np.int64))
+            host["mm_token_type_ids"] = (host["input_ids"] == builder.image_pad_id).to(torch.int64)
+            host["image_grid_thw"] = torch.tensor([row.grid for row in rows], dtype=torch.int64)
+            return {**{k: self._to_device(v) for k, v in host.items()}, "pixel_values": pixel_values}
+        placements = [(i, length - len(sequences[i]) + prefix, image_token_count(rows[i].grid)) for i in order]
+        image_index = image_token_index(placements, length)
+        return LeanInputs(
+            input_ids=self._to_device(host["input_ids"]),
+            valid=self._to_device(torch.from_numpy(valid)),
+            position_ids=self._to_device(host["position_ids"]),
+            pixel_values=pixel_values,
+            vision=VisionLayout.build([rows[i].grid for i in order], self.loaded.dtype).to(self.device, self.pin),
+            image_index=self._to_device(torch.from_numpy(image_index)),
+        )
+
+    def _patches(self, rows: Sequence[ScoreInput]) -> torch.Tensor:
+        """Every image's patches, in the order given, with one copy to the device and one patchify per run of a grid."""
+        patches = [
+            patchify(self._to_device(torch.from_numpy(np.stack([row.image for row in run]))), self.mean, self.std)
+            for _, run in itertools.groupby(rows, key=lambda row: row.grid)
+        ]
+        return (patches[0] if len(patches) == 1 else torch.cat(patches)).to(self.loaded.dtype)
+
+    def logits(self, batch: LeanInputs | dict[str, torch.Tensor]) -> torch.Tensor:
+        """Last-position logits (rows, vocabulary) of a collated batch, by the chosen forward."""
+        if isinstance(batch, LeanInputs):
+            return lean_logits(self.loaded.model, batch)
+        return self.loaded.model(**batch, use_cache=False, logits_to_keep=1).logits[:, -1, :]
 
     @torch.inference_mode()
     def launch(self, rows: Sequence[ScoreInput]) -> Callable[[], list[Score]]:
@@ -102,9 +136,7 @@ class Scorer:
         """
         if self.forward_hook is not None:
             self.forward_hook(len(rows))
-        batch = self.collate(rows)
-        output = self.loaded.model(**batch, use_cache=False, logits_to_keep=1)
-        log_probs = output.logits[:, -1, :].float().log_softmax(-1)
+        log_probs = self.logits(self.collate(rows)).float().log_softmax(-1)
         answers = log_probs.index_select(-1, self.answer_ids)
         results = torch.stack([answers.softmax(-1)[:, 0], answers.exp().sum(-1)], dim=1)
         host = results.to("cpu", non_blocking=True)

@@ -7,6 +7,8 @@ Layout of OUTPUT_DIR:
     journal/         NAME.jsonl, one append-only journal per writer process: a line per committed window
     summary.json     written when the run finishes
     lock             pid and host of the process writing the folder
+    run.log          a line per committed window and per session (progress.py)
+    README.md        a dataset card whose `configs:` make `load_dataset(OUTPUT_DIR)` read data/ (card.py)
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from annotator.errors import AnnotatorError, RunInterrupted
+from annotator.images import image_kind
 
 HF_METADATA_KEY = b"huggingface"
 OUTPUT_FEATURES = {
@@ -31,6 +34,7 @@ OUTPUT_FEATURES = {
     "label": {"dtype": "bool", "_type": "Value"},
     "answer_mass": {"dtype": "float32", "_type": "Value"},
     "error": {"dtype": "string", "_type": "Value"},
+    "error_kind": {"dtype": "string", "_type": "Value"},
 }
 
 
@@ -65,6 +69,7 @@ def output_schema(input_schema: pa.Schema, image_column: str) -> pa.Schema:
         ("label", pa.bool_()),
         ("answer_mass", pa.float32()),
         ("error", pa.string()),
+        ("error_kind", pa.string()),
     ]:
         schema = schema.append(pa.field(name, dtype))
     metadata = {"info": {"features": hf_features(input_schema, image_column)}}
@@ -115,16 +120,18 @@ class RunFolder:
     def committed(self) -> dict[int, dict[str, Any]]:
         """Window index -> journal record, over every journal, for windows whose file exists.
 
-        A torn last line (killed mid-append) is ignored: its window is simply done again.
+        A torn last line (killed mid-append) is ignored: its window is simply done again. So is a window
+        that holds fewer rows than it now should (a pilot's last window, after `input.limit` grew).
         """
         records: dict[int, dict[str, Any]] = {}
+        manifest = self.manifest() if self.manifest_path.is_file() else {}
         for journal in sorted(self.journal_dir.glob("*.jsonl")):
             for line in journal.read_text(encoding="utf-8").splitlines():
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                if self.window_file(record["window"]).is_file():
+                if self.window_file(record["window"]).is_file() and window_is_whole(record, manifest):
                     records[record["window"]] = record
         return records
 
@@ -212,6 +219,25 @@ class RunFolder:
             self.lock_path.unlink(missing_ok=True)
 
 
+def window_is_whole(record: dict[str, Any], manifest: dict[str, Any]) -> bool:
+    """Whether a committed window holds every row it should under the manifest's current total (or limit).
+
+    A run grown from a pilot (`annotate resume --set input.limit=M`) redoes the pilot's last, short window.
+    For a stream of unknown length, a short window ends the stream unless the limit in force cut it.
+    """
+    size = manifest.get("window")
+    if size is None or record["rows"] >= size:
+        return True
+    total = manifest.get("total_rows")
+    if total is not None:
+        return record["rows"] >= min(size, total - record["start"])
+    cut_at = record.get("limit")  # the limit in force when the window was written
+    if cut_at is None or record["start"] + record["rows"] < cut_at:
+        return True  # the stream itself ended there
+    limit = manifest.get("limit")
+    return limit is not None and limit <= cut_at
+
+
 def latest_run(root: Path, unfinished: bool = False) -> RunFolder | None:
     """The most recently started run folder under `root` (only the unfinished ones, if asked)."""
     folders = [RunFolder(p.parent) for p in root.glob("**/manifest.json")]
@@ -252,5 +278,6 @@ def window_table(
         pa.array(labels, pa.bool_()),
         pa.array(masses, pa.float32()),
         pa.array(errors, pa.string()),
+        pa.array([None if e is None else image_kind(e) for e in errors], pa.string()),
     ]
     return pa.Table.from_arrays(columns, schema=schema)

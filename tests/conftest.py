@@ -115,3 +115,17 @@ def mixed_parquet(tmp_path) -> Path:
     images = [jpeg_bytes(w, h, seed=i) for i, (w, h) in enumerate(MIXED_SIZES * 2)]
     captions = CAPTIONS + CAPTIONS[::-1]
     return write_dataset(tmp_path / "in" / "mixed.parquet", images, captions, idx=list(range(16)))
+
+
+def run_once(root: Path, recipe: Path, tiny_model_cache: Path, *args: str) -> Path:
+    """`annotate run RECIPE --no-progress ARGS` from `root`, for a module-scoped fixture; returns `root`."""
+    from typer.testing import CliRunner
+
+    from annotator.cli import app
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("ANNOTATOR_CACHE", str(tiny_model_cache))
+        env.chdir(root)
+        result = CliRunner().invoke(app, ["run", str(recipe), "--no-progress", *args], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+    return root

@@ -35,7 +35,7 @@ def invoke(*args: object):
 def test_bench_tiny_prints_every_field_as_json():
     result = invoke(
         "bench", "--model", "tiny", "--pairs", 6, "--sizes", "1600x1200,756x476", "--workers", 0,
-        "--baseline", "--baseline-pairs", 2, "--json",
+        "--baseline", "--baseline-pairs", 2, "--count-images", 2, "--json",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
@@ -54,14 +54,26 @@ def test_bench_tiny_prints_every_field_as_json():
     assert out["peak_rss_gb"] > 0
     if not ON_GPU:
         assert out["mfu"] is None and out["peak_gpu_mem_gb"] is None
+    assert out["forward"] == "lean"
+    counts = out["op_counts"]
+    assert counts["images"] == 2 and counts["grid"] == [1, 30, 48], "seed-sized: 756x476 at max_pixels 307200"
+    lean, reference = counts["lean"], counts["transformers"]
+    assert lean["host_syncs_per_batch"] == 0 and lean["sync_ops"] == {}
+    assert reference["host_syncs_per_batch"] >= 32, "transformers syncs in each of the 32 vision blocks"
+    assert 0 < lean["vision_ops"] < reference["vision_ops"] and 0 < lean["forward_ops"] < reference["forward_ops"]
+    assert lean["vision_ops_per_image"] == lean["vision_ops"] / 2
 
 
 def test_bench_without_baseline_has_no_ratio():
-    result = invoke("bench", "--model", "tiny", "--pairs", 2, "--sizes", "320x240", "--workers", 0, "--json")
+    result = invoke(
+        "bench", "--model", "tiny", "--pairs", 2, "--sizes", "320x240", "--workers", 0, "--count-images", 0,
+        "--forward", "transformers", "--json",
+    )  # fmt: skip
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert out["baseline_pairs_per_s"] is None and out["speedup_vs_baseline"] is None
     assert out["steady_pairs_per_s"] is None, "one batch has no steady state"
+    assert out["op_counts"] is None and out["forward"] == "transformers"
 
 
 @pytest.mark.parametrize(
@@ -71,6 +83,7 @@ def test_bench_without_baseline_has_no_ratio():
         (["--sizes", "0x10"], "is not WIDTHxHEIGHT"),
         (["--format", "gif"], "use jpeg or png"),
         (["--pairs", "0"], "at least 1"),
+        (["--count-images", "-1"], "--count-images must be 0"),
     ],
 )
 def test_bench_option_errors(args, message):

@@ -124,7 +124,11 @@ def test_an_export_that_keeps_nothing_still_has_the_schema(finished_run, tmp_pat
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["--min-prob", "0.5", "--label", "true"], "one of --min-prob or --label, not both"),
+        (["--min-prob", "0.5", "--label", "true"], "one of --min-prob, --label or --top-fraction, not several"),
+        (["--top-fraction", "0.3", "--min-prob", "0.5"], "not several"),
+        (["--top-fraction", "0.3", "--label", "true"], "not several"),
+        (["--top-fraction", "0"], "is not a fraction"),
+        (["--top-fraction", "1.5"], "is not a fraction"),
         (["--label", "yes"], "give --label true or --label false"),
         (["--min-prob", "2"], "is not a probability"),
         (["--drop-columns", "prob,colour"], "--drop-columns names colour"),
@@ -154,3 +158,56 @@ def test_unfinished_runs_and_other_folders_are_refused(finished_run, tmp_path):
     assert result.exit_code == 1 and "annotate resume" in result.output
     result = invoke("export", tmp_path, "--to", tmp_path / "b")
     assert result.exit_code == 1 and "is not a run folder" in result.output
+
+
+# --- --top-fraction ----------------------------------------------------------------------------------------------
+
+
+def top_rows(probs: list, fraction: float) -> list[int]:
+    """The brute-force answer: round(F x rows) rows (halves up), by prob descending then row id, never an error."""
+    from fractions import Fraction
+
+    wanted = math.floor(Fraction(repr(fraction)) * len(probs) + Fraction(1, 2))
+    scored = sorted((-p, i) for i, p in enumerate(probs) if p is not None)
+    return sorted(i for _, i in scored[:wanted])
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.05, 0.5, 0.95, 1.0])
+def test_top_fraction_keeps_exactly_the_top_rows_ties_to_the_lower_row_id(tmp_path, fraction):
+    from annotator.fake_run import write_fake_run
+
+    rng = np.random.default_rng(11)
+    probs = [float(v) for v in np.float32(rng.choice([0.0, 0.1, 0.5, 0.7, 0.70000005, 0.9, 1.0], 203))]
+    for i in rng.choice(203, 12, replace=False):
+        probs[i] = None
+    folder = write_fake_run(tmp_path / "run", window=16, probs=probs)
+    result = invoke("export", folder.root, "--to", tmp_path / "kept", "--rejected", tmp_path / "rest",
+                    "--top-fraction", fraction, "--rows-per-shard", "7")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    expected = top_rows(probs, fraction)
+    assert rows_of(tmp_path / "kept")["row_id"] == expected
+    assert rows_of(tmp_path / "rest")["row_id"] == sorted(set(range(203)) - set(expected))
+    ranked = sorted(-p for p in probs if p is not None)
+    if fraction < 0.9:  # the cut falls inside a run of equal probs: row ids decide
+        assert ranked[len(expected) - 1] == ranked[len(expected)]
+    else:
+        assert len(expected) == len(ranked), "more rows asked than scored: every scored row, no error row"
+
+
+def test_top_fraction_rounds_halves_up_and_reads_only_the_prob_column_to_choose(tmp_path, monkeypatch):
+    from annotator.fake_run import write_fake_run
+
+    folder = write_fake_run(tmp_path / "run", window=4, probs=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, None])
+    columns: list = []
+    original = pq.ParquetFile.iter_batches
+
+    def recording(self, *args, **kwargs):
+        columns.append(kwargs.get("columns"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", recording)
+    assert invoke("export", folder.root, "--to", tmp_path / "a", "--top-fraction", "0.25").exit_code == 0
+    assert rows_of(tmp_path / "a")["row_id"] == [6, 7, 8], "0.25 x 10 rows = 2.5 -> 3"
+    assert columns.count(["prob"]) == 2 * 3 and columns.count(None) == 3, "two passes over prob, one export pass"
+    assert invoke("export", folder.root, "--to", tmp_path / "b", "--top-fraction", "0.3").exit_code == 0
+    assert rows_of(tmp_path / "b")["row_id"] == [6, 7, 8], "0.3 x 10 is 3, not 4 from 3.0000000000000004"

@@ -84,7 +84,7 @@ def test_header_grid_and_patches_equal_the_image_processor(width, height):
 
 def test_positions_equal_get_rope_index_with_left_padding(tiny):
     builder = PromptBuilder(tiny.tokenizer, PromptConfig())
-    scorer = Scorer(tiny, builder)
+    scorer = Scorer(tiny, builder, "transformers")  # its batch is the kwargs of transformers' forward
     rows = []
     for (w, h), text in [
         ((756, 476), "a cat"),

@@ -6,7 +6,6 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 
 from annotator.ring import ImageRing, shared_memory_problem
 
@@ -79,18 +78,3 @@ def test_close_unmaps_the_ring():
     assert name in Path("/proc/self/maps").read_text()
     ring.close()
     assert name not in Path("/proc/self/maps").read_text()
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_a_pinned_ring_copies_to_the_gpu_directly():
-    ring = ImageRing(slots=2, slot_bytes=4096, encoded_bytes=4096)
-    try:
-        assert ring.pin()
-        view = torch.from_numpy(ring.image(0, (16, 16, 3)))
-        assert view.is_pinned(), "the scorer's pin_memory() is then a no-op, and copies are asynchronous"
-        view.fill_(7)
-        assert int(view.to("cuda", non_blocking=True).sum()) == 7 * 16 * 16 * 3
-        view = None
-    finally:
-        ring.close()

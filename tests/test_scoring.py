@@ -155,3 +155,29 @@ def test_jpeg_draft_off_scores_the_full_decode(tmp_path, tiny):
     np.testing.assert_allclose(probs[False], expected, atol=1e-5)
     assert not np.array_equal(probs[True], probs[False]), "the default decodes large JPEGs in draft mode"
     np.testing.assert_allclose(probs[True], probs[False], atol=0.1)
+
+
+def test_a_lean_run_equals_a_transformers_run(tmp_path, mixed_parquet):
+    """`model.forward` changes how the forward runs, not what it gives; so resume may switch it."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from annotator.cli import app
+    from tests.conftest import read_output, write_recipe
+
+    recipe = write_recipe(tmp_path / "r.yaml", mixed_parquet, tmp_path / "out", batching={"max_batch_size": 8})
+    outputs, fingerprints = {}, set()
+    for forward in ("lean", "transformers"):
+        out = tmp_path / forward
+        args = ["run", str(recipe), "--no-progress", "--set", f"model.forward={forward}", "--set", f"output.dir={out}"]
+        result = CliRunner().invoke(app, args, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        outputs[forward] = read_output(out)
+        fingerprints.add(json.loads((out / "manifest.json").read_text())["result_fingerprint"])
+    lean, reference = outputs["lean"], outputs["transformers"]
+    assert lean.column("error").null_count == reference.column("error").null_count == 16
+    assert np.std(reference.column("prob").to_pylist()) > 0.05, "answers must vary, or equality proves nothing"
+    for column in ("prob", "answer_mass"):
+        np.testing.assert_allclose(lean.column(column).to_pylist(), reference.column(column).to_pylist(), atol=1e-5)
+    assert len(fingerprints) == 1

@@ -1,0 +1,137 @@
+"""A synthetic finished run folder (scores drawn at random, small images, some errors), written without a
+model: what `annotate bench-report` times report, status and export on, and what tests build exact cases on."""
+
+from __future__ import annotations
+
+import io
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import yaml
+
+from annotator.images import image_kind
+from annotator.recipe import validate_recipe
+from annotator.scores import JOURNAL_BINS, histogram
+from annotator.sink import RunFolder, output_schema, window_table
+
+ERRORS = ["decode: truncated image (image file is truncated)", "image: missing (null)", "text: empty"]
+WORDS = ["a", "the", "cat", "dog", "photo", "of", "on", "in", "with", "red", "blue", "small", "large", "street"]
+
+
+def _images(count: int, rng: np.random.Generator) -> list[bytes]:
+    from PIL import Image
+
+    images = []
+    for _ in range(count):
+        small = rng.integers(0, 256, size=(4, 6, 3), dtype=np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(small, "RGB").resize((96, 64), Image.Resampling.BILINEAR).save(buffer, format="JPEG")
+        images.append(buffer.getvalue())
+    return images
+
+
+def write_fake_run(
+    root: Path,
+    rows: int = 1000,
+    window: int = 4096,
+    probs: Sequence[float | None] | None = None,
+    seed: int = 0,
+    threshold: float = 0.5,
+    error_share: float = 0.01,
+) -> RunFolder:
+    """A finished run of `rows` rows (or one row per entry of `probs`, None meaning an error row)."""
+    rng = np.random.default_rng(seed)
+    if probs is not None:
+        rows = len(probs)
+    recipe = validate_recipe(
+        {
+            "name": root.name,
+            "input": {"parquet": str(root / "input-not-kept.parquet")},
+            "model": {"name": "tiny"},
+            "batching": {"window": window},
+            "output": {"dir": str(root), "threshold": threshold},
+        }
+    )
+    folder = RunFolder(root)
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    source_schema = pa.schema([("image", image_type), ("caption", pa.string())])
+    schema = output_schema(source_schema, "image")
+    card = {"license": None, "dataset": None, "split": "train"}
+    manifest = {"window": window, "total_rows": rows, "limit": None, "result_fingerprint": "synthetic",
+                "input_fingerprint": [], "input_card": card}  # fmt: skip
+    folder.create(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False), manifest)
+    pool = _images(64, rng)
+    started = time.time()
+    for index, start in enumerate(range(0, rows, window)):
+        n = min(window, rows - start)
+        if probs is None:
+            p = rng.beta(0.6, 0.6, n).astype(np.float32)
+            failed = rng.random(n) < error_share
+            chunk: list[float | None] = [None if f else float(v) for v, f in zip(p, failed, strict=True)]
+        else:
+            chunk = list(probs[start : start + n])
+        errors = [None if v is not None else ERRORS[(start + i) % len(ERRORS)] for i, v in enumerate(chunk)]
+        masses = [None if v is None else float(m) for v, m in zip(chunk, rng.uniform(0.5, 1.0, n), strict=True)]
+        picks = rng.integers(0, len(pool), n)
+        table = pa.table(
+            {
+                "image": pa.array([{"bytes": pool[i], "path": None} for i in picks], image_type),
+                "caption": [" ".join(rng.choice(WORDS, 6)) for _ in range(n)],
+            }
+        )
+        out = window_table(table, schema, start, chunk, masses, errors, threshold)
+        scored = sum(v is not None for v in chunk)
+        record = {
+            "start": start, "rows": n, "scored": scored, "errors": n - scored,
+            "error_kinds": dict(Counter(image_kind(e) for e in errors if e)), "truncated_texts": 0,
+            "real_tokens": 400 * n, "padded_tokens": 410 * n, "seconds": 1.0, "committed_at": started + index + 1,
+            "positives": sum(bool(v) for v in out.column("label").to_pylist()),
+            "histograms": {"prob": histogram(out.column("prob"), JOURNAL_BINS)}, "limit": None,
+            "session_started": started,
+        }  # fmt: skip
+        folder.write_window(index, out, record)
+    from annotator.run import summarize
+
+    summary = summarize(folder)
+    seconds = -(-rows // window)  # one second per window, as the journal says
+    summary.update({"finished": True, "output_dir": str(root), "model": "tiny", "device": "cpu", "session_rows": rows})
+    summary.update({"session_seconds": seconds, "rows_per_s": round(rows / seconds, 3)})
+    folder.write_summary(summary)
+    return folder
+
+
+def bench_reading(rows: int, console: Any) -> dict[str, Any]:
+    """Seconds (and seconds per million rows) for status, report and export --top-fraction on `rows` rows."""
+    from annotator.export import export_run
+    from annotator.report import write_report
+    from annotator.status import run_status
+
+    with tempfile.TemporaryDirectory(prefix="annotate-bench-report-") as tmp:
+        console.print(f"bench-report: writing a synthetic run of {rows:,} rows...")
+        folder = write_fake_run(Path(tmp) / "run", rows=rows)
+        size = sum(f.stat().st_size for f in folder.data_files())
+        timings = {}
+        steps = {
+            "status": lambda: run_status(folder.root),
+            "report": lambda: write_report(folder.root, Path(tmp) / "report.html"),
+            "export_top_fraction": lambda: export_run(
+                folder.root, Path(tmp) / "kept", None, None, None, "", 10**4, 0.3
+            ),
+        }
+        for name, step in steps.items():
+            console.print(f"bench-report: {name}...")
+            started = time.perf_counter()
+            step()
+            timings[name] = time.perf_counter() - started
+        page = (Path(tmp) / "report.html").stat().st_size
+    result: dict[str, Any] = {"rows": rows, "data_mb": round(size / 2**20, 1), "report_kb": round(page / 2**10, 1)}
+    for name, seconds in timings.items():
+        result[f"{name}_s"] = round(seconds, 2)
+        result[f"{name}_s_per_million_rows"] = round(seconds / rows * 1e6, 2)
+    return result

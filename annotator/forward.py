@@ -1,0 +1,221 @@
+"""The lean forward: Qwen2-VL's own modules and weights, run with no host sync and no per-image loop."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+from torch.nn.functional import scaled_dot_product_attention
+from transformers.models.qwen2_vl.modeling_qwen2_vl import repeat_kv
+
+from annotator.batching import MERGE_SIZE
+
+KeyValues = list[tuple[torch.Tensor, torch.Tensor]]  # per decoder layer: (key, value), (batch, kv heads, length, dim)
+
+
+@lru_cache(maxsize=256)
+def grid_rotary_positions(height: int, width: int) -> torch.Tensor:
+    """(row, column) of each patch of one frame, in the merge-group order the patches arrive in: (h * w, 2).
+
+    The vision tower's rotary position ids, as transformers' `get_vision_position_ids` builds them; cached per
+    grid so a batch only concatenates them.
+    """
+    rows, columns = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    shape = (height // MERGE_SIZE, MERGE_SIZE, width // MERGE_SIZE, MERGE_SIZE)
+    rows = rows.reshape(shape).transpose(0, 2, 1, 3).ravel()
+    columns = columns.reshape(shape).transpose(0, 2, 1, 3).ravel()
+    return torch.from_numpy(np.stack([rows, columns], axis=1).astype(np.int64))
+
+
+@dataclass(frozen=True, slots=True)
+class VisionLayout:
+    """How a batch's packed patches are laid out for attention, computed on the host from the grids alone.
+
+    Each frame of each image attends only to itself. Frames of one size are viewed as (frames, heads, length,
+    dim) with no copy; frames of several sizes are gathered into that shape, padded to the longest, with an
+    additive mask on the padded keys, and scattered back: one attention call per block either way.
+    """
+
+    frames: int
+    length: int
+    positions: torch.Tensor  # (length, 2) shared by every frame, or (frames * length, 2) with padding rows
+    gather: torch.Tensor | None = None  # (frames * length,) packed patch behind each padded slot
+    scatter: torch.Tensor | None = None  # (patches,) padded slot of each packed patch
+    key_mask: torch.Tensor | None = None  # (frames, 1, 1, length) additive: 0 on patches, -inf on padding
+
+    @classmethod
+    def build(cls, grids: Sequence[Sequence[int]], dtype: torch.dtype) -> VisionLayout:
+        sizes = [(int(h), int(w)) for t, h, w in grids for _ in range(int(t))]
+        if len(set(sizes)) == 1:
+            return cls(len(sizes), sizes[0][0] * sizes[0][1], grid_rotary_positions(*sizes[0]))
+        lengths = np.array([h * w for h, w in sizes])
+        length = int(lengths.max())
+        slot = np.arange(length)
+        valid = slot[None, :] < lengths[:, None]  # (frames, length)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        gather = torch.from_numpy(np.where(valid, starts[:, None] + slot[None, :], 0).ravel())
+        scatter = torch.from_numpy((np.arange(len(sizes))[:, None] * length + slot[None, :])[valid])
+        packed = torch.cat([grid_rotary_positions(h, w) for h, w in sizes])
+        positions = torch.zeros((len(sizes) * length, 2), dtype=torch.int64).index_copy_(0, scatter, packed)
+        key_mask = torch.zeros(valid.shape, dtype=dtype).masked_fill_(torch.from_numpy(~valid), float("-inf"))
+        return cls(len(sizes), length, positions, gather, scatter, key_mask[:, None, None, :])
+
+    def to(self, device: torch.device, pin: bool = False) -> VisionLayout:
+        """The same layout on `device` (non-blocking copies, from pinned memory when `pin`)."""
+
+        def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            if tensor is None:
+                return None
+            return (tensor.pin_memory() if pin else tensor).to(device, non_blocking=True)
+
+        return VisionLayout(
+            self.frames,
+            self.length,
+            move(self.positions),
+            move(self.gather),
+            move(self.scatter),
+            move(self.key_mask),
+        )
+
+
+def image_token_index(placements: Sequence[tuple[int, int, int]], length: int) -> np.ndarray:
+    """Flat positions in a (rows, length) batch of the image tokens of each (row, first position, count), in turn.
+
+    Where the vision tower's merged patches go, image after image in the order the tower saw them.
+    """
+    return np.concatenate([row * length + start + np.arange(count) for row, start, count in placements])
+
+
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """`sin` with its first half negated: `roll(x, half) * signed_sin(sin)` is `rotate_half(x) * sin`, bit for bit."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding as transformers applies it (`x * cos + rotate_half(x) * sin`), in four ops.
+
+    Both of Qwen2-VL's rotary tables repeat one half in the other, so rotating half the vector is a roll by
+    half with the sign folded into `sin`; products and sums are the same floating-point operations.
+    """
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed
+
+
+def vision_features(visual: torch.nn.Module, pixel_values: torch.Tensor, layout: VisionLayout) -> torch.Tensor:
+    """The vision tower on a batch of packed patches: merged image tokens (patches / 4, hidden), in patch order."""
+    hidden = visual.patch_embed(pixel_values)
+    frames, length = layout.frames, layout.length
+    cos, sin = visual.rotary_pos_emb(hidden, layout.positions)  # (length or frames * length, head dim)
+    cos, sin = cos.view(-1, 1, length, cos.shape[-1]), signed_sin(sin).view(-1, 1, length, sin.shape[-1])
+    for block in visual.blocks:
+        attn = block.attn
+        qkv = attn.qkv(block.norm1(hidden))
+        if layout.gather is not None:
+            qkv = qkv.index_select(0, layout.gather)
+        qkv = qkv.view(frames, length, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        # transformers rotates in float32 whatever the model's dtype, then casts back.
+        query, key = rotate(qkv[:2].float(), cos, sin).to(qkv.dtype).unbind(0)
+        out = scaled_dot_product_attention(query, key, qkv[2], attn_mask=layout.key_mask, scale=attn.scaling)
+        out = out.transpose(1, 2).reshape(frames * length, -1)
+        if layout.scatter is not None:
+            out = out.index_select(0, layout.scatter)
+        hidden = hidden + attn.proj(out)
+        hidden = hidden + block.mlp(block.norm2(hidden))
+    return visual.merger(hidden)
+
+
+def embed(
+    text_model: torch.nn.Module, input_ids: torch.Tensor, image_index: torch.Tensor, features: torch.Tensor
+) -> torch.Tensor:
+    """Token embeddings with the image features written at host-computed positions (no count check on the device)."""
+    embeds = text_model.embed_tokens(input_ids)
+    embeds.view(-1, embeds.shape[-1]).index_copy_(0, image_index, features.to(embeds.dtype))
+    return embeds
+
+
+def rotary_tables(
+    text_model: torch.nn.Module, embeds: torch.Tensor, position_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and signed sin of Qwen2-VL's 3-D (temporal, height, width) positions, shaped to broadcast over heads."""
+    cos, sin = text_model.rotary_emb(embeds, position_ids)
+    return cos.unsqueeze(1), signed_sin(sin).unsqueeze(1)
+
+
+def causal_mask(valid: torch.Tensor, dtype: torch.dtype, past: int = 0) -> torch.Tensor:
+    """Additive (rows, 1, length, past + length) mask: causal over real tokens; a padding query sees itself only.
+
+    `valid` is (rows, past + length), true on real tokens. A padding row never has every key masked, so no
+    kernel can turn it into NaN; real queries never look at padding, so their results are unchanged.
+    """
+    length = valid.shape[1] - past
+    query = torch.arange(past, past + length, device=valid.device)[:, None]
+    key = torch.arange(past + length, device=valid.device)[None, :]
+    allowed = ((key <= query) & valid[:, None, None, :]) | (key == query)
+    return torch.zeros(allowed.shape, dtype=dtype, device=valid.device).masked_fill_(~allowed, float("-inf"))
+
+
+def decode(
+    text_model: torch.nn.Module,
+    hidden: torch.Tensor,
+    mask: torch.Tensor,
+    rotary: tuple[torch.Tensor, torch.Tensor],
+    past: KeyValues | None = None,
+    keep_key_values: bool = False,
+) -> tuple[torch.Tensor, KeyValues]:
+    """The decoder layers over `hidden` (rows, length, width): the hidden states, and with `keep_key_values` each
+    layer's keys/values (past ones included) for later tokens to attend to; else none are kept (`use_cache=False`).
+
+    `past` holds keys/values of earlier tokens to attend to (rows, kv heads, past length, dim); `mask` covers
+    past + current keys.
+    """
+    cos, sin = rotary
+    rows, length, _ = hidden.shape
+    present: KeyValues = []
+    for index, layer in enumerate(text_model.layers):
+        attn = layer.self_attn
+        x = layer.input_layernorm(hidden)
+        query = rotate(attn.q_proj(x).view(rows, length, -1, attn.head_dim).transpose(1, 2), cos, sin)
+        key = rotate(attn.k_proj(x).view(rows, length, -1, attn.head_dim).transpose(1, 2), cos, sin)
+        value = attn.v_proj(x).view(rows, length, -1, attn.head_dim).transpose(1, 2)
+        if past is not None:
+            key, value = torch.cat((past[index][0], key), dim=2), torch.cat((past[index][1], value), dim=2)
+        if keep_key_values:
+            present.append((key, value))
+        # Key/value heads repeated, as transformers does whenever a mask is given (a masked GQA call would
+        # fall back to the slow kernel on a GPU).
+        groups = attn.num_key_value_groups
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+        out = scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=attn.scaling)
+        hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(rows, length, -1))
+        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    return hidden, present
+
+
+def head(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits (rows, vocabulary) at the last position of every row (left padding puts each row's end there)."""
+    return model.lm_head(model.model.language_model.norm(hidden[:, -1]))
+
+
+@dataclass(slots=True)
+class LeanInputs:
+    """One batch on the device for the lean forward; built on the host, so nothing here is read back."""
+
+    input_ids: torch.Tensor  # (rows, length), left padded
+    valid: torch.Tensor  # (rows, length) bool, true on real tokens
+    position_ids: torch.Tensor  # (3, rows, length)
+    pixel_values: torch.Tensor  # (patches, channels * 2 * 14 * 14), images in `vision` order
+    vision: VisionLayout
+    image_index: torch.Tensor  # (image tokens,) flat position of each merged patch in the batch, in patch order
+
+
+def lean_logits(model: torch.nn.Module, inputs: LeanInputs) -> torch.Tensor:
+    """Last-position logits (rows, vocabulary) of a batch: vision, embeddings, decoder, head; `use_cache=False`."""
+    text_model = model.model.language_model
+    features = vision_features(model.model.visual, inputs.pixel_values, inputs.vision)
+    embeds = embed(text_model, inputs.input_ids, inputs.image_index, features)
+    mask = causal_mask(inputs.valid, embeds.dtype)
+    hidden, _ = decode(text_model, embeds, mask, rotary_tables(text_model, embeds, inputs.position_ids))
+    return head(model, hidden)

@@ -1,0 +1,303 @@
+"""`annotate report`: one self-contained HTML page of a run, read in two streaming passes of bounded memory.
+
+Pass 1 reads the score columns only (row_id, prob, label, answer_mass, error, error_kind), batch by batch:
+counts, histograms, error kinds with a sample each, and the rows for each thumbnail grid, chosen as the k
+smallest of a key (-prob, prob, |prob - threshold|, a hash of row_id for the random sample) with ties to the
+lower row_id. Pass 2 reads the image and text columns of the files holding a chosen row, and stops in each
+file after its last chosen row. Thumbnails are small JPEGs inlined as base64.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import yaml
+
+from annotator.errors import AnnotatorError
+from annotator.images import ImageRef, decode_resized, header_size, image_kind, read_path
+from annotator.scores import histogram
+from annotator.sink import RunFolder
+
+THUMBNAIL_PX = 160
+HISTOGRAM_BINS = 100
+SCORE_COLUMNS = ["row_id", "prob", "label", "answer_mass", "error"]
+GRIDS = {
+    "positives": "Most confident positives",
+    "threshold": "Nearest the threshold",
+    "negatives": "Most confident negatives",
+    "random": "Random sample",
+    "errors": "Rows with an error",
+}
+
+
+class BottomK:
+    """The k rows with the smallest (key, row_id) seen so far, in O(k) memory whatever the rows offered."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.keys = np.empty(0)
+        self.ids = np.empty(0, np.int64)
+        self.where = np.empty(0, np.int64)
+
+    def offer(self, keys: np.ndarray, ids: np.ndarray, where: np.ndarray) -> None:
+        if not self.k or not len(keys):
+            return
+        if len(keys) > self.k:
+            kth = np.partition(keys, self.k - 1)[self.k - 1]
+            near = keys <= kth  # ties kept: the lower row_id among them must win
+            keys, ids, where = keys[near], ids[near], where[near]
+        keys = np.concatenate([self.keys.astype(keys.dtype, copy=False), keys])
+        ids, where = np.concatenate([self.ids, ids]), np.concatenate([self.where, where])
+        order = np.lexsort((ids, keys))[: self.k]
+        self.keys, self.ids, self.where = keys[order], ids[order], where[order]
+
+
+def spread_hash(row_ids: np.ndarray) -> np.ndarray:
+    """splitmix64 of the row ids: a fixed random order, so the random sample is the same on every report."""
+    x = row_ids.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+@dataclass
+class Pick:
+    """A row shown as a thumbnail."""
+
+    row_id: int
+    where: int  # file index << 32 | row offset in the file
+    prob: float | None = None
+    label: bool | None = None
+    answer_mass: float | None = None
+    error: str | None = None
+    text: str | None = None
+    thumbnail: str | None = None  # a data: URI, or None when the image cannot be shown
+
+
+@dataclass
+class RunFacts:
+    """Everything the page shows, gathered from the run folder."""
+
+    rows: int = 0
+    scored: int = 0
+    errors: int = 0
+    positives: int = 0
+    ones: int = 0  # rows with prob exactly 1: the last histogram bin alone cannot tell them apart
+    prob_histogram: list[int] = field(default_factory=lambda: [0] * HISTOGRAM_BINS)
+    mass_histogram: list[int] = field(default_factory=lambda: [0] * HISTOGRAM_BINS)
+    error_kinds: Counter = field(default_factory=Counter)
+    error_samples: dict[str, Pick] = field(default_factory=dict)
+    grids: dict[str, list[Pick]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _where(file_index: int, offsets: np.ndarray) -> np.ndarray:
+    return (np.int64(file_index) << np.int64(32)) | offsets.astype(np.int64)
+
+
+def scan_scores(files: list[Path], threshold: float, k: int) -> tuple[RunFacts, dict[str, BottomK]]:
+    """Pass 1: counts, histograms, error kinds and the rows of each grid, from the score columns alone."""
+    facts = RunFacts()
+    picks = {name: BottomK(k) for name in GRIDS}
+    first_error_of: dict[str, tuple[int, int, str]] = {}
+    for file_index, path in enumerate(files):
+        parquet = pq.ParquetFile(path)
+        kind_column = ["error_kind"] if "error_kind" in parquet.schema_arrow.names else []
+        offset = 0
+        for batch in parquet.iter_batches(batch_size=1 << 16, columns=SCORE_COLUMNS + kind_column):
+            n = batch.num_rows
+            ids = batch.column("row_id").to_numpy(zero_copy_only=False).astype(np.int64)
+            where = _where(file_index, np.arange(offset, offset + n))
+            prob = batch.column("prob")
+            scored = pc.is_valid(prob).to_numpy(zero_copy_only=False)
+            p = pc.fill_null(prob, 0.0).to_numpy(zero_copy_only=False).astype(np.float64)
+            label = pc.fill_null(batch.column("label"), False).to_numpy(zero_copy_only=False)
+            facts.rows += n
+            facts.scored += int(scored.sum())
+            facts.positives += int(label.sum())
+            facts.ones += int((scored & (p >= 1.0)).sum())
+            facts.prob_histogram = _plus(facts.prob_histogram, histogram(prob, HISTOGRAM_BINS))
+            facts.mass_histogram = _plus(facts.mass_histogram, histogram(batch.column("answer_mass"), HISTOGRAM_BINS))
+            positive, negative = scored & label, scored & ~label
+            picks["positives"].offer(-p[positive], ids[positive], where[positive])
+            picks["negatives"].offer(p[negative], ids[negative], where[negative])
+            picks["threshold"].offer(np.abs(p[scored] - threshold), ids[scored], where[scored])
+            picks["random"].offer(spread_hash(ids), ids, where)
+            failed = np.flatnonzero(pc.is_valid(batch.column("error")).to_numpy(zero_copy_only=False))
+            facts.errors += len(failed)
+            picks["errors"].offer(ids[failed].astype(np.float64), ids[failed], where[failed])
+            if len(failed):
+                messages = pc.take(batch.column("error"), pa.array(failed)).to_pylist()
+                kinds = (
+                    pc.take(batch.column("error_kind"), pa.array(failed)).to_pylist()
+                    if kind_column
+                    else [image_kind(m) for m in messages]
+                )
+                facts.error_kinds.update(kinds)
+                for i, kind, message in zip(failed, kinds, messages, strict=True):
+                    first_error_of.setdefault(kind, (int(ids[i]), int(where[i]), message))
+            offset += n
+    facts.error_samples = {
+        kind: Pick(row_id, where, error=msg) for kind, (row_id, where, msg) in first_error_of.items()
+    }
+    return facts, picks
+
+
+def _plus(total: list[int], counts: list[int]) -> list[int]:
+    return [a + b for a, b in zip(total, counts, strict=True)]
+
+
+def _picks_in_order(name: str, chosen: BottomK, facts: RunFacts) -> list[Pick]:
+    picks = [Pick(int(i), int(w)) for i, w in zip(chosen.ids, chosen.where, strict=True)]
+    if name == "errors":  # one row of each kind first, then the first error rows
+        samples = list(facts.error_samples.values())
+        seen = {p.row_id for p in samples}
+        picks = (samples + [p for p in picks if p.row_id not in seen])[: chosen.k]
+    return picks
+
+
+def fill_picks(files: list[Path], picks: list[Pick], recipe: dict[str, Any], base_dirs: list[tuple[int, str]]) -> None:
+    """Pass 2: scores, text and a thumbnail for each chosen row, reading only files that hold one."""
+    image_column = recipe["input"]["image_column"]
+    query = recipe["prompt"].get("query")
+    text_column = None if query else recipe["input"]["text_column"]
+    max_pixels = recipe["input"]["max_image_pixels"]
+    by_file: dict[int, dict[int, list[Pick]]] = {}
+    for pick in picks:
+        by_file.setdefault(pick.where >> 32, {}).setdefault(pick.where & 0xFFFFFFFF, []).append(pick)
+    for file_index, wanted in sorted(by_file.items()):
+        columns = [image_column, *SCORE_COLUMNS[1:]] + ([text_column] if text_column else [])
+        last, offset = max(wanted), 0
+        for batch in pq.ParquetFile(files[file_index]).iter_batches(batch_size=64, columns=columns):
+            for row in set(wanted) & set(range(offset, offset + batch.num_rows)):
+                values = {name: batch.column(name)[row - offset].as_py() for name in columns}
+                for pick in wanted[row]:
+                    pick.prob, pick.label = values["prob"], values["label"]
+                    pick.answer_mass, pick.error = values["answer_mass"], values["error"]
+                    pick.text = query if query else values[text_column]
+                    pick.thumbnail = thumbnail(values[image_column], _base_dir(pick.row_id, base_dirs), max_pixels)
+            offset += batch.num_rows
+            if offset > last:
+                break  # the rest of the file holds no chosen row: its images are never read
+
+
+def _base_dir(row_id: int, base_dirs: list[tuple[int, str]]) -> str | None:
+    """The folder relative image paths of this row resolve against (its input parquet file's)."""
+    folder = None
+    for first_row, directory in base_dirs:
+        if row_id < first_row:
+            break
+        folder = directory
+    return folder
+
+
+def input_base_dirs(recipe: dict[str, Any]) -> list[tuple[int, str]]:
+    """(first row, folder) of each input parquet file, for images stored as relative paths; [] if unknown."""
+    spec = recipe["input"].get("parquet")
+    if not spec:
+        return []
+    from annotator.sources import resolve_parquet_files
+
+    try:
+        files = resolve_parquet_files(spec)
+        counts = [pq.ParquetFile(f).metadata.num_rows for f in files]
+    except Exception:  # the input moved or changed since the run: thumbnails of path images show as missing
+        return []
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
+    return [(start, str(f.parent)) for start, f in zip(starts, files, strict=True)]
+
+
+def thumbnail(value: Any, base_dir: str | None, max_pixels: int) -> str | None:
+    """A JPEG of at most THUMBNAIL_PX on its longer side as a data: URI; None if the image cannot be decoded."""
+    if isinstance(value, dict):
+        data, path = value.get("bytes"), value.get("path")
+        ref = ImageRef(data=bytes(data)) if data else ImageRef(path=read_path(path, base_dir)) if path else None
+    elif isinstance(value, bytes | bytearray):
+        ref = ImageRef(data=bytes(value))
+    elif isinstance(value, str) and value:
+        ref = ImageRef(path=read_path(value, base_dir))
+    else:
+        ref = None
+    if ref is None:
+        return None
+    try:
+        width, height = header_size(ref, max_pixels)  # refuses a too-large image before decoding it
+        scale = min(1.0, THUMBNAIL_PX / max(width, height))
+        size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        pixels = decode_resized(ref, size, max_pixels, draft=True)
+    except Exception:  # a broken image is that row's error already; here it is just not shown
+        return None
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buffer, format="JPEG", quality=82)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def throughput(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """`rows_per_s` as the run went: per session, rows committed so far over seconds since its model loaded."""
+    points: list[tuple[float, float]] = []
+    offset, sessions = 0.0, 0
+    by_session: dict[float, list[dict[str, Any]]] = {}
+    for record in sorted(records, key=lambda r: r["committed_at"]):
+        by_session.setdefault(record.get("session_started") or 0.0, []).append(record)
+    for started, mine in sorted(by_session.items()):
+        sessions += 1
+        start = started or mine[0]["committed_at"]
+        rows = 0
+        for record in mine:
+            rows += record["rows"]
+            elapsed = record["committed_at"] - start
+            if elapsed > 0:
+                points.append((offset + elapsed, rows / elapsed))
+        offset += max(0.0, mine[-1]["committed_at"] - start)
+    step = max(1, len(points) // 300)
+    return {"points": points[::step], "sessions": sessions, "seconds": offset}
+
+
+def gather(folder: RunFolder, k: int) -> tuple[RunFacts, dict[str, Any]]:
+    """Both passes over a run folder; returns the facts and the frozen recipe."""
+    recipe = yaml.safe_load(folder.recipe_path.read_text(encoding="utf-8"))
+    records = folder.committed()
+    files = [folder.window_file(index) for index in sorted(records)]
+    started = time.perf_counter()
+    facts, chosen = scan_scores(files, recipe["output"]["threshold"], k)
+    facts.seconds["scores"] = time.perf_counter() - started
+    facts.grids = {name: _picks_in_order(name, chosen[name], facts) for name in GRIDS}
+    every_pick = [p for grid in facts.grids.values() for p in grid] + list(facts.error_samples.values())
+    started = time.perf_counter()
+    fill_picks(files, every_pick, recipe, input_base_dirs(recipe))
+    facts.seconds["thumbnails"] = time.perf_counter() - started
+    return facts, recipe
+
+
+def write_report(output_dir: Path, out: Path | None, k: int = 12) -> Path:
+    """Write the run's report page; returns its path."""
+    from annotator.report_page import render
+
+    folder = RunFolder(output_dir)
+    if not folder.exists():
+        raise AnnotatorError(f"{str(output_dir)!r} is not a run folder (no manifest.json). Pass a run's output folder.")
+    if not 1 <= k <= 200:
+        raise AnnotatorError(f"--thumbnails {k}: give a number from 1 to 200.")
+    out = out or folder.root / "report.html"
+    if out.is_dir() or not out.parent.is_dir():
+        raise AnnotatorError(
+            f"--out {str(out)!r} is not a file name in an existing folder; give one such as {folder.root}/report.html."
+        )
+    facts, recipe = gather(folder, k)
+    page = render(folder, recipe, facts, throughput(list(folder.committed().values())))
+    hidden = out.with_name(f".{out.name}.tmp")
+    hidden.write_text(page, encoding="utf-8")
+    hidden.replace(out)
+    return out

@@ -1,0 +1,200 @@
+"""The lean forward equals transformers' own, never reads a device value on the host, and costs no ops per image."""
+
+import numpy as np
+import pytest
+import torch
+from transformers.vision_utils import get_vision_position_ids
+
+from annotator import forward
+from annotator.batching import grid_thw
+from annotator.forward import VisionLayout, grid_rotary_positions
+from annotator.opcount import count_launch, count_ops, on_fake_tensors, qwen2_vl_2b
+from annotator.prompt import PromptBuilder
+from annotator.recipe import PromptConfig
+from annotator.scoring import ScoreInput, Scorer
+
+MIN_PIXELS, MAX_PIXELS = 3136, 56 * 56 * 4
+SIZES = [(756, 476), (320, 240), (240, 320), (100, 900), (64, 64), (500, 500)]
+TEXTS = ["a cat", "a photo of a dog on the street", "red", "a small blue car next to a tree in the city"]
+
+
+def score_inputs(builder, sizes, max_pixels=MAX_PIXELS, seed=0):
+    rng = np.random.default_rng(seed)
+    texts = builder.question_tokens(TEXTS)
+    rows = []
+    for i, (width, height) in enumerate(sizes):
+        grid = grid_thw(height, width, MIN_PIXELS, max_pixels)
+        image = rng.integers(0, 256, (grid[1] * 14, grid[2] * 14, 3), dtype=np.uint8)
+        rows.append(ScoreInput(image, grid, texts[i % len(texts)]))
+    return rows
+
+
+def logits(scorer, rows):
+    with torch.inference_mode():
+        return scorer.logits(scorer.collate(rows))
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        pytest.param([(756, 476)] * 5, id="one-grid"),
+        pytest.param(SIZES + [(756, 476), (500, 500)], id="mixed-grids"),
+    ],
+)
+def test_lean_forward_equals_transformers_forward(tiny, sizes):
+    builder = PromptBuilder(tiny.tokenizer, PromptConfig())
+    rows = score_inputs(builder, sizes)
+    lean = logits(Scorer(tiny, builder, "lean"), rows)
+    reference = logits(Scorer(tiny, builder, "transformers"), rows)
+    assert reference[:, builder.positive_id].std() > 1, "answers must depend on the input, or equality proves nothing"
+    # Logits reach ~10 here; padded attention over mixed grids sums in another order (float32 rounding).
+    torch.testing.assert_close(lean, reference, atol=5e-5, rtol=0)
+    torch.testing.assert_close(lean.softmax(-1), reference.softmax(-1), atol=1e-5, rtol=0)
+    lean_scores = Scorer(tiny, builder, "lean").score(rows)
+    reference_scores = Scorer(tiny, builder, "transformers").score(rows)
+    np.testing.assert_allclose([s.prob for s in lean_scores], [s.prob for s in reference_scores], atol=1e-5)
+
+
+def test_vision_layout_of_mixed_grids_and_frames_equals_the_vision_tower(tiny):
+    """Frames of one image attend apart (t > 1, as transformers' cu_seqlens split them); padding never leaks."""
+    visual = tiny.model.model.visual
+    grids = [(1, 6, 10), (2, 4, 4), (1, 6, 10), (1, 2, 2)]
+    patches = sum(t * h * w for t, h, w in grids)
+    pixel_values = torch.randn(patches, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = visual(pixel_values, grid_thw=torch.tensor(grids)).pooler_output
+        got = forward.vision_features(visual, pixel_values, VisionLayout.build(grids, torch.float32))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_vision_layout_is_built_on_the_host_and_cached_per_grid():
+    one = VisionLayout.build([(1, 30, 48)] * 64, torch.float32)
+    assert (one.frames, one.length) == (64, 1440) and one.gather is None and one.key_mask is None
+    assert one.positions.shape == (1440, 2), "one table shared by every image of a grid"
+    assert grid_rotary_positions(30, 48) is grid_rotary_positions(30, 48)
+    expected = get_vision_position_ids(torch.tensor([[1, 30, 48]]), 2)
+    assert torch.equal(grid_rotary_positions(30, 48), expected)
+
+    mixed = VisionLayout.build([(1, 2, 4), (1, 4, 4), (2, 2, 2)], torch.float32)
+    assert (mixed.frames, mixed.length) == (4, 16)
+    packed = torch.arange(8 + 16 + 8)
+    padded = packed[mixed.gather].view(4, 16)
+    assert torch.equal(padded[mixed.key_mask.view(4, 16) == 0], packed), "real slots hold every patch once, in order"
+    assert torch.equal(padded.view(-1)[mixed.scatter], packed), "scatter undoes gather"
+    assert mixed.key_mask.isinf().sum() == 16 * 4 - 32
+    assert all(t.device.type == "cpu" for t in (mixed.positions, mixed.gather, mixed.scatter, mixed.key_mask))
+
+
+def test_decoding_a_prefix_then_a_suffix_with_its_keys_equals_one_pass(tiny):
+    """The decoder takes earlier tokens' keys/values: how shared-prefix questions will reuse one image's prefix."""
+    text_model = tiny.model.model.language_model
+    ids = torch.randint(0, 500, (2, 12), generator=torch.Generator().manual_seed(1))
+    valid = torch.ones(2, 12, dtype=torch.bool)
+    valid[1, :3] = False  # the second row is left-padded
+    positions = (valid.cumsum(-1) - 1).clamp(min=0).expand(3, 2, 12)
+    with torch.inference_mode():
+        embeds = text_model.embed_tokens(ids)
+        rotary = forward.rotary_tables(text_model, embeds, positions)
+        whole, _ = forward.decode(text_model, embeds, forward.causal_mask(valid, embeds.dtype), rotary)
+        cos, sin = rotary
+        first_mask = forward.causal_mask(valid[:, :8], embeds.dtype)
+        head, past = forward.decode(
+            text_model, embeds[:, :8], first_mask, (cos[..., :8, :], sin[..., :8, :]), keep_key_values=True
+        )
+        assert len(past) == len(text_model.layers) and past[0][0].shape[2] == 8
+        tail, _ = forward.decode(
+            text_model,
+            embeds[:, 8:],
+            forward.causal_mask(valid, embeds.dtype, past=8),
+            (cos[..., 8:, :], sin[..., 8:, :]),
+            past=past,
+        )
+    # Hidden states reach ~80 in the tiny model: 1e-4 is float32 rounding of attention over 8 vs 12 keys.
+    torch.testing.assert_close(torch.cat([head, tail], dim=1)[valid], whole[valid], atol=1e-4, rtol=1e-5)
+
+
+def test_the_lean_forward_traces_as_one_graph(tiny):
+    """No data-dependent Python either: dynamo captures the whole forward without a break, as CUDA graphs need."""
+    builder = PromptBuilder(tiny.tokenizer, PromptConfig())
+    scorer = Scorer(tiny, builder, "lean")
+    with torch.inference_mode():
+        inputs = scorer.collate(score_inputs(builder, [(756, 476), (756, 476), (320, 240)]))
+        traced = torch.compile(forward.lean_logits, backend="eager", fullgraph=True)(tiny.model, inputs)
+        torch.testing.assert_close(traced, forward.lean_logits(tiny.model, inputs), atol=0, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def fake_2b():
+    """Qwen2-VL-2B's full architecture on fake tensors: no memory, no compute, and reading a value raises."""
+    return qwen2_vl_2b(reduced=False)
+
+
+def counts(loaded, forward_kind, sizes, max_pixels=307200):
+    builder = PromptBuilder(loaded.tokenizer, PromptConfig())
+    rows = score_inputs(builder, sizes, max_pixels)
+    with on_fake_tensors(loaded):
+        return count_launch(Scorer(loaded, builder, forward_kind), rows)
+
+
+def test_no_host_sync_and_no_op_per_image_in_the_lean_forward(fake_2b):
+    """Fails if a sync (`.item()`, `.tolist()`, `nonzero`...) or a per-image loop comes back into the forward.
+
+    On fake tensors any read of a device value raises, so reaching the end proves the forward never reads one.
+    """
+    seed_sized = [(756, 476)]
+    few, many = counts(fake_2b, "lean", seed_sized * 4), counts(fake_2b, "lean", seed_sized * 16)
+    assert few.host_syncs == many.host_syncs == 0
+    assert few.vision_ops == many.vision_ops, "the vision tower's ops must not grow with the images of one grid"
+    assert few.forward_ops == many.forward_ops and few.collate_ops == many.collate_ops
+    assert many.vision_ops / 64 <= 15, "the issue's target: <= 15 ops per image in a batch of 64 seed-sized images"
+
+    two_grids = [(756, 476), (640, 480)]
+    mixed_few, mixed_many = counts(fake_2b, "lean", two_grids * 2), counts(fake_2b, "lean", two_grids * 8)
+    assert mixed_few.host_syncs == mixed_many.host_syncs == 0
+    assert mixed_few.vision_ops == mixed_many.vision_ops, "mixed grids: one attention call per block too"
+
+
+def test_the_counter_sees_transformers_syncs_and_per_image_ops(tiny):
+    """The detector itself: transformers' forward syncs in every vision block and grows with the images."""
+    few, many = counts(tiny, "transformers", [(64, 64)] * 2, MAX_PIXELS), counts(tiny, "transformers", [(64, 64)] * 4)
+    assert few.host_syncs > tiny.model.config.vision_config.depth
+    assert few.sync_ops.get("Tensor.tolist", 0) >= tiny.model.config.vision_config.depth
+    assert many.vision_ops > few.vision_ops
+    with count_ops() as count:
+        torch.tensor([3, 0, 1]).nonzero()
+        torch.tensor(2.0).item()
+    assert dict(count.syncs) == {"aten.nonzero": 1, "aten._local_scalar_dense": 1}
+
+
+def test_fake_tensor_counts_equal_real_counts():
+    """Counting on fake tensors (how the bench counts the full-size model) sees exactly the ops of a real forward."""
+    real = qwen2_vl_2b(reduced=True)
+    fake = qwen2_vl_2b(reduced=False)
+    sizes = [(64, 64), (64, 64), (100, 60)]
+    on_real, on_fake = counts(real, "lean", sizes, MAX_PIXELS), counts(fake, "lean", sizes, MAX_PIXELS)
+    # (collate's host-side op count varies with the cache of rotary tables: which run built them first)
+    assert (on_real.vision_ops, on_real.forward_ops, on_real.host_syncs) == (
+        on_fake.vision_ops,
+        on_fake.forward_ops,
+        on_fake.host_syncs,
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_lean_forward_does_not_sync_a_gpu(tiny):
+    from annotator.models import load_model
+
+    loaded = load_model(tiny.name, None, "bfloat16", "cuda", "sdpa")
+    builder = PromptBuilder(loaded.tokenizer, PromptConfig())
+    rows = score_inputs(builder, SIZES)
+    scorer = Scorer(loaded, builder, "lean")
+    scorer.score(rows)  # warm-up: first calls allocate and load kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        wait = scorer.launch(rows)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    reference = Scorer(loaded, builder, "transformers").score(rows)
+    np.testing.assert_allclose([s.prob for s in wait()], [s.prob for s in reference], atol=0.02)

@@ -1,0 +1,74 @@
+"""`annotate status`: the ETA of a running job from its live session, the prob histogram and kept shares."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from annotator.cli import app
+from annotator.fake_run import write_fake_run
+from annotator.status import run_status, session_rate
+from tests.conftest import read_output
+
+runner = CliRunner()
+
+
+def as_running(folder, keep: int, seconds_ago: float) -> None:
+    """Make a finished fake run look like a live one: `keep` windows committed by a session that started
+    `seconds_ago`, and the lock held by this process."""
+    now = time.time()
+    folder.summary_path.unlink()
+    records = [json.loads(line) for line in folder.journal_path.read_text().splitlines()][:keep]
+    for i, record in enumerate(records):
+        record["session_started"] = now - seconds_ago
+        record["committed_at"] = now - seconds_ago + (i + 1) * seconds_ago / (keep + 1)
+    folder.journal_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    lock = {"pid": os.getpid(), "host": socket.gethostname(), "since": now - seconds_ago - 5}
+    (folder.root / "lock").write_text(json.dumps(lock))
+
+
+def test_a_running_job_has_an_eta_from_its_live_rate(tmp_path):
+    folder = write_fake_run(tmp_path / "run", rows=1000, window=100)
+    as_running(folder, keep=4, seconds_ago=20.0)
+    status = run_status(folder.root)
+    assert status["state"] == "running" and status["rows_done"] == 400
+    assert status["rows_per_s"] == pytest.approx(400 / 20, rel=0.05), "rows this session / seconds since it began"
+    assert status["eta_s"] == pytest.approx(600 / status["rows_per_s"], rel=0.01)
+    result = runner.invoke(app, ["status", str(folder.root)])
+    assert result.exit_code == 0 and "eta" in result.output and "prob    0 " in result.output
+
+
+def test_a_session_that_committed_nothing_yet_has_no_rate(tmp_path):
+    records = [{"rows": 10, "committed_at": 105.0, "session_started": 100.0}]
+    assert session_rate(records, running_since=200.0) == (None, False), "still loading its model"
+    rate, live = session_rate(records, running_since=None)
+    assert rate == pytest.approx(2.0) and not live, "an interrupted run: its last session's rate"
+
+
+def test_status_histogram_and_kept_shares_are_exact(tmp_path):
+    values = np.float32([0.05, 0.1, 0.3, 0.35, 0.5, 0.5, 0.7, 0.9, 1.0, 0.0] * 7)
+    probs = [float(v) for v in values] + [None] * 5  # float32 0.35 is just below 0.35; 0.05 just above 0.05
+    folder = write_fake_run(tmp_path / "run", window=16, probs=probs, threshold=0.35)
+    status = json.loads(runner.invoke(app, ["status", str(folder.root), "--json"]).output)
+    table = read_output(folder.root)
+    scored = [p for p in table.column("prob").to_pylist() if p is not None]
+    for threshold, share in status["kept_share_at"].items():
+        assert share == round(sum(p >= float(threshold) for p in scored) / 75, 4), threshold
+    assert status["kept_share"] == round(sum(bool(v) for v in table.column("label").to_pylist()) / 75, 4)
+    assert status["kept_share"] == round(sum(p >= 0.35 for p in scored) / 75, 4)
+    assert sum(status["prob_histogram"]) == 70 and status["prob_histogram"][-1] == 7, "prob 1 is in the last bin"
+    assert status["rows_per_s"] == json.loads(folder.summary_path.read_text())["rows_per_s"]
+
+
+def test_journals_from_before_histograms_were_recorded_still_give_the_histogram(tmp_path):
+    folder = write_fake_run(tmp_path / "run", rows=300, window=64)
+    expected = run_status(folder.root)["prob_histogram"]
+    records = [json.loads(line) for line in folder.journal_path.read_text().splitlines()]
+    folder.journal_path.write_text("".join(json.dumps({**r, "histograms": {}}) + "\n" for r in records))
+    assert run_status(folder.root)["prob_histogram"] == expected and sum(expected) > 250
