@@ -8,6 +8,7 @@ import signal
 import time
 from collections import Counter, deque
 from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -263,11 +264,11 @@ class Annotator:
         self.progress.begin(committed.values())
         self.builder = PromptBuilder(loaded.tokenizer, recipe.prompt)
         self.scorer = Scorer(loaded, self.builder, recipe.model.forward)
-        _settle_memory()
         self.schema = output_schema(self.source.schema, recipe.input.image_column)
         workers = resolve_workers(recipe.batching.workers)
         lookahead = max(2 * recipe.batching.max_batch_size, 8)
         with (
+            _settled_memory(),
             self._preprocessor(workers, lookahead) as self.preprocessor,
             StopRequest(self.console) as stop,
             self.progress,
@@ -472,24 +473,28 @@ class Annotator:
         return summary
 
 
-def _settle_memory() -> None:
+@contextmanager
+def _settled_memory() -> Iterator[None]:
     """Spare the main process work that is not the run's: it is a feeder for the device (docs/performance.md).
 
     The model and libraries live as long as the run, so the garbage collector stops walking them every time the
-    planner allocates a window's rows (that was most of the planner's CPU). Arrow's default allocator gives freed
+    planner allocates a window's rows (that was most of the planner's CPU); garbage is collected first, so that
+    none is frozen with them, and they are collectable again after the run. Arrow's default allocator gives freed
     memory back to the kernel within milliseconds, so every window's buffers were page-faulted in and zeroed
     again: jemalloc keeping freed pages for reuse saves that (peak memory is unchanged: a run holds at most two
     windows).
     """
     import pyarrow as pa
 
+    with suppress(NotImplementedError):  # a pyarrow built without jemalloc keeps its allocator
+        pa.set_memory_pool(pa.jemalloc_memory_pool())
+        pa.jemalloc_set_decay_ms(-1)
+    gc.collect()
     gc.freeze()
     try:
-        pool = pa.jemalloc_memory_pool()
-    except NotImplementedError:  # a pyarrow built without jemalloc
-        return
-    pa.jemalloc_set_decay_ms(-1)
-    pa.set_memory_pool(pool)
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def summarize(folder: RunFolder) -> dict[str, Any]:

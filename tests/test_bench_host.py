@@ -10,12 +10,13 @@ from annotator.cli import app
 from annotator.ring import shared_memory_problem
 
 runner = CliRunner()
+TINY = ["bench", "--model", "tiny", "--count-images", "0"]  # op counts are tested elsewhere and take a while
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(shared_memory_problem() is not None, reason="no memfd_create here")
 def test_bench_counts_host_cpu_and_bytes_for_both_ways_images_travel():
-    args = ["bench", "--model", "tiny", "--pairs", "12", "--sizes", "320x240", "--max-pixels", "50176"]
+    args = [*TINY, "--pairs", "12", "--sizes", "320x240", "--max-pixels", "50176"]
     result = runner.invoke(app, [*args, "--workers", "1", "--json"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
@@ -36,7 +37,7 @@ def test_bench_counts_host_cpu_and_bytes_for_both_ways_images_travel():
 
 
 def test_bench_without_workers_counts_the_main_process_alone():
-    args = ["bench", "--model", "tiny", "--pairs", "2", "--sizes", "320x240", "--workers", "0", "--json"]
+    args = [*TINY, "--pairs", "2", "--sizes", "320x240", "--workers", "0", "--json"]
     result = runner.invoke(app, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
