@@ -27,7 +27,7 @@ from annotator.ring import ImageRing, MappedRing, RingHandle, shared_memory_prob
 
 # glibc serves blocks over 128 KiB with mmap (raising that bar only as such blocks are freed) and trims the heap
 # over 128 KiB free, so decoded images and codec buffers are page-faulted in and zeroed again and again. Workers
-# take blocks up to 32 MiB from the heap and keep up to 256 MiB of it (docs/performance.md: -2.5 ms per image).
+# take blocks up to 32 MiB from the heap and keep up to 256 MiB of it (docs/performance.md: about 2 ms less per image).
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MALLOC_SETTINGS = ((M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 256 << 20))
 PR_SET_PDEATHSIG = 1
