@@ -66,6 +66,7 @@ class BenchConfig:
     attn_implementation: str = "sdpa"
     forward: str = "lean"
     count_images: int = 64
+    host: bool = True
 
 
 @dataclass(frozen=True)
@@ -432,6 +433,8 @@ def run_bench(config: BenchConfig, console: Any) -> dict[str, Any]:
         recipe = bench_recipe(config, parquet, Path(tmp) / "out")
         console.print(f"bench: scoring {config.pairs} pairs with {config.model} (the real pipeline)...")
         result, annotator = run_pipeline(recipe, console)
+        if config.host:
+            result.update(host_figures(recipe, Path(tmp), synthetic, annotator.builder, console, config.pairs))
     loaded, m = annotator.scorer.loaded, recipe.model
     console.print("bench: preprocessing rate per core (best of 3)...")
     mean, std = annotator.scorer.mean.cpu(), annotator.scorer.std.cpu()
@@ -458,6 +461,21 @@ def run_bench(config: BenchConfig, console: Any) -> dict[str, Any]:
         "max_pixels": config.max_pixels,
         **result,
     }
+
+
+def host_figures(
+    recipe: Any, tmp: Path, synthetic: SyntheticPairs, builder: Any, console: Any, pairs: int
+) -> dict[str, Any]:
+    """Main-process CPU per pair (shared memory and pipes), worker CPU and bytes per image, the planner's stall."""
+    from annotator.bench_host import measure_host, planner_stall, worker_malloc
+
+    console.print("bench: host CPU, bytes per image through shared memory and through pipes (two more runs)...")
+    figures = measure_host(recipe, tmp, console)
+    figures.update(planner_stall(recipe, builder))
+    if figures["host"].get("pipes"):
+        console.print("bench: worker CPU per image with glibc's malloc defaults and tuned...")
+        figures.update(worker_malloc(synthetic.images, recipe.model.max_pixels, min(128, max(16, pairs))))
+    return figures
 
 
 def measure_forward_ops(images: int, min_pixels: int, max_pixels: int) -> dict[str, Any]:

@@ -315,6 +315,7 @@ def bench(
     count_images: Annotated[int, typer.Option(help="Images per batch for the op/sync counts (0: skip).")] = 64,
     baseline: Annotated[bool, typer.Option(help="Also time the naive one-pair-at-a-time loop.")] = False,
     baseline_pairs: Annotated[int, typer.Option(help="Pairs for the naive loop.")] = 32,
+    host: Annotated[bool, typer.Option(help="Also count host CPU per pair and bytes per image (more runs).")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Throughput benchmark on synthetic images: pairs/s, tokens/s, padding, MFU, memory, preprocessing rate."""
@@ -337,6 +338,7 @@ def bench(
             count_images=count_images,
             baseline=baseline,
             baseline_pairs=baseline_pairs,
+            host=host,
         ),
         console,
     )

@@ -88,6 +88,9 @@ class BatchingConfig(_Section):
         "auto", description="Preprocessing processes; 0 = in the main one."
     )
     image_timeout_s: float = Field(30.0, gt=0)
+    shared_memory: bool = Field(
+        True, description="Images to and from the workers through shared memory; false: through pipes."
+    )
 
 
 class OutputConfig(_Section):

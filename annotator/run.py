@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,7 +164,7 @@ class Annotator:
         with stop:
             stop.message = self._load_interrupted_message()
             loaded, self.builder = self._load()
-        from annotator.preprocess import Preprocessor, resolve_workers
+        from annotator.preprocess import resolve_workers
         from annotator.scoring import Scorer
 
         if not self.fresh and recipe.input.limit != self.folder.manifest().get("limit"):
@@ -175,15 +176,17 @@ class Annotator:
         self.scorer = Scorer(loaded, self.builder, recipe.model.forward)
         self.schema = output_schema(self.source.schema, recipe.input.image_column)
         workers = resolve_workers(recipe.batching.workers)
+        lookahead = max(2 * recipe.batching.max_batch_size, 8)
         with (
-            Preprocessor(workers, recipe.batching.image_timeout_s) as self.preprocessor,
+            _settled_memory(),
+            self._preprocessor(workers, lookahead) as self.preprocessor,
             stop,
             self.progress,
         ):
             stop.on_exit.append(self.preprocessor.kill_workers)
             stop.message = self._interrupted_message()
             stop.immediate = False
-            self._loop(self._windows_to_do(committed), stop, lookahead=max(2 * recipe.batching.max_batch_size, 8))
+            self._loop(self._windows_to_do(committed), stop, lookahead)
         return self.finish(loaded.device)
 
     def _load(self):
@@ -215,6 +218,20 @@ class Annotator:
             drop_previous(self.folder)
         self.progress.model_loaded(m.name, loaded.device, loaded.dtype, time.perf_counter() - started)
         return loaded, builder
+
+    def _preprocessor(self, workers: int, lookahead: int):
+        """The workers and their shared-memory ring, with a slot for every image that can be in flight or held."""
+        from annotator.preprocess import Preprocessor
+
+        batching = self.recipe.batching
+        # Asked for: under `lookahead` plus one batch (`_loop` asks a batch at a time); held: the batch launched.
+        slots = lookahead + 2 * batching.max_batch_size
+        preprocessor = Preprocessor(
+            workers, batching.image_timeout_s, slots, 3 * self.recipe.model.max_pixels, batching.shared_memory
+        )
+        if preprocessor.note:
+            self.console.print(f"[yellow]{preprocessor.note}[/]")
+        return preprocessor
 
     def _windows_to_do(self, committed: dict[int, dict]) -> Iterator[Window]:
         first = 0
@@ -261,7 +278,7 @@ class Annotator:
                         if planned:
                             state, batch = planned.popleft()
                             jobs = [ImageJob(r.image, r.resized, max_pixels, draft) for r in batch]
-                            submitted.append((state, batch, [self.preprocessor.submit(job) for job in jobs]))
+                            submitted.append((state, batch, self.preprocessor.submit_batch(jobs)))
                             continue
                         with stop.interruptible():  # reading a window's headers can stall on a slow disk
                             state = upcoming.result()
@@ -275,7 +292,7 @@ class Annotator:
                             break  # nothing to score (every row failed its checks): commit it before reading on
                     if not submitted:
                         if in_flight is not None:
-                            self._finish_batch(*in_flight)
+                            self._finish_and_release(*in_flight)
                             in_flight = None
                         elif not open_windows and upcoming is None:
                             break
@@ -286,8 +303,8 @@ class Annotator:
                     launched = self._launch_batch(state, batch, images)
                     # The previous batch's results are read only now, so the GPU ran it while this one was prepared.
                     if in_flight is not None:
-                        self._finish_batch(*in_flight)
-                    in_flight = launched
+                        self._finish_and_release(*in_flight)
+                    in_flight = launched, tickets
             except BaseException as stopped:
                 if writing is not None and writing.exception() is not None:
                     # A failed write (disk full) is the news, whatever else stopped the loop.
@@ -315,6 +332,11 @@ class Annotator:
             self.max_batch_tokens = max(1, min(self.max_batch_tokens, padded // 2))
 
         return state, batch, ready, launch_splitting_on_oom(self.scorer, inputs, lower_budget)
+
+    def _finish_and_release(self, launched: tuple, tickets: list[int]) -> None:
+        """Read a batch's scores, then free its images' shared-memory slots: the device has read them by now."""
+        self._finish_batch(*launched)
+        self.preprocessor.release(tickets)
 
     def _finish_batch(self, state: WindowState, batch: list[PlannedRow], ready: list[PlannedRow], wait) -> None:
         for row, score in zip(ready, wait(), strict=True):
@@ -381,6 +403,30 @@ class Annotator:
         self.folder.write_summary(summary)
         self.progress.finished(summary)
         return summary
+
+
+@contextmanager
+def _settled_memory() -> Iterator[None]:
+    """Spare the main process work that is not the run's: it is a feeder for the device (docs/performance.md).
+
+    The model and libraries live as long as the run, so the garbage collector stops walking them every time the
+    planner allocates a window's rows (that was most of the planner's CPU); garbage is collected first, so that
+    none is frozen with them, and they are collectable again after the run. Arrow's default allocator gives freed
+    memory back to the kernel within milliseconds, so every window's buffers were page-faulted in and zeroed
+    again: jemalloc keeping freed pages for reuse saves that (peak memory is unchanged: a run holds at most two
+    windows).
+    """
+    import pyarrow as pa
+
+    with suppress(NotImplementedError):  # a pyarrow built without jemalloc keeps its allocator
+        pa.set_memory_pool(pa.jemalloc_memory_pool())
+        pa.jemalloc_set_decay_ms(-1)
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def summarize(folder: RunFolder) -> dict[str, Any]:
