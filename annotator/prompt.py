@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from tokenizers import normalizers
 
 from annotator.batching import MERGE_SIZE
 from annotator.errors import AnnotatorError
@@ -34,6 +36,7 @@ class PromptBuilder:
 
     def __init__(self, tokenizer, prompt: PromptConfig) -> None:
         self.tokenizer = tokenizer
+        self.backend = tokenizer.backend_tokenizer  # the Rust tokenizer
         self.prompt = prompt
         self.image_pad_id = self._special_id(IMAGE_PAD)
         self.vision_end_id = self._special_id(VISION_END)
@@ -65,27 +68,54 @@ class PromptBuilder:
         return ids[0]
 
     def question_tokens(self, texts: Sequence[str | None]) -> list[TextTokens]:
-        """Tokenize the question for each row's text, truncating the text to `max_text_tokens`."""
+        """Tokenize the question for each row's text, truncating the text to `max_text_tokens`.
+
+        Each question is tokenized whole, in one batch call: the template's head and tail cannot be tokenized
+        apart from the text, since the pre-tokenizer joins the seed's `"` with the caption's first word. A text is
+        also tokenized alone, to truncate it, only when it is long enough to reach the limit.
+        """
         limit = self.prompt.max_text_tokens
-        usable = [i for i, t in enumerate(texts) if isinstance(t, str) and t.strip()]
-        text_ids = self._encode_many([texts[i] for i in usable])
-        questions, truncated = [], []
-        for i, ids in zip(usable, text_ids, strict=True):
-            text = self.tokenizer.decode(ids[:limit]) if len(ids) > limit else texts[i]
-            # Literal substitution: braces in captions are text, never template fields.
-            questions.append(self.question_head + text + self.question_rest)
-            truncated.append(len(ids) > limit)
         results = [TextTokens(error="text: missing (null)" if t is None else "text: empty") for t in texts]
-        for i, ids, cut in zip(usable, self._encode_many(questions), truncated, strict=True):
-            results[i] = TextTokens(ids=tuple(ids), truncated=cut)
+        usable = [i for i, t in enumerate(texts) if isinstance(t, str) and t.strip()]
+        long = [i for i in usable if self._most_tokens(texts[i]) > limit]
+        cut = {
+            i: self.tokenizer.decode(ids[:limit])
+            for i, ids in zip(long, self._encode_many([texts[i] for i in long]), strict=True)
+            if len(ids) > limit
+        }
+        # Literal substitution: braces in captions are text, never template fields.
+        questions = [self.question_head + cut.get(i, texts[i]) + self.question_rest for i in usable]
+        for i, ids in zip(usable, self._encode_many(questions), strict=True):
+            results[i] = TextTokens(ids=tuple(ids), truncated=i in cut)
         return results
 
+    def _most_tokens(self, text: str) -> int:
+        """An upper bound of the text's token count: every token holds at least one byte of the normalized
+        text, and a pre-tokenizer may add one prefix space."""
+        normalizer = self.backend.normalizer
+        if isinstance(normalizer, normalizers.NFC):
+            text = text if text.isascii() else unicodedata.normalize("NFC", text)
+        elif normalizer is not None:
+            text = normalizer.normalize_str(text)
+        return len(text.encode("utf-8")) + 1
+
     def _encode_many(self, texts: list[str]) -> list[list[int]]:
-        # split_special_tokens: "<|image_pad|>" written in a caption is text; as a real token it would not
-        # match the image features and fail the whole batch's forward pass.
+        """Token ids as `tokenizer(texts, add_special_tokens=False, split_special_tokens=True)` gives them.
+
+        The Rust tokenizer is called directly: it encodes the batch in parallel without the GIL, and transformers'
+        per-row Python conversion (offsets, masks, a dict per row) is skipped.
+        split_special_tokens: "<|image_pad|>" written in a caption is text; as a real token it would not match the
+        image features and fail the whole batch's forward pass.
+        """
         if not texts:
             return []
-        return self.tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        backend = self.backend
+        if backend.padding is not None:
+            backend.no_padding()
+        if backend.truncation is not None:
+            backend.no_truncation()
+        backend.encode_special_tokens = True
+        return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=False)]
 
     def sequence_length(self, image_tokens: int, text: TextTokens) -> int:
         return len(self.prefix_ids) + image_tokens + 1 + len(text.ids) + len(self.tail_ids)

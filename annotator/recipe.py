@@ -81,6 +81,9 @@ class BatchingConfig(_Section):
     window: int = Field(4096, ge=1)
     workers: int | Literal["auto"] = Field("auto", description="Preprocessing processes; 0 = in the main one.")
     image_timeout_s: float = Field(30.0, gt=0)
+    shared_memory: bool = Field(
+        True, description="Images to and from the workers through shared memory; false: through pipes."
+    )
 
 
 class OutputConfig(_Section):

@@ -198,7 +198,7 @@ class Annotator:
 
     def _run(self) -> dict[str, Any]:
         from annotator.models import load_model
-        from annotator.preprocess import Preprocessor, resolve_workers
+        from annotator.preprocess import resolve_workers
         from annotator.prompt import PromptBuilder
         from annotator.scoring import Scorer
 
@@ -213,15 +213,32 @@ class Annotator:
         self.scorer = Scorer(loaded, self.builder, m.forward)
         self.schema = output_schema(self.source.schema, recipe.input.image_column)
         workers = resolve_workers(recipe.batching.workers)
+        lookahead = max(2 * recipe.batching.max_batch_size, 8)
         started = time.perf_counter()
         with (
-            Preprocessor(workers, recipe.batching.image_timeout_s) as self.preprocessor,
+            self._preprocessor(workers, lookahead, loaded.device) as self.preprocessor,
             StopRequest(self.console) as stop,
             self._progress(committed) as self.progress,
         ):
-            self._loop(self._windows_to_do(committed), stop, lookahead=max(2 * recipe.batching.max_batch_size, 8))
+            self._loop(self._windows_to_do(committed), stop, lookahead)
         elapsed = time.perf_counter() - started
         return self.finish(elapsed, loaded.device)
+
+    def _preprocessor(self, workers: int, lookahead: int, device: Any):
+        """The workers and their shared-memory ring, with a slot for every image that can be in flight or held."""
+        from annotator.preprocess import Preprocessor
+
+        batching = self.recipe.batching
+        # Asked for: under `lookahead` plus one batch (`_loop` asks a batch at a time); held: the batch launched.
+        slots = lookahead + 2 * batching.max_batch_size
+        preprocessor = Preprocessor(
+            workers, batching.image_timeout_s, slots, 3 * self.recipe.model.max_pixels, batching.shared_memory
+        )
+        if preprocessor.note:
+            self.console.print(f"[yellow]{preprocessor.note}[/]")
+        if device.type == "cuda" and preprocessor.ring is not None and not preprocessor.pin():
+            self.console.print("[yellow]Could not page-lock the shared memory for CUDA: one more copy per image.[/]")
+        return preprocessor
 
     def _windows_to_do(self, committed: dict[int, dict]) -> Iterator[Window]:
         first = 0
@@ -281,7 +298,7 @@ class Annotator:
                             break  # nothing to score (every row failed its checks): commit it before reading on
                     if not submitted:
                         if in_flight is not None:
-                            self._finish_batch(*in_flight)
+                            self._finish_and_release(*in_flight)
                             in_flight = None
                         elif not open_windows and upcoming is None:
                             break
@@ -290,8 +307,8 @@ class Annotator:
                     launched = self._launch_batch(state, batch, [self.preprocessor.result(t) for t in tickets])
                     # The previous batch's results are read only now, so the GPU ran it while this one was prepared.
                     if in_flight is not None:
-                        self._finish_batch(*in_flight)
-                    in_flight = launched
+                        self._finish_and_release(*in_flight)
+                    in_flight = launched, tickets
             except BaseException as stopped:
                 if writing is not None and writing.exception() is not None:
                     # A failed write (disk full) is the news, whatever else stopped the loop.
@@ -319,6 +336,11 @@ class Annotator:
             self.max_batch_tokens = max(1, min(self.max_batch_tokens, padded // 2))
 
         return state, batch, ready, launch_splitting_on_oom(self.scorer, inputs, lower_budget)
+
+    def _finish_and_release(self, launched: tuple, tickets: list[int]) -> None:
+        """Read a batch's scores, then free its images' shared-memory slots: the device has read them by now."""
+        self._finish_batch(*launched)
+        self.preprocessor.release(tickets)
 
     def _finish_batch(self, state: WindowState, batch: list[PlannedRow], ready: list[PlannedRow], wait) -> None:
         for row, score in zip(ready, wait(), strict=True):

@@ -9,6 +9,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -86,14 +87,51 @@ def check_schema(schema: pa.Schema, config: InputConfig, prompt: PromptConfig, w
 
 
 def row_inputs(window: Window, config: InputConfig, query: str | None) -> list[RowInput]:
-    """Image references and texts of a window's rows; nothing is decoded here."""
-    images = window.table.column(config.image_column).to_pylist()
+    """Image references and texts of a window's rows; nothing is decoded.
+
+    Image bytes stay in the window's Arrow buffers: a reference holds a memoryview of them, not a copy.
+    """
+    refs: list[tuple[ImageRef | None, str | None]] = []
+    for chunk in window.table.column(config.image_column).chunks:
+        refs.extend(_image_refs(chunk, window.base_dirs[len(refs) : len(refs) + len(chunk)]))
     texts = [query] * window.rows if query is not None else window.table.column(config.text_column).to_pylist()
-    rows = []
-    for value, text, base_dir in zip(images, texts, window.base_dirs, strict=True):
-        ref, error = _image_ref(value, base_dir)
-        rows.append(RowInput(ref, text, error))
-    return rows
+    return [RowInput(ref, text, error) for (ref, error), text in zip(refs, texts, strict=True)]
+
+
+def _image_refs(images: pa.Array, base_dirs: list[str | None]) -> list[tuple[ImageRef | None, str | None]]:
+    """`_image_ref` of every value, reading binary values as views of the array's buffer."""
+    kind = images.type
+    if pa.types.is_struct(kind):
+        names = {kind.field(i).name for i in range(kind.num_fields)}
+        data = _binary_views(images.field("bytes")) if "bytes" in names else [None] * len(images)
+        path_type = kind.field("path").type if "path" in names else pa.string()
+        if data is not None and (pa.types.is_string(path_type) or pa.types.is_large_string(path_type)):
+            paths = images.field("path").to_pylist() if "path" in names else [None] * len(images)
+            missing = images.is_null().to_pylist()
+            return [
+                _image_ref(None if null else {"bytes": value, "path": path}, base_dir)
+                for null, value, path, base_dir in zip(missing, data, paths, base_dirs, strict=True)
+            ]
+    elif (data := _binary_views(images)) is not None:
+        return [_image_ref(value, base_dir) for value, base_dir in zip(data, base_dirs, strict=True)]
+    return [_image_ref(value, base_dir) for value, base_dir in zip(images.to_pylist(), base_dirs, strict=True)]
+
+
+def _binary_views(values: pa.Array) -> list[memoryview | None] | None:
+    """Each value of a binary array as a memoryview of its buffer (None for nulls); None for other types."""
+    if pa.types.is_binary(values.type):
+        width = np.int32
+    elif pa.types.is_large_binary(values.type):
+        width = np.int64
+    else:
+        return None
+    if len(values) == 0:
+        return []
+    _, offsets, data = values.buffers()
+    ends = np.frombuffer(offsets, width)[values.offset : values.offset + len(values) + 1].tolist()
+    buffer = memoryview(data if data is not None else b"").cast("B").toreadonly()  # Arrow's view is signed chars
+    valid = values.is_valid().to_pylist() if values.null_count else [True] * len(values)
+    return [buffer[ends[i] : ends[i + 1]] if ok else None for i, ok in enumerate(valid)]
 
 
 def _image_ref(value: object, base_dir: str | None) -> tuple[ImageRef | None, str | None]:
@@ -102,11 +140,13 @@ def _image_ref(value: object, base_dir: str | None) -> tuple[ImageRef | None, st
     if isinstance(value, dict):
         data, path = value.get("bytes"), value.get("path")
         if data:
-            return ImageRef(data=bytes(data)), None
+            return ImageRef(data=data if isinstance(data, memoryview) else bytes(data)), None
         if path:
             return ImageRef(path=read_path(path, base_dir)), None
         return None, "image: missing (struct has neither bytes nor path)"
-    if isinstance(value, bytes | bytearray | memoryview):
+    if isinstance(value, memoryview):
+        return ImageRef(data=value), None
+    if isinstance(value, bytes | bytearray):
         return ImageRef(data=bytes(value)), None
     if isinstance(value, str):
         return (ImageRef(path=read_path(value, base_dir)), None) if value else (None, "image: missing (empty path)")
