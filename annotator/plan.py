@@ -8,7 +8,7 @@ from typing import Any
 
 from annotator.batching import MERGE_SIZE, image_token_count, plan_recipe_window
 from annotator.images import image_kind
-from annotator.recipe import Recipe
+from annotator.recipe import Recipe, reads_text_column
 from annotator.sources import open_source
 
 
@@ -63,20 +63,18 @@ def forward_flops(grid: tuple[int, int, int], sequence_length: int, arch: Archit
 
 def plan_recipe(recipe: Recipe, max_rows: int | None = None) -> dict[str, Any]:
     """Read the input's headers and texts, plan every window, and add it all up."""
-    from annotator.models import load_tokenizer
-    from annotator.prompt import PromptBuilder
+    from annotator.prompt import PromptBuilder, check_prompt
 
     source = open_source(recipe.input, recipe.prompt)
-    tokenizer = load_tokenizer(recipe.model.name, recipe.model.revision)
-    if tokenizer is None:
+    builder, tokenizer_note = check_prompt(recipe), None
+    if builder is None:
         from annotator.models import build_tiny_tokenizer
 
-        tokenizer = build_tiny_tokenizer()
-        tokenizer_note = f"tokenizer of {recipe.model.name!r} unavailable offline: text lengths approximate"
-    else:
-        tokenizer_note = None
-    builder = PromptBuilder(tokenizer, recipe.prompt)
-    columns = [recipe.input.image_column] + ([recipe.input.text_column] if recipe.prompt.query is None else [])
+        builder = PromptBuilder(build_tiny_tokenizer(), recipe.prompt, recipe.questions, check_answers=False)
+        tokenizer_note = (
+            f"tokenizer of {recipe.model.name!r} unavailable offline: text lengths approximate, answers unchecked"
+        )
+    columns = [recipe.input.image_column] + ([recipe.input.text_column] if reads_text_column(recipe.prompt) else [])
     grids: Counter[tuple[int, int, int]] = Counter()
     errors: Counter[str] = Counter()
     rows = real = padded = batches = 0

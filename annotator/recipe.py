@@ -5,6 +5,8 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,7 +17,6 @@ from annotator.errors import AnnotatorError
 
 # The seed's exact question: the newline and the 24 spaces are part of the prompt it was tuned with.
 SEED_QUESTION = '请回答以下问题，务必只能回复一个词 "Y"或 "N"：\n                        图片和"{text}"是否相关？'
-OUTPUT_COLUMNS = ("row_id", "prob", "label", "answer_mass", "error")
 
 
 class _Section(BaseModel):
@@ -66,6 +67,15 @@ class ModelConfig(_Section):
     )
 
 
+class QuestionConfig(_Section):
+    """One of `prompt.questions` written as a mapping, with answers of its own."""
+
+    question: str
+    answers: list[str] | None = Field(None, description="Its answers, one token each: `probs_<name>`, `answer_<name>`.")
+    positive: str | None = Field(None, description="Its yes answer (default `prompt.positive`).")
+    negative: str | None = Field(None, description="Its no answer (default `prompt.negative`).")
+
+
 class PromptConfig(_Section):
     system: str = "You are a helpful assistant."
     question: str = SEED_QUESTION
@@ -73,6 +83,23 @@ class PromptConfig(_Section):
     positive: str = "Y"
     negative: str = "N"
     max_text_tokens: int = Field(256, ge=1)
+    questions: dict[str, str | QuestionConfig] | None = Field(
+        None,
+        description="Several questions of every image, `name: question` (or `name: {question, answers}`), instead of"
+        " `question`: the image and the system turn are computed once for all of them.",
+    )
+    answers: list[str] | None = Field(
+        None, description="Answers beyond Y/N, one token each, instead of positive/negative: `probs`, `answer`."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _names_are_text(cls, data: Any) -> Any:
+        # YAML reads `1:` or `true:` as a number or a bool; a question's name is the text the user wrote.
+        questions = data.get("questions") if isinstance(data, dict) else None
+        if isinstance(questions, dict):
+            data = {**data, "questions": {_yaml_key(k): v for k, v in questions.items()}}
+        return data
 
 
 class BatchingConfig(_Section):
@@ -89,6 +116,9 @@ class BatchingConfig(_Section):
 class OutputConfig(_Section):
     dir: str | None = Field(None, description="Defaults to outputs/<name>.")
     threshold: float = Field(0.5, ge=0.0, le=1.0)
+    thresholds: dict[str, float] = Field(
+        default_factory=dict, description="Per question of `prompt.questions`: `label_<name> = prob_<name> >= t`."
+    )
 
 
 class Recipe(_Section):
@@ -104,14 +134,15 @@ class Recipe(_Section):
         problems = []
         if (self.input.parquet is None) == (self.input.hf is None):
             problems.append("`input` needs exactly one of `input.parquet` (files) or `input.hf` (a dataset)")
-        if self.prompt.query is None and not self.input.text_column:
+        if self.prompt.query is None and not self.input.text_column and self.uses_text:
             problems.append("set `input.text_column` to the caption column, or `prompt.query` to a fixed text")
-        if self.prompt.question.count("{text}") != 1:
+        if self.prompt.questions is None and self.prompt.question.count("{text}") != 1:
             problems.append("`prompt.question` must contain `{text}` exactly once: the caption goes there")
         if self.model.min_pixels > self.model.max_pixels:
             problems.append("`model.min_pixels` must not exceed `model.max_pixels`")
         if self.prompt.positive == self.prompt.negative:
             problems.append("`prompt.positive` and `prompt.negative` must differ")
+        problems.extend(question_problems(self.prompt, self.output))
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -120,15 +151,210 @@ class Recipe(_Section):
     def output_dir(self) -> Path:
         return Path(self.output.dir or f"outputs/{self.name}")
 
+    @property
+    def questions(self) -> list[Question]:
+        """The questions every image is asked, in the recipe's order, with their answers and thresholds."""
+        return resolve_questions(self.prompt, self.output)
+
+    @property
+    def uses_text(self) -> bool:
+        """Whether any question puts the row's text (`{text}`) in: else no text is read."""
+        return uses_text(self.prompt)
+
     def result_fingerprint(self) -> str:
         """A hash of every setting that changes a row's result (not batch sizes or devices)."""
+        several = self.prompt.questions is not None or self.prompt.answers is not None
         settings = {
             "input": self.input.model_dump(exclude={"limit"}),
             "model": self.model.model_dump(exclude={"device", "attn_implementation", "forward"}),
-            "prompt": self.prompt.model_dump(),
+            # A recipe of one Y/N question hashes as it did before questions existed, so its runs still resume.
+            "prompt": self.prompt.model_dump(exclude=None if several else {"questions", "answers"}),
             "threshold": self.output.threshold,
         }
+        if several or self.output.thresholds:
+            # Resolved, in order: names, texts, answers and thresholds are what the columns hold, and their order.
+            settings["questions"] = [q.fingerprint() for q in self.questions]
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+QUESTION_NAME = re.compile(r"[A-Za-z0-9_]+")
+PLACEHOLDER = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}")
+
+
+@dataclass(frozen=True, slots=True)
+class Question:
+    """One question every image is asked: its template, answers and threshold, and the columns it fills.
+
+    A Y/N question (`positive`/`negative`) fills `prob`, `label`, `answer_mass`; a question with `answers` fills
+    `probs`, `answer`, `answer_mass`. Named questions (`prompt.questions`) add `_<name>` to each column.
+    """
+
+    name: str  # "" for the single `prompt.question`
+    text: str  # the template; `{text}` (at most once) is where a row's text goes
+    answers: tuple[str, ...]  # one token each; for Y/N, (positive, negative)
+    yes_no: bool
+    threshold: float
+
+    def column(self, base: str) -> str:
+        return f"{base}_{self.name}" if self.name else base
+
+    @property
+    def columns(self) -> tuple[str, str, str]:
+        """Its output columns: (prob, label, answer_mass) or (probs, answer, answer_mass), suffixed by name."""
+        bases = ("prob", "label", "answer_mass") if self.yes_no else ("probs", "answer", "answer_mass")
+        return tuple(self.column(b) for b in bases)
+
+    def fingerprint(self) -> dict[str, Any]:
+        threshold = self.threshold if self.yes_no else None
+        return {"name": self.name, "text": self.text, "answers": list(self.answers), "threshold": threshold}
+
+
+def _yaml_key(key: Any) -> str:
+    if isinstance(key, bool):
+        return str(key).lower()
+    return key if isinstance(key, str) else str(key)
+
+
+def resolve_questions(prompt: PromptConfig, output: OutputConfig) -> list[Question]:
+    """`prompt.question` or every `prompt.questions` entry, with the answers and threshold that apply to it."""
+    if prompt.questions is None:
+        return [_question("", prompt.question, prompt.answers, None, None, prompt, output)]
+    questions = []
+    for name, entry in prompt.questions.items():
+        if isinstance(entry, str):
+            questions.append(_question(name, entry, prompt.answers, None, None, prompt, output))
+        else:
+            answers = entry.answers if entry.positive is None and entry.negative is None else None
+            if answers is None and entry.answers is None and entry.positive is None and entry.negative is None:
+                answers = prompt.answers
+            questions.append(_question(name, entry.question, answers, entry.positive, entry.negative, prompt, output))
+    return questions
+
+
+def _question(
+    name: str,
+    text: str,
+    answers: list[str] | None,
+    positive: str | None,
+    negative: str | None,
+    prompt: PromptConfig,
+    output: OutputConfig,
+) -> Question:
+    if answers is not None:
+        return Question(name, text, tuple(answers), False, output.threshold)
+    yes_no = (positive or prompt.positive, negative or prompt.negative)
+    return Question(name, text, yes_no, True, output.thresholds.get(name, output.threshold))
+
+
+def question_problems(prompt: PromptConfig, output: OutputConfig) -> list[str]:
+    """What is wrong with the set of questions, answers and thresholds, each said with its fix (no tokenizer needed)."""
+    problems: list[str] = []
+    fields = prompt.model_fields_set
+    if prompt.answers is not None and fields & {"positive", "negative"}:
+        problems.append("give `prompt.answers` or `prompt.positive`/`prompt.negative`, not both")
+    if prompt.answers is not None:
+        problems.extend(_answer_problems(prompt.answers, "prompt.answers"))
+    if prompt.questions is None:
+        problems.extend(_template_problems(prompt.question, "prompt.question"))
+        if output.thresholds:
+            problems.append(
+                "`output.thresholds` sets thresholds per question of `prompt.questions`; this recipe asks one "
+                "question, whose threshold is `output.threshold`"
+            )
+        return problems
+    if "question" in fields:
+        problems.append("give `prompt.question` (one question) or `prompt.questions` (several), not both")
+    if not prompt.questions:
+        problems.append(
+            "`prompt.questions` is empty: give at least one question as `name: question`, or remove the key to ask "
+            "`prompt.question`"
+        )
+    lowered: dict[str, str] = {}
+    for name, entry in prompt.questions.items():
+        key = f"prompt.questions.{name}"
+        if not QUESTION_NAME.fullmatch(name):
+            problems.append(
+                f"question name {name!r} must be letters, digits and `_` only (it becomes part of column names "
+                f"such as `prob_{name}`); rename it, e.g. `{re.sub('[^A-Za-z0-9_]+', '_', name).strip('_') or 'q1'}`"
+            )
+        elif name.lower() in lowered:
+            problems.append(
+                f"question names {lowered[name.lower()]!r} and {name!r} differ only in case, so their columns would "
+                "clash in tools that ignore case (DuckDB, SQL); rename one"
+            )
+        lowered.setdefault(name.lower(), name)
+        template = entry if isinstance(entry, str) else entry.question
+        problems.extend(_template_problems(template, key))
+        if isinstance(entry, QuestionConfig):
+            if entry.answers is not None and (entry.positive is not None or entry.negative is not None):
+                problems.append(f"`{key}` gives `answers` and `positive`/`negative`; keep one of them")
+            if entry.answers is not None:
+                problems.extend(_answer_problems(entry.answers, f"{key}.answers"))
+    questions = resolve_questions(prompt, output)
+    for question in questions:
+        if question.yes_no and question.answers[0] == question.answers[1]:
+            problems.append(f"`prompt.questions.{question.name}`: its positive and negative answers must differ")
+    by_name = {q.name: q for q in questions}
+    unknown = [n for n in output.thresholds if n not in by_name]
+    if unknown:
+        problems.append(
+            f"`output.thresholds` names {', '.join(map(repr, unknown))}, not a question of `prompt.questions` "
+            f"({', '.join(by_name) or 'none'}); fix the name or drop it"
+        )
+    for name, threshold in output.thresholds.items():
+        if name in by_name and not by_name[name].yes_no:
+            problems.append(
+                f"`output.thresholds.{name}`: question {name!r} has `answers`, so it gets `answer_{name}` (the most "
+                "likely answer), not a label; drop its threshold"
+            )
+        if not 0.0 <= threshold <= 1.0:
+            problems.append(f"`output.thresholds.{name}` = {threshold} is not a probability; give a value from 0 to 1")
+    return problems
+
+
+def _template_problems(template: str, key: str) -> list[str]:
+    problems = []
+    if not template.strip():
+        problems.append(f"`{key}` is empty; write the question the model is asked")
+    if template.count("{text}") > 1:
+        problems.append(f"`{key}` contains `{{text}}` more than once; the row's text goes in one place")
+    strays = [p for p in PLACEHOLDER.findall(template) if p != "{text}"]
+    if strays:
+        problems.append(
+            f"`{key}` contains {', '.join(strays)}, but `{{text}}` is the only placeholder (the row's text goes "
+            "there); did you mean `{text}`?"
+        )
+    return problems
+
+
+def _answer_problems(answers: list[str], key: str) -> list[str]:
+    if len(answers) < 2:
+        return [f"`{key}` needs at least two answers to choose between (got {answers!r})"]
+    problems = []
+    if any(not a.strip() for a in answers):
+        problems.append(f'`{key}` holds an empty answer; each answer is a word the model can reply, e.g. "A"')
+    repeated = sorted({a for a in answers if answers.count(a) > 1})
+    if repeated:
+        problems.append(f"`{key}` lists {', '.join(map(repr, repeated))} more than once; each answer once")
+    return problems
+
+
+def uses_text(prompt: PromptConfig) -> bool:
+    """Whether any question puts the row's text (`{text}`) in."""
+    return any("{text}" in q.text for q in resolve_questions(prompt, OutputConfig()))
+
+
+def reads_text_column(prompt: PromptConfig) -> bool:
+    """Whether rows' texts come from `input.text_column`: some question uses `{text}` and no `prompt.query` is set."""
+    return prompt.query is None and uses_text(prompt)
+
+
+def output_columns(prompt: PromptConfig, output: OutputConfig | None = None) -> list[str]:
+    """The columns a run adds to the input's, in order."""
+    columns = ["row_id"]
+    for question in resolve_questions(prompt, output or OutputConfig()):
+        columns.extend(question.columns)
+    return [*columns, "error"]
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -166,6 +392,47 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: str, first: int, second: int) -> None:
+        super().__init__(key)
+        self.key, self.first, self.second = key, first, second
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error, not a silent overwrite."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self.root = node
+        return super().construct_document(node)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise _DuplicateKey(self._path(key_node), seen[key], line)
+            if isinstance(key, str | int | float | bool):
+                seen[key] = line
+        return super().construct_mapping(node, deep)
+
+    def _path(self, target: yaml.Node) -> str:
+        """The dotted key of `target` in the document (`prompt.questions.cat`)."""
+
+        def search(node: yaml.Node, parts: list[str]) -> list[str] | None:
+            if isinstance(node, yaml.MappingNode):
+                for key_node, value_node in node.value:
+                    here = [*parts, str(key_node.value)]
+                    if key_node is target:
+                        return here
+                    found = search(value_node, here)
+                    if found is not None:
+                        return found
+            return None
+
+        return ".".join(search(self.root, []) or [str(target.value)])
+
+
 def read_recipe_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -174,7 +441,12 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
             "e.g. `annotate run recipes/filter_cats.yaml`."
         )
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except _DuplicateKey as exc:
+        raise AnnotatorError(
+            f"Recipe {str(path)!r} gives `{exc.key}` twice (lines {exc.first} and {exc.second}); YAML would keep "
+            "only the last one silently. Keep one of them (two questions need two different names)."
+        ) from None
     except yaml.YAMLError as exc:
         raise AnnotatorError(f"Recipe {str(path)!r} is not valid YAML: {exc}. Fix the syntax there.") from exc
     if not isinstance(data, dict):

@@ -6,7 +6,7 @@ import os
 import signal
 import time
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,10 +16,10 @@ from annotator.batching import PlannedRow, WindowPlan, plan_recipe_window
 from annotator.errors import EXIT_RESUMABLE, AnnotatorError, RunInterrupted
 from annotator.images import image_kind
 from annotator.recipe import Recipe, frozen_recipe_yaml, load_recipe, merge, parse_overrides, validate_recipe
-from annotator.sink import RunFolder, latest_run, output_schema, window_table
+from annotator.sink import RunFolder, answer_counts, latest_run, output_schema, window_table
 from annotator.sources import Window, open_source
 
-RESULT_KEYS_HINT = "model, prompt, pixels, answers, input columns, threshold"
+RESULT_KEYS_HINT = "model, prompt, questions, pixels, answers, input columns, thresholds"
 
 
 @dataclass
@@ -29,19 +29,18 @@ class WindowState:
     window: Window
     plan: WindowPlan
     pending: int
-    probs: list[float | None] = field(default_factory=list)
-    masses: list[float | None] = field(default_factory=list)
+    scores: list[Any] = field(default_factory=list)  # a `scoring.Score` per scored row, else None
     errors: list[str | None] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
 
     def __post_init__(self) -> None:
         rows = self.window.rows
-        self.probs, self.masses, self.errors = [None] * rows, [None] * rows, [None] * rows
+        self.scores, self.errors = [None] * rows, [None] * rows
         for position, error in self.plan.errors.items():
             self.errors[position] = error
 
     def record(self) -> dict[str, Any]:
-        scored = sum(p is not None for p in self.probs)
+        scored = sum(s is not None for s in self.scores)
         kinds = Counter(image_kind(e) for e in self.errors if e is not None)
         return {
             "start": self.window.start,
@@ -99,7 +98,10 @@ def prepare_run(recipe: Recipe, overwrite: bool) -> tuple[RunFolder, Any]:
     The folder is emptied and written (`start_fresh`) only once the model has loaded, so an --overwrite
     whose model cannot be loaded leaves the previous run as it was.
     """
+    from annotator.prompt import check_prompt
+
     source = open_source(recipe.input, recipe.prompt)
+    check_prompt(recipe)
     folder = RunFolder(recipe.output_dir)
     # A run that committed nothing (e.g. its model failed to load) has nothing to lose: start it again.
     if folder.exists() and not overwrite and (folder.finished or folder.committed()):
@@ -209,9 +211,9 @@ class Annotator:
             start_fresh(recipe, self.folder, self.source)
         self.folder.clean_leftovers()
         committed = self.folder.committed()
-        self.builder = PromptBuilder(loaded.tokenizer, recipe.prompt)
+        self.builder = PromptBuilder(loaded.tokenizer, recipe.prompt, recipe.questions)
         self.scorer = Scorer(loaded, self.builder, m.forward)
-        self.schema = output_schema(self.source.schema, recipe.input.image_column)
+        self.schema = output_schema(self.source.schema, recipe.input.image_column, recipe.questions)
         workers = resolve_workers(recipe.batching.workers)
         lookahead = max(2 * recipe.batching.max_batch_size, 8)
         started = time.perf_counter()
@@ -344,24 +346,15 @@ class Annotator:
 
     def _finish_batch(self, state: WindowState, batch: list[PlannedRow], ready: list[PlannedRow], wait) -> None:
         for row, score in zip(ready, wait(), strict=True):
-            state.probs[row.position] = score.prob
-            state.masses[row.position] = score.answer_mass
+            state.scores[row.position] = score
         state.pending -= 1
         self._advance(len(ready), len(batch) - len(ready))
 
     def _commit(self, state: WindowState) -> None:
         window = state.window
-        table = window_table(
-            window.table,
-            self.schema,
-            window.start,
-            state.probs,
-            state.masses,
-            state.errors,
-            self.recipe.output.threshold,
-        )
-        record = state.record()
-        record["positives"] = sum(bool(v) for v in table.column("label").to_pylist())
+        questions = self.recipe.questions
+        table = window_table(window.table, self.schema, window.start, state.scores, state.errors, questions)
+        record = {**state.record(), **answer_counts(table, questions)}
         self.folder.write_window(window.index, table, record)
 
     def _interrupted_message(self) -> str:
@@ -449,11 +442,31 @@ def summarize(folder: RunFolder) -> dict[str, Any]:
         "scored": sum(r["scored"] for r in records.values()),
         "errors": sum(r["errors"] for r in records.values()),
         "positives": sum(r.get("positives", 0) for r in records.values()),
+        **_answer_totals(records.values()),
         "error_kinds": dict(kinds.most_common()),
         "truncated_texts": sum(r.get("truncated_texts", 0) for r in records.values()),
         "windows": len(records),
         "padding_efficiency": round(sum(r["real_tokens"] for r in records.values()) / padded, 4) if padded else None,
     }
+
+
+def _answer_totals(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """`answers` of a single question with answers, and `questions` ({name: positives or answers}) of a recipe with
+    `prompt.questions`, summed over the journal records (`sink.answer_counts` wrote them)."""
+
+    def add(total: dict[str, Any], counts: dict[str, Any]) -> None:
+        if "positives" in counts:
+            total["positives"] = total.get("positives", 0) + counts["positives"]
+        for answer, n in counts.get("answers", {}).items():
+            total.setdefault("answers", {})[answer] = total.get("answers", {}).get(answer, 0) + n
+
+    totals: dict[str, Any] = {}
+    for record in records:
+        if "answers" in record:
+            add(totals, {"answers": record["answers"]})
+        for name, counts in record.get("questions", {}).items():
+            add(totals.setdefault("questions", {}).setdefault(name, {}), counts)
+    return totals
 
 
 def run_recipe(recipe_path: str, overrides: list[str], overwrite: bool, console, progress: bool = True) -> dict:

@@ -46,7 +46,7 @@ def test_sequence_follows_the_chat_layout(tiny):
 def test_text_is_substituted_literally(tiny):
     builder = PromptBuilder(tiny.tokenizer, PromptConfig())
     braces, empty, blank, null = builder.question_tokens(["{text} {0} {", "", "  \n", None])
-    assert tiny.tokenizer.decode(braces.ids) == SEED_QUESTION.replace("{text}", "{text} {0} {")
+    assert tiny.tokenizer.decode(braces.ids[0]) == SEED_QUESTION.replace("{text}", "{text} {0} {")
     assert not braces.truncated
     assert (empty.error, blank.error, null.error) == ("text: empty", "text: empty", "text: missing (null)")
 
@@ -57,7 +57,7 @@ def test_long_text_is_truncated_to_max_text_tokens(tiny):
     (long,) = builder.question_tokens([text])
     kept = tiny.tokenizer.decode(tiny.tokenizer(text, add_special_tokens=False)["input_ids"][:5])
     assert long.truncated
-    assert tiny.tokenizer.decode(long.ids) == SEED_QUESTION.replace("{text}", kept)
+    assert tiny.tokenizer.decode(long.ids[0]) == SEED_QUESTION.replace("{text}", kept)
 
 
 def test_multi_token_answer_is_rejected_at_start(tiny):
@@ -128,11 +128,12 @@ def old_question_tokens(builder: PromptBuilder, texts: list) -> list:
     questions, truncated = [], []
     for i, ids in zip(usable, encode_many([texts[i] for i in usable]), strict=True):
         text = tokenizer.decode(ids[:limit]) if len(ids) > limit else texts[i]
-        questions.append(builder.question_head + text + builder.question_rest)
+        head, rest = builder.templates[0]
+        questions.append(head + text + rest)
         truncated.append(len(ids) > limit)
     results = [TextTokens(error="text: missing (null)" if t is None else "text: empty") for t in texts]
     for i, ids, cut in zip(usable, encode_many(questions), truncated, strict=True):
-        results[i] = TextTokens(ids=tuple(ids), truncated=cut)
+        results[i] = TextTokens(ids=(tuple(ids),), truncated=cut)
     return results
 
 
