@@ -53,10 +53,29 @@ def user_errors(command):
 def _print_summary(summary: dict) -> None:
     table = Table(title=f"annotated -> {summary['output_dir']}", show_header=False)
     for key in ("rows", "scored", "errors", "positives", "truncated_texts", "padding_efficiency", "pairs_per_s"):
-        table.add_row(key, str(summary.get(key)))
+        if summary.get(key) is not None or key != "positives":
+            table.add_row(key, str(summary.get(key)))
     for kind, count in summary.get("error_kinds", {}).items():
         table.add_row(f"  {kind}", str(count))
+    _answer_rows(table, summary)
     stdout.print(table)
+
+
+def _answer_rows(table: Table, counts: dict) -> None:
+    """Per question of a run: its labels split (Y/N) or how often each answer won."""
+    scored = counts.get("scored") or 0
+    if "answers" in counts:
+        table.add_row("answers", _answer_split(counts["answers"]))
+    for name, question in counts.get("questions", {}).items():
+        if "positives" in question:
+            positives = question["positives"]
+            table.add_row(f"label_{name}", f"{positives} true / {scored - positives} false")
+        else:
+            table.add_row(f"answer_{name}", _answer_split(question.get("answers", {})))
+
+
+def _answer_split(answers: dict) -> str:
+    return ", ".join(f"{answer}: {n}" for answer, n in answers.items())
 
 
 @app.command()
@@ -117,6 +136,19 @@ def plan(
     table.add_row("FLOPs (Qwen2-VL-2B)", f"{flops['total'] / 1e12:,.2f} T (vision {flops['vision'] / 1e12:,.2f} T)")
     if result["flops_per_pair"]:
         table.add_row("FLOPs per pair", f"{result['flops_per_pair'] / 1e12:.3f} T")
+    if "questions" in result:
+        separate = result["flops_separate_runs"] / 1e12
+        table.add_row(
+            f"{len(result['questions'])} questions, shared",
+            f"{flops['total'] / 1e12:,.2f} T = {result['cost_in_single_runs']} single-question runs "
+            f"(a run per question: {separate:,.2f} T)",
+        )
+        for question in result["questions"]:
+            table.add_row(
+                f"  question {question['name']}",
+                f"adds {question['flops_added'] / 1e12:,.3f} T ({question['tokens']:,} tokens); "
+                f"alone {question['flops_alone'] / 1e12:,.2f} T",
+            )
     if result["note"]:
         table.add_row("note", result["note"])
     stdout.print(table)
@@ -145,9 +177,11 @@ def status(
         return
     table = Table(title=f"status: {result['output_dir']}", show_header=False)
     for key in ("state", "rows", "windows", "scored", "errors", "positives", "negatives", "rows_per_s", "lock"):
-        table.add_row(key, str(result[key]))
+        if result[key] is not None or key not in ("positives", "negatives"):
+            table.add_row(key, str(result[key]))
     for kind, count in result["error_kinds"].items():
         table.add_row(f"  {kind}", str(count))
+    _answer_rows(table, result)
     if result["next"]:
         table.add_row("next", result["next"])
     stdout.print(table)
@@ -178,6 +212,9 @@ def bench(
     attn_implementation: Annotated[str, typer.Option(help="sdpa, eager or flash_attention_2")] = "sdpa",
     forward: Annotated[str, typer.Option(help="model.forward: lean or transformers")] = "lean",
     count_images: Annotated[int, typer.Option(help="Images per batch for the op/sync counts (0: skip).")] = 64,
+    questions: Annotated[
+        int, typer.Option(help="Ask K questions of every image, and time K against one on the same images.")
+    ] = 1,
     baseline: Annotated[bool, typer.Option(help="Also time the naive one-pair-at-a-time loop.")] = False,
     baseline_pairs: Annotated[int, typer.Option(help="Pairs for the naive loop.")] = 32,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
@@ -200,6 +237,7 @@ def bench(
             attn_implementation=attn_implementation,
             forward=forward,
             count_images=count_images,
+            questions=questions,
             baseline=baseline,
             baseline_pairs=baseline_pairs,
         ),
@@ -221,6 +259,10 @@ def export(
     to: Annotated[Path, typer.Option("--to", help="Folder for the kept rows.")],
     min_prob: Annotated[float | None, typer.Option(help="Keep rows with prob >= P.")] = None,
     label: Annotated[str | None, typer.Option(help="Keep rows whose label is true or false.")] = None,
+    where: Annotated[
+        str | None,
+        typer.Option(help='Keep rows where this is true, e.g. "label_cat and not label_text" (see README).'),
+    ] = None,
     rejected: Annotated[Path | None, typer.Option(help="Also write the rows not kept here.")] = None,
     drop_columns: Annotated[str, typer.Option(help="Comma-separated columns to leave out.")] = "",
     rows_per_shard: Annotated[int, typer.Option(help="Rows per output parquet file.")] = 10000,
@@ -228,7 +270,7 @@ def export(
     """Write the kept (and optionally the rejected) rows of a run as a dataset with a dataset card."""
     from annotator.export import export_run
 
-    result = export_run(output_dir, to, min_prob, label, rejected, drop_columns, rows_per_shard)
+    result = export_run(output_dir, to, min_prob, label, rejected, drop_columns, rows_per_shard, where)
     stdout.print(
         f"kept {result['kept']} rows -> {to}" + (f"; rejected {result['rejected']} -> {rejected}" if rejected else "")
     )

@@ -14,6 +14,7 @@ import yaml
 
 from annotator.errors import AnnotatorError
 from annotator.sink import HF_METADATA_KEY, RunFolder
+from annotator.where import WhereFilter
 
 # Small row groups, as the Hub writes image datasets: a reader can fetch a few rows without megabytes of images.
 ROW_GROUP_ROWS = 100
@@ -103,6 +104,7 @@ def export_run(
     rejected: Path | None,
     drop_columns: str,
     rows_per_shard: int,
+    where: str | None = None,
 ) -> dict[str, int]:
     """Stream a finished run's files into the kept (and optionally the rejected) dataset; returns the counts."""
     folder = RunFolder(output_dir)
@@ -115,12 +117,16 @@ def export_run(
         )
     if rows_per_shard < 1:
         raise AnnotatorError(f"--rows-per-shard {rows_per_shard} must be at least 1.")
-    row_filter = RowFilter(min_prob, label)
+    if where is not None and (min_prob is not None or label is not None):
+        raise AnnotatorError('Give --where alone: it replaces --label and --min-prob (e.g. --where "prob >= 0.8").')
+    row_filter = RowFilter(min_prob, label) if where is None else None
     _check_targets(to, rejected)
     files = folder.data_files()
     if not files:
         raise AnnotatorError(f"The run in {str(output_dir)!r} has no rows, so there is nothing to export.")
     schema = pq.read_schema(files[0])
+    row_filter = row_filter or WhereFilter(where, schema)
+    _check_filter_columns(row_filter, schema)
     drop = _columns_to_drop(drop_columns, schema)
     out_schema = _schema_without(schema, drop)
     kept = ShardWriter(to, out_schema, rows_per_shard)
@@ -145,6 +151,22 @@ def export_run(
             card = _card(recipe, folder, writer.root, which, row_filter, counts)
             (writer.root / "README.md").write_text(card, encoding="utf-8")
     return {"kept": counts["kept"], "rejected": counts["rejected"]}
+
+
+def _check_filter_columns(row_filter: RowFilter | WhereFilter, schema: pa.Schema) -> None:
+    """--label and --min-prob read `label` and `prob`: a run of several questions (or of answers) has others."""
+    if isinstance(row_filter, WhereFilter) or "label" in schema.names:
+        return
+    decided = [n for n in schema.names if n.startswith(("label_", "answer_")) and not n.startswith("answer_mass")]
+    decided += [n for n in ("answer",) if n in schema.names]
+    example = " and ".join(decided[:2]) if decided and decided[0].startswith("label_") else None
+    if example is None and decided:
+        example = f"{decided[0]} == '...'"
+    raise AnnotatorError(
+        f"This run asked several questions or chose between answers, so it has no `label` column for --label or "
+        f"--min-prob; its columns are {', '.join(decided)}. Say which rows to keep with --where, e.g. --where "
+        f'"{example}".'
+    )
 
 
 def _check_targets(to: Path, rejected: Path | None) -> None:
@@ -185,17 +207,24 @@ def _schema_without(schema: pa.Schema, drop: list[str]) -> pa.Schema:
 
 
 def _card(
-    recipe: dict[str, Any], run: RunFolder, root: Path, which: str, row_filter: RowFilter, counts: dict[str, int]
+    recipe: dict[str, Any],
+    run: RunFolder,
+    root: Path,
+    which: str,
+    row_filter: RowFilter | WhereFilter,
+    counts: dict[str, int],
 ) -> str:
     """README.md: a config that `load_dataset(folder)` and the Hub read, then where the rows come from and why."""
-    source, prompt, model = recipe["input"], recipe["prompt"], recipe["model"]
+    source, model = recipe["input"], recipe["model"]
+    prompt = recipe["prompt"] if not (recipe["prompt"].get("questions") or recipe["prompt"].get("answers")) else {}
     hf = source.get("hf")
     if hf:
         origin = f"the Hugging Face dataset `{hf['path']}` (config `{hf['name']}`, split `{hf['split']}`"
         origin += f", revision `{hf['revision']}`)" if hf.get("revision") else ")"
     else:
         origin = f"the parquet input `{source['parquet']}`"
-    text = f"the fixed text `{prompt['query']}`" if prompt.get("query") else f"its `{source['text_column']}` column"
+    query = recipe["prompt"].get("query")
+    text = f"the fixed text `{query}`" if query else f"its `{source['text_column']}` column"
     revision = f" (revision `{model['revision']}`)" if model.get("revision") else ""
     total = counts["kept"] + counts["rejected"]
     header = {"configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*"}]}]}
@@ -206,14 +235,13 @@ def _card(
             "---",
             f"# {recipe['name']}: {which} rows",
             "",
-            f"Rows of {origin}. For each row the model was asked whether the image is related to {text}; `prob` "
-            f"is P({prompt['positive']!r}) renormalised over {{{prompt['positive']!r}, {prompt['negative']!r}}}.",
+            *_asked(recipe, origin, text),
             "",
             "| | |",
             "| --- | --- |",
             f"| recipe | `{recipe['name']}`, run folder `{run.root}` (the frozen recipe is its `recipe.yaml`) |",
             f"| model | `{model['name']}`{revision} |",
-            f"| threshold | `label = prob >= {recipe['output']['threshold']}` |",
+            *([f"| threshold | `label = prob >= {recipe['output']['threshold']}` |"] if "positive" in prompt else []),
             f"| kept | rows with `{row_filter.describe()}` and no `error` |",
             f"| counts | {counts['kept']} kept, {counts['rejected']} rejected, {total} in all |",
             f"| errors | {counts['errors']} row(s) could not be scored: never kept, they are among the rejected |",
@@ -227,3 +255,32 @@ def _card(
             "",
         ]
     )
+
+
+def _asked(recipe: dict[str, Any], origin: str, text: str) -> list[str]:
+    """What the model was asked of each row, and which columns hold each answer."""
+    prompt = recipe["prompt"]
+    if not (prompt.get("questions") or prompt.get("answers")):
+        return [
+            f"Rows of {origin}. For each row the model was asked whether the image is related to {text}; `prob` "
+            f"is P({prompt['positive']!r}) renormalised over {{{prompt['positive']!r}, {prompt['negative']!r}}}."
+        ]
+    from annotator.recipe import validate_recipe
+
+    lines = [
+        f"Rows of {origin}. The model was asked each question below about every row's image (`{{text}}` stands for "
+        f"{text}); each answer's probability is renormalised over that question's answers.",
+        "",
+        "| question | asked | answers | columns |",
+        "| --- | --- | --- | --- |",
+    ]
+    for question in validate_recipe(recipe).questions:
+        first, second, mass = question.columns
+        if question.yes_no:
+            columns = f"`{first}` = P({question.answers[0]!r}), `{second}` = {first} >= {question.threshold}, `{mass}`"
+        else:
+            columns = f"`{first}` (in the answers' order), `{second}` (the most likely), `{mass}`"
+        asked = question.text.replace("|", "\\|").replace("\n", " ")
+        answers = " / ".join(f"`{a}`" for a in question.answers)
+        lines.append(f"| {question.name or '(one question)'} | {asked} | {answers} | {columns} |")
+    return lines

@@ -11,7 +11,7 @@ from tokenizers import normalizers
 
 from annotator.batching import MERGE_SIZE
 from annotator.errors import AnnotatorError
-from annotator.recipe import OutputConfig, PromptConfig, Question, QuestionConfig, Recipe, resolve_questions
+from annotator.recipe import OutputConfig, PromptConfig, Question, Recipe, resolve_questions
 
 IMAGE_PAD = "<|image_pad|>"
 VISION_START = "<|vision_start|>"
@@ -186,7 +186,7 @@ def question_key(question: Question) -> str:
 def answer_key(prompt: PromptConfig, question: Question, index: int) -> str:
     """The recipe key that sets a question's `index`-th answer."""
     entry = (prompt.questions or {}).get(question.name)
-    own = isinstance(entry, QuestionConfig)
+    own = entry is not None
     if not question.yes_no:
         return f"{question_key(question)}.answers" if own and entry.answers is not None else "prompt.answers"
     field = ("positive", "negative")[index]

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from annotator.errors import AnnotatorError
 
@@ -83,7 +83,7 @@ class PromptConfig(_Section):
     positive: str = "Y"
     negative: str = "N"
     max_text_tokens: int = Field(256, ge=1)
-    questions: dict[str, str | QuestionConfig] | None = Field(
+    questions: dict[str, QuestionConfig] | None = Field(
         None,
         description="Several questions of every image, `name: question` (or `name: {question, answers}`), instead of"
         " `question`: the image and the system turn are computed once for all of them.",
@@ -92,14 +92,13 @@ class PromptConfig(_Section):
         None, description="Answers beyond Y/N, one token each, instead of positive/negative: `probs`, `answer`."
     )
 
-    @model_validator(mode="before")
+    @field_validator("questions", mode="before")
     @classmethod
-    def _names_are_text(cls, data: Any) -> Any:
-        # YAML reads `1:` or `true:` as a number or a bool; a question's name is the text the user wrote.
-        questions = data.get("questions") if isinstance(data, dict) else None
-        if isinstance(questions, dict):
-            data = {**data, "questions": {_yaml_key(k): v for k, v in questions.items()}}
-        return data
+    def _question_entries(cls, questions: Any) -> Any:
+        """`name: text` is `name: {question: text}`; a name is the text written (YAML would read `1:` as a number)."""
+        if not isinstance(questions, dict):
+            return questions
+        return {str(k): {"question": v} if isinstance(v, str) else v for k, v in questions.items()}
 
 
 class BatchingConfig(_Section):
@@ -209,25 +208,15 @@ class Question:
         return {"name": self.name, "text": self.text, "answers": list(self.answers), "threshold": threshold}
 
 
-def _yaml_key(key: Any) -> str:
-    if isinstance(key, bool):
-        return str(key).lower()
-    return key if isinstance(key, str) else str(key)
-
-
 def resolve_questions(prompt: PromptConfig, output: OutputConfig) -> list[Question]:
     """`prompt.question` or every `prompt.questions` entry, with the answers and threshold that apply to it."""
     if prompt.questions is None:
         return [_question("", prompt.question, prompt.answers, None, None, prompt, output)]
     questions = []
     for name, entry in prompt.questions.items():
-        if isinstance(entry, str):
-            questions.append(_question(name, entry, prompt.answers, None, None, prompt, output))
-        else:
-            answers = entry.answers if entry.positive is None and entry.negative is None else None
-            if answers is None and entry.answers is None and entry.positive is None and entry.negative is None:
-                answers = prompt.answers
-            questions.append(_question(name, entry.question, answers, entry.positive, entry.negative, prompt, output))
+        own_yes_no = entry.positive is not None or entry.negative is not None
+        answers = None if own_yes_no else entry.answers if entry.answers is not None else prompt.answers
+        questions.append(_question(name, entry.question, answers, entry.positive, entry.negative, prompt, output))
     return questions
 
 
@@ -283,13 +272,11 @@ def question_problems(prompt: PromptConfig, output: OutputConfig) -> list[str]:
                 "clash in tools that ignore case (DuckDB, SQL); rename one"
             )
         lowered.setdefault(name.lower(), name)
-        template = entry if isinstance(entry, str) else entry.question
-        problems.extend(_template_problems(template, key))
-        if isinstance(entry, QuestionConfig):
-            if entry.answers is not None and (entry.positive is not None or entry.negative is not None):
-                problems.append(f"`{key}` gives `answers` and `positive`/`negative`; keep one of them")
-            if entry.answers is not None:
-                problems.extend(_answer_problems(entry.answers, f"{key}.answers"))
+        problems.extend(_template_problems(entry.question, key))
+        if entry.answers is not None and (entry.positive is not None or entry.negative is not None):
+            problems.append(f"`{key}` gives `answers` and `positive`/`negative`; keep one of them")
+        if entry.answers is not None:
+            problems.extend(_answer_problems(entry.answers, f"{key}.answers"))
     questions = resolve_questions(prompt, output)
     for question in questions:
         if question.yes_no and question.answers[0] == question.answers[1]:
@@ -406,15 +393,21 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_document(node)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
+        """Keys as written: every key of a recipe is a name (`1:` and `yes:` are the names "1" and "yes")."""
+        self.flatten_mapping(node)
+        mapping: dict[Any, Any] = {}
+        lines: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                key = key_node.value
+            else:
+                key = self.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
-            if isinstance(key, str | int | float | bool) and key in seen:
-                raise _DuplicateKey(self._path(key_node), seen[key], line)
-            if isinstance(key, str | int | float | bool):
-                seen[key] = line
-        return super().construct_mapping(node, deep)
+            if key in lines:
+                raise _DuplicateKey(self._path(key_node), lines[key], line)
+            lines[key] = line
+            mapping[key] = self.construct_object(value_node, deep=deep)
+        return mapping
 
     def _path(self, target: yaml.Node) -> str:
         """The dotted key of `target` in the document (`prompt.questions.cat`)."""
@@ -472,9 +465,15 @@ def validate_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
 
 def _fields_at(location: tuple[Any, ...]) -> list[str]:
     model: type[BaseModel] = Recipe
-    for part in location:
+    parts = iter(location)
+    for part in parts:
         annotation = model.model_fields[part].annotation if part in model.model_fields else None
-        candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type)]
+        args = getattr(annotation, "__args__", (annotation,))
+        mappings = [a for a in args if getattr(a, "__origin__", None) is dict]
+        if mappings:  # `name: {...}` entries (prompt.questions): the next part is a name, not a key
+            args = mappings[0].__args__[1:]
+            next(parts, None)
+        candidates = [a for a in args if isinstance(a, type)]
         nested = [a for a in candidates if issubclass(a, BaseModel)]
         if not nested:
             return []

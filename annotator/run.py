@@ -437,12 +437,15 @@ def summarize(folder: RunFolder) -> dict[str, Any]:
     for r in records.values():
         kinds.update(r.get("error_kinds", {}))
     padded = sum(r["padded_tokens"] for r in records.values())
+    scored = sum(r["scored"] for r in records.values())
+    answers = _answer_totals(records.values(), scored)
     return {
         "rows": sum(r["rows"] for r in records.values()),
-        "scored": sum(r["scored"] for r in records.values()),
+        "scored": scored,
         "errors": sum(r["errors"] for r in records.values()),
-        "positives": sum(r.get("positives", 0) for r in records.values()),
-        **_answer_totals(records.values()),
+        # Labels of the single Y/N question; per question in `questions`, or `answers`, otherwise.
+        "positives": None if answers else sum(r.get("positives", 0) for r in records.values()),
+        **answers,
         "error_kinds": dict(kinds.most_common()),
         "truncated_texts": sum(r.get("truncated_texts", 0) for r in records.values()),
         "windows": len(records),
@@ -450,9 +453,10 @@ def summarize(folder: RunFolder) -> dict[str, Any]:
     }
 
 
-def _answer_totals(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    """`answers` of a single question with answers, and `questions` ({name: positives or answers}) of a recipe with
-    `prompt.questions`, summed over the journal records (`sink.answer_counts` wrote them)."""
+def _answer_totals(records: Iterable[dict[str, Any]], scored: int) -> dict[str, Any]:
+    """`answers` ({answer: rows}) of a single question with answers, and `questions` ({name: {positives, negatives}}
+    or {name: {answers}}) of a recipe with `prompt.questions`, summed over the journal records (`sink.answer_counts`
+    wrote them)."""
 
     def add(total: dict[str, Any], counts: dict[str, Any]) -> None:
         if "positives" in counts:
@@ -466,6 +470,9 @@ def _answer_totals(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
             add(totals, {"answers": record["answers"]})
         for name, counts in record.get("questions", {}).items():
             add(totals.setdefault("questions", {}).setdefault(name, {}), counts)
+    for counts in totals.get("questions", {}).values():
+        if "positives" in counts:
+            counts["negatives"] = scored - counts["positives"]
     return totals
 
 
