@@ -238,12 +238,13 @@ def _question(
 def question_problems(prompt: PromptConfig, output: OutputConfig) -> list[str]:
     """What is wrong with the set of questions, answers and thresholds, each said with its fix (no tokenizer needed)."""
     problems: list[str] = []
-    fields = prompt.model_fields_set
-    if prompt.answers is not None and fields & {"positive", "negative"}:
-        problems.append("give `prompt.answers` or `prompt.positive`/`prompt.negative`, not both")
+    # Values compared with the defaults, not keys with those given: a frozen recipe (`recipe.yaml`) gives every key.
+    defaults = PromptConfig()
     if prompt.answers is not None:
         problems.extend(_answer_problems(prompt.answers, "prompt.answers"))
     if prompt.questions is None:
+        if prompt.answers is not None and (prompt.positive, prompt.negative) != (defaults.positive, defaults.negative):
+            problems.append("give `prompt.answers` or `prompt.positive`/`prompt.negative`, not both")
         problems.extend(_template_problems(prompt.question, "prompt.question"))
         if output.thresholds:
             problems.append(
@@ -251,7 +252,7 @@ def question_problems(prompt: PromptConfig, output: OutputConfig) -> list[str]:
                 "question, whose threshold is `output.threshold`"
             )
         return problems
-    if "question" in fields:
+    if prompt.question != defaults.question:
         problems.append("give `prompt.question` (one question) or `prompt.questions` (several), not both")
     if not prompt.questions:
         problems.append(

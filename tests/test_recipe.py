@@ -179,7 +179,7 @@ def test_reordered_questions_change_the_fingerprint_since_columns_follow_their_o
             {},
             "Did you mean `prompt.questions.a.answers`",
         ),
-        ({"answers": ["A", "B"], "positive": "Y"}, {}, "not both"),
+        ({"answers": ["A", "B"], "positive": "y"}, {}, "not both"),
         ({"questions": {"a": "x?"}}, {"thresholds": {"b": 0.5}}, "`output.thresholds` names 'b'"),
         ({"questions": {"a": {"question": "x?", "answers": ["A", "B"]}}}, {"thresholds": {"a": 0.5}}, "not a label"),
         ({"questions": {"a": "x?"}}, {"thresholds": {"a": 1.5}}, "not a probability"),
