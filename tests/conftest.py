@@ -115,3 +115,27 @@ def mixed_parquet(tmp_path) -> Path:
     images = [jpeg_bytes(w, h, seed=i) for i, (w, h) in enumerate(MIXED_SIZES * 2)]
     captions = CAPTIONS + CAPTIONS[::-1]
     return write_dataset(tmp_path / "in" / "mixed.parquet", images, captions, idx=list(range(16)))
+
+
+@pytest.fixture(scope="session")
+def questions_run(tmp_path_factory, tiny_model_cache) -> Path:
+    """A finished run asking three questions (about the text, not about it, one of three answers), 9 rows, 1 error.
+
+    Tests only read it.
+    """
+    from typer.testing import CliRunner
+
+    from annotator.cli import app
+
+    root = tmp_path_factory.mktemp("questions-run")
+    images = [jpeg_bytes(w, h, seed=i) for i, (w, h) in enumerate(MIXED_SIZES)] + [b"broken"]
+    parquet = write_dataset(root / "in.parquet", images, CAPTIONS + ["x"])
+    kind = {"question": "Which?", "answers": ["A", "B", "C"]}
+    prompt = {"questions": {"text": "Related to {text}?", "cat": "A cat?", "kind": kind}}
+    recipe = write_recipe(root / "r.yaml", parquet, root / "run", prompt=prompt, output={"thresholds": {"cat": 0.6}})
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("ANNOTATOR_CACHE", str(tiny_model_cache))
+        env.chdir(root)
+        result = CliRunner().invoke(app, ["run", str(recipe), "--no-progress"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return root / "run"

@@ -1,7 +1,6 @@
 """The command line end to end with the tiny model, and the user errors it reports (exit 1, no traceback)."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -268,32 +267,6 @@ def test_output_columns_of_questions_must_not_clash_with_input_columns(tmp_path)
     result = invoke("run", recipe, "--no-progress")
     assert result.exit_code == 1
     assert "already has column(s) label_cat" in result.output and "rename the questions" in result.output
-
-
-@pytest.fixture(scope="module")
-def questions_run(tmp_path_factory, tiny_model_cache) -> Path:
-    """A finished run of three questions (one about the text, one not, one choosing between three answers)."""
-    from tests.conftest import CAPTIONS, MIXED_SIZES, jpeg_bytes, write_dataset
-
-    root = tmp_path_factory.mktemp("questions-run")
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("ANNOTATOR_CACHE", str(tiny_model_cache))
-        env.chdir(root)
-        images = [jpeg_bytes(w, h, seed=i) for i, (w, h) in enumerate(MIXED_SIZES)] + [b"broken"]
-        parquet = write_dataset(root / "in.parquet", images, CAPTIONS + ["x"])
-        prompt = {
-            "questions": {
-                "text": "Related to {text}?",
-                "cat": "A cat?",
-                "kind": {"question": "Which?", "answers": ["A", "B", "C"]},
-            }
-        }
-        recipe = write_recipe(
-            root / "r.yaml", parquet, root / "run", prompt=prompt, output={"thresholds": {"cat": 0.6}}
-        )
-        result = invoke("run", recipe, "--no-progress")
-        assert result.exit_code == 0, result.output
-    return root / "run"
 
 
 def test_summary_and_status_count_each_question(questions_run):
