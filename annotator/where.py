@@ -46,7 +46,7 @@ class Token:
 
 @dataclass(frozen=True, slots=True)
 class Node:
-    """A typed expression: `kind` is bool, number or string; `evaluate` gives an Arrow array or scalar."""
+    """A typed expression: `kind` is bool, number or string; `_evaluate` turns it into an Arrow array or scalar."""
 
     kind: str
     op: str  # column, literal, not, and, or, or a comparison
@@ -84,17 +84,17 @@ class WhereFilter:
     # --- recursive descent: or > and > not > comparison > atom ---------------------------------------------
 
     def _expression(self) -> Node:
-        node = self._and()
-        while self._peek().text == "or" and self._peek().kind == "keyword":
-            token = self._next()
-            node = self._logical("or", node, self._and(), token)
-        return node
+        return self._chain("or", self._and)
 
     def _and(self) -> Node:
-        node = self._not()
-        while self._peek().text == "and" and self._peek().kind == "keyword":
+        return self._chain("and", self._not)
+
+    def _chain(self, op: str, operand) -> Node:
+        """`operand (op operand)*`, grouped from the left."""
+        node = operand()
+        while self._peek().kind == "keyword" and self._peek().text == op:
             token = self._next()
-            node = self._logical("and", node, self._not(), token)
+            node = self._logical(op, node, operand(), token)
         return node
 
     def _not(self) -> Node:
