@@ -307,3 +307,22 @@ def test_plan_counts_flops_with_sharing_per_question(tmp_path, mixed_parquet, mo
     for question in plan["questions"]:
         assert 0 < question["flops_added"] < question["flops_alone"] < shared
     assert "3 questions, shared" in invoke("plan", tmp_path / "r.yaml").output
+
+
+def test_one_question_with_answers_writes_probs_and_answer(tmp_path, mixed_parquet):
+    import datasets
+
+    recipe = write_recipe(tmp_path / "r.yaml", mixed_parquet, tmp_path / "out", prompt={"answers": ["A", "B", "C"]})
+    result = invoke("run", recipe, "--no-progress", "--limit", "6")
+    assert result.exit_code == 0, result.output
+    table = read_output(tmp_path / "out")
+    assert table.column_names[-5:] == ["row_id", "probs", "answer", "answer_mass", "error"]
+    probs = np.array(table.column("probs").to_pylist())
+    assert probs.shape == (6, 3) and np.allclose(probs.sum(axis=1), 1, atol=1e-6)
+    assert table.column("answer").to_pylist() == [("A", "B", "C")[i] for i in probs.argmax(axis=1)]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["answers"] == {a: table.column("answer").to_pylist().count(a) for a in "ABC"}
+    assert summary["positives"] is None and "answers" in invoke("status", tmp_path / "out").output
+    ds = datasets.load_dataset("parquet", data_files=str(tmp_path / "out" / "data" / "*.parquet"), split="train")
+    assert ds.features["probs"].feature.dtype == "float32" and ds.features["answer"].dtype == "string"
+    assert isinstance(ds.features["image"], datasets.Image)
