@@ -190,6 +190,9 @@ def test_bench_questions_times_k_questions_against_one_on_the_same_images():
     assert out["questions"] == 3 and cost["questions"] == ["text", "watermark", "screenshot"]
     assert cost["pairs"] == 4 and cost["seconds"]["one"] > 0 and cost["seconds"]["all"] > 0
     assert cost["measured_ratio"] == pytest.approx(cost["seconds"]["all"] / cost["seconds"]["one"], rel=0.01)
+    if not ON_GPU:
+        cpu = cost["cpu_seconds"]
+        assert cost["cpu_time_ratio"] == pytest.approx(cpu["all"] / cpu["one"], rel=0.01) and cpu["one"] > 0
     # The image and the prefix are shared: three questions add only their own tokens.
     one, three = cost["tokens_per_pair"]["one"], cost["tokens_per_pair"]["all"]
     assert one < three < 3 * one
