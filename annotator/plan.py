@@ -8,7 +8,8 @@ from typing import Any
 
 from annotator.batching import MERGE_SIZE, image_token_count, plan_recipe_window
 from annotator.images import image_kind
-from annotator.recipe import Recipe, reads_text_column
+from annotator.questions import reads_text_column
+from annotator.recipe import Recipe
 from annotator.sources import open_source
 
 

@@ -11,7 +11,8 @@ from tokenizers import normalizers
 
 from annotator.batching import MERGE_SIZE
 from annotator.errors import AnnotatorError
-from annotator.recipe import OutputConfig, PromptConfig, Question, Recipe, resolve_questions
+from annotator.questions import Question, resolve_questions
+from annotator.recipe import PromptConfig, Recipe
 
 IMAGE_PAD = "<|image_pad|>"
 VISION_START = "<|vision_start|>"
@@ -46,7 +47,7 @@ class PromptBuilder:
         self.tokenizer = tokenizer
         self.backend = tokenizer.backend_tokenizer  # the Rust tokenizer
         self.prompt = prompt
-        self.questions = list(questions if questions is not None else resolve_questions(prompt, OutputConfig()))
+        self.questions = list(questions if questions is not None else resolve_questions(prompt))
         self.image_pad_id = self._special_id(IMAGE_PAD)
         self.vision_end_id = self._special_id(VISION_END)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

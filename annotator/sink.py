@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from annotator.errors import AnnotatorError, RunInterrupted
 
 if TYPE_CHECKING:
-    from annotator.recipe import Question
+    from annotator.questions import Question
     from annotator.scoring import Score
 
 HF_METADATA_KEY = b"huggingface"

@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 
 from annotator.errors import AnnotatorError
 from annotator.images import ImageRef, read_path
-from annotator.recipe import InputConfig, PromptConfig, output_columns, reads_text_column
+from annotator.questions import output_columns, reads_text_column
+from annotator.recipe import InputConfig, PromptConfig
 
 
 @dataclass(slots=True)
