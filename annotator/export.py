@@ -216,7 +216,7 @@ def _card(
 ) -> str:
     """README.md: a config that `load_dataset(folder)` and the Hub read, then where the rows come from and why."""
     source, model = recipe["input"], recipe["model"]
-    prompt = recipe["prompt"] if not (recipe["prompt"].get("questions") or recipe["prompt"].get("answers")) else {}
+    one_label = not (recipe["prompt"].get("questions") or recipe["prompt"].get("answers"))  # today's `prob`, `label`
     hf = source.get("hf")
     if hf:
         origin = f"the Hugging Face dataset `{hf['path']}` (config `{hf['name']}`, split `{hf['split']}`"
@@ -241,7 +241,7 @@ def _card(
             "| --- | --- |",
             f"| recipe | `{recipe['name']}`, run folder `{run.root}` (the frozen recipe is its `recipe.yaml`) |",
             f"| model | `{model['name']}`{revision} |",
-            *([f"| threshold | `label = prob >= {recipe['output']['threshold']}` |"] if "positive" in prompt else []),
+            *([f"| threshold | `label = prob >= {recipe['output']['threshold']}` |"] if one_label else []),
             f"| kept | rows with `{row_filter.describe()}` and no `error` |",
             f"| counts | {counts['kept']} kept, {counts['rejected']} rejected, {total} in all |",
             f"| errors | {counts['errors']} row(s) could not be scored: never kept, they are among the rejected |",
