@@ -119,6 +119,15 @@ def question_problems(prompt: PromptConfig, output: OutputConfig) -> list[str]:
     for question in questions:
         if question.yes_no and question.answers[0] == question.answers[1]:
             problems.append(f"`prompt.questions.{question.name}`: its positive and negative answers must differ")
+    # `answer_mass_x` of question `x` is also `answer_<name>` of a question named `mass_x`.
+    owners: dict[str, str] = {}
+    for question in questions:
+        for column in question.columns:
+            other = owners.setdefault(column.lower(), question.name)
+            if other != question.name:
+                problems.append(
+                    f"questions {other!r} and {question.name!r} would both write a column `{column}`; rename one"
+                )
     by_name = {q.name: q for q in questions}
     unknown = [n for n in output.thresholds if n not in by_name]
     if unknown:

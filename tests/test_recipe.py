@@ -184,6 +184,7 @@ def test_reordered_questions_change_the_fingerprint_since_columns_follow_their_o
         ({"questions": {"a": {"question": "x?", "answers": ["A", "B"]}}}, {"thresholds": {"a": 0.5}}, "not a label"),
         ({"questions": {"a": "x?"}}, {"thresholds": {"a": 1.5}}, "not a probability"),
         ({}, {"thresholds": {"a": 0.5}}, "this recipe asks one question"),
+        ({"questions": {"x": "x?", "mass_x": "y?"}, "answers": ["A", "B"]}, {}, "both write a column `answer_mass_x`"),
     ],
 )
 def test_a_malformed_question_set_is_one_paragraph_naming_the_key(tmp_path, prompt, output, message):
