@@ -8,7 +8,7 @@ import signal
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +22,7 @@ from annotator.images import image_kind
 from annotator.progress import RunProgress
 from annotator.recipe import Recipe, load_recipe
 from annotator.scores import JOURNAL_BINS, add, histogram
-from annotator.sink import RunFolder, output_schema, window_table
+from annotator.sink import RunFolder, answer_counts, output_schema, window_table
 from annotator.sources import Window
 from annotator.start import find_latest_unfinished, grow, prepare_resume, prepare_run
 
@@ -34,19 +34,18 @@ class WindowState:
     window: Window
     plan: WindowPlan
     pending: int
-    probs: list[float | None] = field(default_factory=list)
-    masses: list[float | None] = field(default_factory=list)
+    scores: list[Any] = field(default_factory=list)  # a `scoring.Score` per scored row, else None
     errors: list[str | None] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
 
     def __post_init__(self) -> None:
         rows = self.window.rows
-        self.probs, self.masses, self.errors = [None] * rows, [None] * rows, [None] * rows
+        self.scores, self.errors = [None] * rows, [None] * rows
         for position, error in self.plan.errors.items():
             self.errors[position] = error
 
     def record(self) -> dict[str, Any]:
-        scored = sum(p is not None for p in self.probs)
+        scored = sum(s is not None for s in self.scores)
         kinds = Counter(image_kind(e) for e in self.errors if e is not None)
         return {
             "start": self.window.start,
@@ -174,7 +173,7 @@ class Annotator:
         write_run_card(self.folder, recipe)
         self.progress.begin(committed.values())
         self.scorer = Scorer(loaded, self.builder, recipe.model.forward)
-        self.schema = output_schema(self.source.schema, recipe.input.image_column)
+        self.schema = output_schema(self.source.schema, recipe.input.image_column, recipe.questions)
         workers = resolve_workers(recipe.batching.workers)
         lookahead = max(2 * recipe.batching.max_batch_size, 8)
         with (
@@ -205,7 +204,7 @@ class Annotator:
             loaded = load_model(
                 m.name, m.revision, m.dtype, m.device, m.attn_implementation, progress_bars=self.progress.model_bars
             )
-            builder = PromptBuilder(loaded.tokenizer, self.recipe.prompt)
+            builder = PromptBuilder(loaded.tokenizer, self.recipe.prompt, self.recipe.questions)
         except RunInterrupted:
             raise
         except KeyboardInterrupt:  # no signal handler here (not the main thread): the same as a handled signal
@@ -340,25 +339,18 @@ class Annotator:
 
     def _finish_batch(self, state: WindowState, batch: list[PlannedRow], ready: list[PlannedRow], wait) -> None:
         for row, score in zip(ready, wait(), strict=True):
-            state.probs[row.position] = score.prob
-            state.masses[row.position] = score.answer_mass
+            state.scores[row.position] = score
         state.pending -= 1
         self._advance(len(ready), len(batch) - len(ready))
 
     def _commit(self, state: WindowState) -> None:
         window = state.window
-        table = window_table(
-            window.table,
-            self.schema,
-            window.start,
-            state.probs,
-            state.masses,
-            state.errors,
-            self.recipe.output.threshold,
-        )
-        record = state.record()
-        record["positives"] = sum(bool(v) for v in table.column("label").to_pylist())
-        record["histograms"] = {"prob": histogram(table.column("prob"), JOURNAL_BINS)}
+        questions = self.recipe.questions
+        table = window_table(window.table, self.schema, window.start, state.scores, state.errors, questions)
+        record = {**state.record(), **answer_counts(table, questions)}
+        record["histograms"] = {
+            q.column("prob"): histogram(table.column(q.column("prob")), JOURNAL_BINS) for q in questions if q.yes_no
+        }
         record["limit"] = self.recipe.input.limit  # a window cut short by it is redone if the limit grows
         record["session_started"] = self.progress.started_at
         self.folder.write_window(window.index, table, record)
@@ -436,19 +428,32 @@ def summarize(folder: RunFolder) -> dict[str, Any]:
     for r in records.values():
         kinds.update(r.get("error_kinds", {}))
     padded = sum(r["padded_tokens"] for r in records.values())
+    scored = sum(r["scored"] for r in records.values())
+    answers = _answer_totals(records.values(), scored)
     prob_histogram = None
-    for index, record in sorted(records.items()):
-        prob_histogram = add(prob_histogram, window_histogram(folder, index, record))
+    if not answers:  # the single Y/N question
+        for index, record in sorted(records.items()):
+            prob_histogram = add(prob_histogram, window_histogram(folder, index, record))
+    for name, counts in answers.get("questions", {}).items():
+        if "positives" in counts:
+            column = f"prob_{name}"
+            counts["prob_histogram"] = None
+            for index, record in sorted(records.items()):
+                counts["prob_histogram"] = add(
+                    counts["prob_histogram"], window_histogram(folder, index, record, column)
+                )
     return {
         "rows": sum(r["rows"] for r in records.values()),
-        "scored": sum(r["scored"] for r in records.values()),
+        "scored": scored,
         "errors": sum(r["errors"] for r in records.values()),
-        "positives": sum(r.get("positives", 0) for r in records.values()),
+        # Labels of the single Y/N question; per question in `questions`, or `answers`, otherwise.
+        "positives": None if answers else sum(r.get("positives", 0) for r in records.values()),
+        **answers,
         "error_kinds": dict(kinds.most_common()),
         "truncated_texts": sum(r.get("truncated_texts", 0) for r in records.values()),
         "windows": len(records),
         "padding_efficiency": round(sum(r["real_tokens"] for r in records.values()) / padded, 4) if padded else None,
-        "prob_histogram": prob_histogram or [0] * JOURNAL_BINS,
+        "prob_histogram": None if answers else prob_histogram or [0] * JOURNAL_BINS,
     }
 
 
@@ -460,6 +465,29 @@ def window_histogram(folder: RunFolder, index: int, record: dict[str, Any], colu
     import pyarrow.parquet as pq
 
     return histogram(pq.read_table(folder.window_file(index), columns=[column]).column(column), JOURNAL_BINS)
+
+
+def _answer_totals(records: Iterable[dict[str, Any]], scored: int) -> dict[str, Any]:
+    """`answers` ({answer: rows}) of a single question with answers, and `questions` ({name: {positives, negatives}}
+    or {name: {answers}}) of a recipe with `prompt.questions`, summed over the journal records (`sink.answer_counts`
+    wrote them)."""
+
+    def tally(total: dict[str, Any], counts: dict[str, Any]) -> None:
+        if "positives" in counts:
+            total["positives"] = total.get("positives", 0) + counts["positives"]
+        for answer, n in counts.get("answers", {}).items():
+            total.setdefault("answers", {})[answer] = total.get("answers", {}).get(answer, 0) + n
+
+    totals: dict[str, Any] = {}
+    for record in records:
+        if "answers" in record:
+            tally(totals, {"answers": record["answers"]})
+        for name, counts in record.get("questions", {}).items():
+            tally(totals.setdefault("questions", {}).setdefault(name, {}), counts)
+    for counts in totals.get("questions", {}).values():
+        if "positives" in counts:
+            counts["negatives"] = scored - counts["positives"]
+    return totals
 
 
 def run_recipe(

@@ -17,7 +17,8 @@ import pyarrow.parquet as pq
 
 from annotator.errors import AnnotatorError
 from annotator.images import ImageRef, read_path
-from annotator.recipe import OUTPUT_COLUMNS, InputConfig, PromptConfig
+from annotator.questions import output_columns, reads_text_column
+from annotator.recipe import InputConfig, PromptConfig
 
 
 @dataclass(slots=True)
@@ -90,7 +91,7 @@ def check_schema(schema: pa.Schema, config: InputConfig, prompt: PromptConfig, w
             "rename the duplicates in the input first."
         )
     wanted = {"input.image_column": config.image_column, "input.id_column": config.id_column}
-    if prompt.query is None:
+    if reads_text_column(prompt):
         wanted["input.text_column"] = config.text_column
     for key, column in wanted.items():
         if column is not None and column not in schema.names:
@@ -106,33 +107,45 @@ def check_schema(schema: pa.Schema, config: InputConfig, prompt: PromptConfig, w
             f"images{': ' + struct_problem if struct_problem else ''}. It must hold Hugging Face Image structs "
             f"{{bytes, path}}, encoded image bytes, or paths. Columns in {where}: {columns}."
         )
-    if prompt.query is None:
+    if reads_text_column(prompt):
         text_type = schema.field(config.text_column).type
         if not _is_text_type(text_type):
             raise AnnotatorError(
                 f"Column {config.text_column!r} (`input.text_column`) has type {text_type}, not text. Point "
                 f"`input.text_column` at a string column, or set `prompt.query` to a fixed text. Columns: {columns}."
             )
-    clashes = [c for c in OUTPUT_COLUMNS if c in schema.names]
+    clashes = [c for c in output_columns(prompt) if c in schema.names]
     if clashes:
         raise AnnotatorError(
             f"The input already has column(s) {', '.join(clashes)}, which annotator writes. Rename or drop them "
-            "first (an earlier run's output? then export or re-run from the original input)."
+            "first (an earlier run's output? then export or re-run from the original input)"
+            + (", or rename the questions that write them." if prompt.questions else ".")
+        )
+    named = [name for name in prompt.questions or {} if name in schema.names]
+    if named:
+        raise AnnotatorError(
+            f"Question name(s) {', '.join(map(repr, named))} of `prompt.questions` are also input columns; in "
+            "`annotate export --where` and the report a name must mean one thing. Rename the question(s), e.g. "
+            f"`{named[0]}_q`."
         )
 
 
-def row_inputs(window: Window, config: InputConfig, query: str | None) -> list[RowInput]:
-    """Image references and texts of a window's rows; nothing is decoded.
+def row_inputs(window: Window, config: InputConfig, query: str | None, texts: bool = True) -> list[RowInput]:
+    """Image references and texts of a window's rows (no texts, all None, when the questions use none); nothing is
+    decoded.
 
     Image bytes stay in the window's Arrow buffers: a reference holds a memoryview of them, not a copy.
     """
     refs: list[tuple[ImageRef | None, str | None]] = []
     for chunk in window.table.column(config.image_column).chunks:
         refs.extend(_image_refs(chunk, window.base_dirs[len(refs) : len(refs) + len(chunk)]))
-    texts = [query] * window.rows if query is not None else _values(window.table.column(config.text_column))
+    if not texts or query is not None:
+        values = [query if texts else None] * window.rows
+    else:
+        values = _values(window.table.column(config.text_column))
     return [
         RowInput(None, None, "text: invalid UTF-8") if isinstance(text, _BadText) else RowInput(ref, text, error)
-        for (ref, error), text in zip(refs, texts, strict=True)
+        for (ref, error), text in zip(refs, values, strict=True)
     ]
 
 
