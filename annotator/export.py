@@ -306,9 +306,8 @@ def _check_filter_columns(row_filter: RowFilter | TopFraction | WhereFilter, sch
         return
     decided = [n for n in schema.names if n.startswith(("label_", "answer_")) and not n.startswith("answer_mass")]
     decided += [n for n in ("answer",) if n in schema.names]
-    example = " and ".join(decided[:2]) if decided and decided[0].startswith("label_") else None
-    if example is None and decided:
-        example = f"{decided[0]} == '...'"
+    labels = [n for n in decided if n.startswith("label_")]
+    example = " and not ".join(labels[:2]) if labels else f"{decided[0]} == '...'" if decided else "..."
     raise AnnotatorError(
         "This run asked several questions or chose between answers, so it has no `label` column (nor `prob`) for "
         f"--label, --min-prob or --top-fraction; its columns are {', '.join(decided)}. Say which rows to keep with "
