@@ -48,10 +48,11 @@ def check_run(recipe: Recipe, loads_model: bool = True) -> CheckedRun:
         hub_access(recipe.model.name, recipe.model.revision)
     source = open_source(recipe.input, recipe.prompt)
     check_apart(recipe, source)
-    schema = output_schema(source.schema, recipe.input.image_column)
+    schema = output_schema(source.schema, recipe.input.image_column, recipe.questions)
     tokenizer, why = load_tokenizer(recipe.model.name, recipe.model.revision)
     if tokenizer is not None:
-        PromptBuilder(tokenizer, recipe.prompt)  # answers that are not one token, a tokenizer that is not Qwen2-VL's
+        # answers that are not one token, a tokenizer that is not Qwen2-VL's
+        PromptBuilder(tokenizer, recipe.prompt, recipe.questions)
     if loads_model or recipe.engine.devices != "auto":
         # Last: on Ray this joins or starts it, which only a run whose every other setting holds should do.
         check_engine(recipe)  # devices that exist, or a Ray that can place the writers

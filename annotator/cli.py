@@ -165,22 +165,38 @@ def _typed_command(ctx: typer.Context) -> list[str]:
 
 
 def _print_scores(status: dict) -> None:
-    """The prob histogram on one line and the kept share at a few thresholds (and the run's own)."""
-    counts = status["prob_histogram"]
+    """The prob histogram on one line and the kept share at a few thresholds (and the run's own); per Y/N question
+    for a run of several."""
+    from annotator.scores import kept_shares
+
+    if status["prob_histogram"] is not None:
+        _score_lines(
+            "prob", status["prob_histogram"], status["kept_share_at"], status["kept_share"], status["threshold"]
+        )
+    for name, counts in (status.get("questions") or {}).items():
+        if counts.get("prob_histogram") is not None:
+            shares = kept_shares(counts["prob_histogram"], status["rows_done"])
+            _score_lines(f"prob_{name}", counts["prob_histogram"], shares, None, None)
+
+
+def _score_lines(column: str, counts: list, kept_at: dict, kept_share: float | None, threshold: float | None) -> None:
     if not any(counts):
         return
     from annotator.scores import bars
 
+    width = max(len(column), len("kept"))
     stdout.print(
-        f"prob    0 [cyan]{bars(counts)}[/] 1   ({len(counts)} bins of {1 / len(counts):g})",
+        f"{column:<{width}}    0 [cyan]{bars(counts)}[/] 1   ({len(counts)} bins of {1 / len(counts):g})",
         highlight=False,
         soft_wrap=True,
     )
-    shares = {float(t): f"{t}: {share:.1%}" for t, share in status["kept_share_at"].items()}
-    if status["kept_share"] is not None and status["threshold"] is not None:  # the run's own, exact from labels
-        shares[status["threshold"]] = f"[bold]{status['threshold']:g}: {status['kept_share']:.1%} (threshold)[/]"
+    shares = {float(t): f"{t}: {share:.1%}" for t, share in kept_at.items()}
+    if kept_share is not None and threshold is not None:  # the run's own, exact from labels
+        shares[threshold] = f"[bold]{threshold:g}: {kept_share:.1%} (threshold)[/]"
     line = " | ".join(text for _, text in sorted(shares.items()))
-    stdout.print(f"kept    prob >= {line}   of all rows (errors never)", highlight=False, soft_wrap=True)
+    stdout.print(
+        f"{'kept':<{width}}    {column} >= {line}   of all rows (errors never)", highlight=False, soft_wrap=True
+    )
 
 
 def _print_summary(summary: dict) -> None:
@@ -188,14 +204,33 @@ def _print_summary(summary: dict) -> None:
 
     table = Table(title=f"annotated -> {summary['output_dir']}", show_header=False)
     for key in ("rows", "scored", "errors", "positives", "truncated_texts", "padding_efficiency", "rows_per_s"):
-        table.add_row(key, str(summary.get(key)))
+        if summary.get(key) is not None or key != "positives":
+            table.add_row(key, str(summary.get(key)))
     for kind, count in summary.get("error_kinds", {}).items():
         table.add_row(f"  {kind}", str(count))
+    _answer_rows(table, summary)
     stdout.print(table)
     _print_scores(run_status(Path(summary["output_dir"])))
     stdout.print(
         f"next: annotate report {summary['output_dir']}   (histograms and thumbnails, one HTML page)", highlight=False
     )
+
+
+def _answer_rows(table: Table, counts: dict) -> None:
+    """Per question of a run: its labels split (Y/N) or how often each answer won."""
+    scored = counts.get("scored") or 0
+    if "answers" in counts:
+        table.add_row("answers", _answer_split(counts["answers"]))
+    for name, question in counts.get("questions", {}).items():
+        if "positives" in question:
+            positives = question["positives"]
+            table.add_row(f"label_{name}", f"{positives} true / {scored - positives} false")
+        else:
+            table.add_row(f"answer_{name}", _answer_split(question.get("answers", {})))
+
+
+def _answer_split(answers: dict) -> str:
+    return ", ".join(f"{answer}: {n}" for answer, n in answers.items())
 
 
 @app.command()
@@ -266,6 +301,19 @@ def plan(
     table.add_row("FLOPs (Qwen2-VL-2B)", f"{flops['total'] / 1e12:,.2f} T (vision {flops['vision'] / 1e12:,.2f} T)")
     if result["flops_per_pair"]:
         table.add_row("FLOPs per pair", f"{result['flops_per_pair'] / 1e12:.3f} T")
+    if "questions" in result:
+        separate = result["flops_separate_runs"] / 1e12
+        table.add_row(
+            f"{len(result['questions'])} questions, shared",
+            f"{flops['total'] / 1e12:,.2f} T = {result['cost_in_single_runs']} single-question runs "
+            f"(a run per question: {separate:,.2f} T)",
+        )
+        for question in result["questions"]:
+            table.add_row(
+                f"  question {question['name']}",
+                f"adds {question['flops_added'] / 1e12:,.3f} T ({question['tokens']:,} tokens); "
+                f"alone {question['flops_alone'] / 1e12:,.2f} T",
+            )
     if result["note"]:
         table.add_row("note", result["note"])
     stdout.print(table)
@@ -295,10 +343,11 @@ def status(
     table = Table(title=f"status: {result['output_dir']}", show_header=False)
     keys = ("state", "rows", "windows", "scored", "errors", "positives", "negatives", "rows_per_s", "eta", "lock")
     for key in keys:
-        if key != "eta" or result[key] is not None:
+        if result[key] is not None or key not in ("positives", "negatives", "eta"):
             table.add_row(key, str(result[key]))
     for kind, count in result["error_kinds"].items():
         table.add_row(f"  {escape(kind)}", str(count))
+    _answer_rows(table, result)
     for problem in result["problems"]:
         table.add_row("problem", escape(problem))
     if result["next"]:
@@ -348,8 +397,12 @@ def bench(
     attn_implementation: Annotated[str, typer.Option(help="sdpa, eager or flash_attention_2")] = "sdpa",
     forward: Annotated[str, typer.Option(help="model.forward: lean or transformers")] = "lean",
     count_images: Annotated[int, typer.Option(help="Images per batch for the op/sync counts (0: skip).")] = 64,
+    questions: Annotated[
+        int, typer.Option(help="Ask K questions of every image, and time K against one on the same images.")
+    ] = 1,
     baseline: Annotated[bool, typer.Option(help="Also time the naive one-pair-at-a-time loop.")] = False,
     baseline_pairs: Annotated[int, typer.Option(help="Pairs for the naive loop.")] = 32,
+    host: Annotated[bool, typer.Option(help="Also count host CPU per pair and bytes per image (more runs).")] = True,
     devices: Annotated[
         str,
         typer.Option(help="Several devices (cuda:0,cuda:1 or cpu,cpu): scaling efficiency of one writer each vs one."),
@@ -382,8 +435,10 @@ def bench(
             attn_implementation=attn_implementation,
             forward=forward,
             count_images=count_images,
+            questions=questions,
             baseline=baseline,
             baseline_pairs=baseline_pairs,
+            host=host,
             devices=devices,
             window=window,
             ray=ray,
@@ -404,6 +459,10 @@ def export(
         float | None,
         typer.Option(help="Keep the top F of all rows by prob (round(F x rows), ties to the lower row_id)."),
     ] = None,
+    where: Annotated[
+        str | None,
+        typer.Option(help='Keep rows where this is true, e.g. "label_cat and not label_text" (see README).'),
+    ] = None,
     rejected: Annotated[Path | None, typer.Option(help="Also write the rows not kept here.")] = None,
     drop_columns: Annotated[str, typer.Option(help="Comma-separated columns to leave out.")] = "",
     rows_per_shard: Annotated[int, typer.Option(help="Rows per output parquet file.")] = 10000,
@@ -411,7 +470,7 @@ def export(
     """Write the kept (and optionally the rejected) rows of a run as a dataset with a dataset card."""
     from annotator.export import export_run
 
-    result = export_run(output_dir, to, min_prob, label, rejected, drop_columns, rows_per_shard, top_fraction)
+    result = export_run(output_dir, to, min_prob, label, rejected, drop_columns, rows_per_shard, top_fraction, where)
     stdout.print(
         f"kept {result['kept']} rows -> {to}" + (f"; rejected {result['rejected']} -> {rejected}" if rejected else "")
     )

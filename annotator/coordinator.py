@@ -260,6 +260,8 @@ class Coordinator:
             self.on_rows(scored, errors)
         elif kind == "committed":
             self._committed(index, value)
+        elif kind == "note":
+            self.progress.note(self.executor.label(index), value)
         elif kind == "end":
             if self.queue is not None:
                 self.queue.end_at(index, value)

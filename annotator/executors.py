@@ -72,6 +72,7 @@ class ThreadExecutor:
     """One writer in a thread of this process: today's path, with the coordinator's loop beside it."""
 
     count = 1
+    scorer_class = WindowScorer  # `annotate bench` swaps in one that counts what the host spends
 
     def __init__(self, spec: WriterSpec) -> None:
         self.spec = spec
@@ -86,7 +87,7 @@ class ThreadExecutor:
         return self.label(0)
 
     def start(self) -> None:
-        self.writer = WindowScorer(self.spec, lambda kind, value: self._events.put((kind, 0, value)))
+        self.writer = self.scorer_class(self.spec, lambda kind, value: self._events.put((kind, 0, value)))
         self._thread = threading.Thread(target=host_writer, args=(self.writer, self.writer.emit, True), daemon=True)
         self._thread.start()
 

@@ -20,10 +20,13 @@ from annotator.folder import problems
 from annotator.recipe import read_recipe_file
 from annotator.run import summarize
 from annotator.sink import HF_METADATA_KEY, RUN_MARKER, RunFolder
+from annotator.where import WhereFilter
 
 # Small row groups, as the Hub writes image datasets: a reader can fetch a few rows without megabytes of images.
 ROW_GROUP_ROWS = 100
-SEVERAL_FILTERS = "Give one of --min-prob, --label or --top-fraction, not several (without any, --label true is used)."
+SEVERAL_FILTERS = (
+    "Give one of --min-prob, --label, --top-fraction or --where, not several (without any, --label true is used)."
+)
 
 
 class RowFilter:
@@ -198,6 +201,7 @@ def export_run(
     drop_columns: str,
     rows_per_shard: int,
     top_fraction: float | None = None,
+    where: str | None = None,
 ) -> dict[str, int]:
     """Stream a finished run's files into the kept (and optionally the rejected) dataset; returns the counts."""
     folder = RunFolder(output_dir)
@@ -222,15 +226,21 @@ def export_run(
         raise AnnotatorError(f"The run folder {str(output_dir)!r} does not add up: {listed}. {fix}")
     if rows_per_shard < 1:
         raise AnnotatorError(f"--rows-per-shard {rows_per_shard} must be at least 1.")
-    if top_fraction is not None and (min_prob is not None or label is not None):
+    chosen = [v for v in (min_prob, label, top_fraction, where) if v is not None]
+    if len(chosen) > 1:
         raise AnnotatorError(SEVERAL_FILTERS)
-    row_filter = TopFraction(top_fraction) if top_fraction is not None else RowFilter(min_prob, label)
+    if top_fraction is not None:
+        row_filter = TopFraction(top_fraction)
+    else:
+        row_filter = RowFilter(min_prob, label) if where is None else None
     _check_targets(folder, to, rejected)
     records = folder.committed()
     files = folder.data_files()
     if not files:
         raise AnnotatorError(f"The run in {str(output_dir)!r} has no rows, so there is nothing to export.")
     schema = pq.read_schema(files[0])
+    row_filter = row_filter or WhereFilter(where, schema)
+    _check_filter_columns(row_filter, schema)
     drop = _columns_to_drop(drop_columns, schema)
     out_schema = _schema_without(schema, drop)
     if isinstance(row_filter, TopFraction):
@@ -287,6 +297,22 @@ def _stream(files, records, schema, row_filter, drop, kept, rest) -> dict[str, i
             if rest is not None:
                 rest.write(rows.filter(pc.invert(mask)))
     return counts
+
+
+def _check_filter_columns(row_filter: RowFilter | TopFraction | WhereFilter, schema: pa.Schema) -> None:
+    """--label, --min-prob and --top-fraction read `label` and `prob`: a run of several questions (or of answers)
+    has others."""
+    if isinstance(row_filter, WhereFilter) or {"label", "prob"} <= set(schema.names):
+        return
+    decided = [n for n in schema.names if n.startswith(("label_", "answer_")) and not n.startswith("answer_mass")]
+    decided += [n for n in ("answer",) if n in schema.names]
+    labels = [n for n in decided if n.startswith("label_")]
+    example = " and not ".join(labels[:2]) if labels else f"{decided[0]} == '...'" if decided else "..."
+    raise AnnotatorError(
+        "This run asked several questions or chose between answers, so it has no `label` column (nor `prob`) for "
+        f"--label, --min-prob or --top-fraction; its columns are {', '.join(decided)}. Say which rows to keep with "
+        f'--where, e.g. --where "{example}".'
+    )
 
 
 def _check_targets(folder: RunFolder, to: Path, rejected: Path | None) -> None:

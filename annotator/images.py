@@ -44,9 +44,9 @@ class ImageError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class ImageRef:
-    """Where a row's image is: encoded bytes, or a file path (already resolved)."""
+    """Where a row's image is: encoded bytes (or a view of them in the window's Arrow buffers), or a file path."""
 
-    data: bytes | None = None
+    data: bytes | memoryview | None = None
     path: str | None = None
 
     def stream(self) -> BinaryIO:

@@ -15,10 +15,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from annotator.errors import AnnotatorError
+from annotator.questions import Question, question_problems, resolve_questions, uses_text
 
 # The seed's exact question: the newline and the 24 spaces are part of the prompt it was tuned with.
 SEED_QUESTION = '请回答以下问题，务必只能回复一个词 "Y"或 "N"：\n                        图片和"{text}"是否相关？'
-OUTPUT_COLUMNS = ("row_id", "prob", "label", "answer_mass", "error", "error_kind")
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few kilobytes; anything this big is some other file
 MAX_YAML_VALUES = 100_000  # values a recipe may expand to, aliases counted at every use (a YAML bomb has billions)
 MAX_YAML_DEPTH = 64  # a recipe nests four levels; far deeper would overflow YAML's recursive composer
@@ -72,6 +72,15 @@ class ModelConfig(_Section):
     )
 
 
+class QuestionConfig(_Section):
+    """One of `prompt.questions` written as a mapping, with answers of its own."""
+
+    question: str
+    answers: list[str] | None = Field(None, description="Its answers, one token each: `probs_<name>`, `answer_<name>`.")
+    positive: str | None = Field(None, description="Its yes answer (default `prompt.positive`).")
+    negative: str | None = Field(None, description="Its no answer (default `prompt.negative`).")
+
+
 class PromptConfig(_Section):
     system: str = "You are a helpful assistant."
     question: str = SEED_QUESTION
@@ -79,6 +88,22 @@ class PromptConfig(_Section):
     positive: str = "Y"
     negative: str = "N"
     max_text_tokens: int = Field(256, ge=1)
+    questions: dict[str, QuestionConfig] | None = Field(
+        None,
+        description="Several questions of every image, `name: question` (or `name: {question, answers}`), instead of"
+        " `question`: the image and the system turn are computed once for all of them.",
+    )
+    answers: list[str] | None = Field(
+        None, description="Answers beyond Y/N, one token each, instead of positive/negative: `probs`, `answer`."
+    )
+
+    @field_validator("questions", mode="before")
+    @classmethod
+    def _question_entries(cls, questions: Any) -> Any:
+        """`name: text` is `name: {question: text}`; a name is the text written (YAML would read `1:` as a number)."""
+        if not isinstance(questions, dict):
+            return questions
+        return {str(k): {"question": v} if isinstance(v, str) else v for k, v in questions.items()}
 
 
 class BatchingConfig(_Section):
@@ -89,11 +114,17 @@ class BatchingConfig(_Section):
         "auto", description="Preprocessing processes; 0 = in the main one."
     )
     image_timeout_s: float = Field(30.0, gt=0)
+    shared_memory: bool = Field(
+        True, description="Images to and from the workers through shared memory; false: through pipes."
+    )
 
 
 class OutputConfig(_Section):
     dir: str | None = Field(None, description="Defaults to outputs/<name>.")
     threshold: float = Field(0.5, ge=0.0, le=1.0)
+    thresholds: dict[str, float] = Field(
+        default_factory=dict, description="Per question of `prompt.questions`: `label_<name> = prob_<name> >= t`."
+    )
 
 
 DEVICE = re.compile(r"cpu|cuda(:\d+)?")
@@ -156,9 +187,9 @@ class Recipe(_Section):
         problems = []
         if (self.input.parquet is None) == (self.input.hf is None):
             problems.append("`input` needs exactly one of `input.parquet` (files) or `input.hf` (a dataset)")
-        if self.prompt.query is None and not self.input.text_column:
+        if self.prompt.query is None and not self.input.text_column and self.uses_text:
             problems.append("set `input.text_column` to the caption column, or `prompt.query` to a fixed text")
-        if self.prompt.question.count("{text}") != 1:
+        if self.prompt.questions is None and self.prompt.question.count("{text}") != 1:
             problems.append("`prompt.question` must contain `{text}` exactly once: the caption goes there")
         if self.model.min_pixels > self.model.max_pixels:
             problems.append("`model.min_pixels` must not exceed `model.max_pixels`")
@@ -177,6 +208,7 @@ class Recipe(_Section):
         ):
             if value is not None and not value.strip():
                 problems.append(f"`{key}` is empty; give a path (an empty path is never taken as the current folder)")
+        problems.extend(question_problems(self.prompt, self.output))
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -185,14 +217,29 @@ class Recipe(_Section):
     def output_dir(self) -> Path:
         return Path(self.output.dir or f"outputs/{self.name}").expanduser()
 
+    @property
+    def questions(self) -> list[Question]:
+        """The questions every image is asked, in the recipe's order, with their answers and thresholds."""
+        return resolve_questions(self.prompt, self.output)
+
+    @property
+    def uses_text(self) -> bool:
+        """Whether any question puts the row's text (`{text}`) in: else no text is read."""
+        return uses_text(self.prompt)
+
     def result_fingerprint(self) -> str:
         """A hash of every setting that changes a row's result (not batch sizes or devices)."""
+        several = self.prompt.questions is not None or self.prompt.answers is not None
         settings = {
             "input": self.input.model_dump(exclude={"limit"}),
             "model": self.model.model_dump(exclude={"device", "attn_implementation", "forward"}),
-            "prompt": self.prompt.model_dump(),
+            # A recipe of one Y/N question hashes as it did before questions existed, so its runs still resume.
+            "prompt": self.prompt.model_dump(exclude=None if several else {"questions", "answers"}),
             "threshold": self.output.threshold,
         }
+        if several or self.output.thresholds:
+            # Resolved, in order: names, texts, answers and thresholds are what the columns hold, and their order.
+            settings["questions"] = [q.fingerprint() for q in self.questions]
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -277,10 +324,13 @@ def _check_depth(text: str) -> None:
             raise yaml.YAMLError(f"it is nested too deeply (over {MAX_YAML_DEPTH} levels)")
 
 
-def load_yaml(text: str) -> Any:
-    """YAML with bounded cost: alias bombs and absurd nesting are a `yaml.YAMLError`, never hours or gigabytes."""
+def load_yaml(text: str, recipe: bool = False) -> Any:
+    """YAML with bounded cost: alias bombs and absurd nesting are a `yaml.YAMLError`, never hours or gigabytes.
+
+    A `recipe` document reads its keys as written and refuses a key given twice (`_UniqueKeyLoader`).
+    """
     _check_depth(text)
-    return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
+    return yaml.load(text, Loader=_UniqueKeyLoader if recipe else _BoundedLoader)  # noqa: S506 - SafeLoader subclasses
 
 
 def _cut(text: str, limit: int = 200) -> str:
@@ -303,6 +353,53 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
         else:
             merged[key] = value
     return merged
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str, first: int, second: int) -> None:
+        super().__init__(key)
+        self.key, self.first, self.second = key, first, second
+
+
+class _UniqueKeyLoader(_BoundedLoader):
+    """The bounded safe loader, except that a key given twice in one mapping is an error, not a silent overwrite."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self.root = node
+        return super().construct_document(node)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        """Keys as written: every key of a recipe is a name (`1:` and `yes:` are the names "1" and "yes")."""
+        self.flatten_mapping(node)
+        mapping: dict[Any, Any] = {}
+        lines: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                key = key_node.value
+            else:
+                key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in lines:
+                raise _DuplicateKey(self._path(key_node), lines[key], line)
+            lines[key] = line
+            mapping[key] = self.construct_object(value_node, deep=deep)
+        return mapping
+
+    def _path(self, target: yaml.Node) -> str:
+        """The dotted key of `target` in the document (`prompt.questions.cat`)."""
+
+        def search(node: yaml.Node, parts: list[str]) -> list[str] | None:
+            if isinstance(node, yaml.MappingNode):
+                for key_node, value_node in node.value:
+                    here = [*parts, str(key_node.value)]
+                    if key_node is target:
+                        return here
+                    found = search(value_node, here)
+                    if found is not None:
+                        return found
+            return None
+
+        return ".".join(search(self.root, []) or [str(target.value)])
 
 
 def read_recipe_file(path: str | Path) -> dict[str, Any]:
@@ -343,7 +440,12 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
             f"Recipe {shown} is not UTF-8 text (byte {exc.start} is invalid).{hint} Save the recipe as UTF-8."
         ) from None
     try:
-        data = load_yaml(text)
+        data = load_yaml(text, recipe=True)
+    except _DuplicateKey as exc:
+        raise AnnotatorError(
+            f"Recipe {shown} gives `{exc.key}` twice (lines {exc.first} and {exc.second}); YAML would keep "
+            "only the last one silently. Keep one of them (two questions need two different names)."
+        ) from None
     except yaml.YAMLError as exc:
         detail = " ".join(str(exc).split())
         raise AnnotatorError(f"Recipe {shown} is not valid YAML: {_short(detail, 400)}. Fix it there.") from None
@@ -370,9 +472,15 @@ def validate_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
 
 def _fields_at(location: tuple[Any, ...]) -> list[str]:
     model: type[BaseModel] = Recipe
-    for part in location:
+    parts = iter(location)
+    for part in parts:
         annotation = model.model_fields[part].annotation if part in model.model_fields else None
-        candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type)]
+        args = getattr(annotation, "__args__", (annotation,))
+        mappings = [a for a in args if getattr(a, "__origin__", None) is dict]
+        if mappings:  # `name: {...}` entries (prompt.questions): the next part is a name, not a key
+            args = mappings[0].__args__[1:]
+            next(parts, None)
+        candidates = [a for a in args if isinstance(a, type)]
         nested = [a for a in candidates if issubclass(a, BaseModel)]
         if not nested:
             return []

@@ -294,19 +294,32 @@ def summarize(folder: RunFolder) -> dict[str, Any]:
     for r in records.values():
         kinds.update(r.get("error_kinds", {}))
     padded = sum(r["padded_tokens"] for r in records.values())
+    scored = sum(r["scored"] for r in records.values())
+    answers = _answer_totals(records.values(), scored)
     prob_histogram = None
-    for index, record in sorted(records.items()):
-        prob_histogram = add(prob_histogram, window_histogram(folder, index, record))
+    if not answers:  # the single Y/N question
+        for index, record in sorted(records.items()):
+            prob_histogram = add(prob_histogram, window_histogram(folder, index, record))
+    for name, counts in answers.get("questions", {}).items():
+        if "positives" in counts:
+            column = f"prob_{name}"
+            counts["prob_histogram"] = None
+            for index, record in sorted(records.items()):
+                counts["prob_histogram"] = add(
+                    counts["prob_histogram"], window_histogram(folder, index, record, column)
+                )
     return {
         "rows": sum(r["rows"] for r in records.values()),
-        "scored": sum(r["scored"] for r in records.values()),
+        "scored": scored,
         "errors": sum(r["errors"] for r in records.values()),
-        "positives": sum(r.get("positives", 0) for r in records.values()),
+        # Labels of the single Y/N question; per question in `questions`, or `answers`, otherwise.
+        "positives": None if answers else sum(r.get("positives", 0) for r in records.values()),
+        **answers,
         "error_kinds": dict(kinds.most_common()),
         "truncated_texts": sum(r.get("truncated_texts", 0) for r in records.values()),
         "windows": len(records),
         "padding_efficiency": round(sum(r["real_tokens"] for r in records.values()) / padded, 4) if padded else None,
-        "prob_histogram": prob_histogram or [0] * JOURNAL_BINS,
+        "prob_histogram": None if answers else prob_histogram or [0] * JOURNAL_BINS,
     }
 
 
@@ -318,6 +331,29 @@ def window_histogram(folder: RunFolder, index: int, record: dict[str, Any], colu
     import pyarrow.parquet as pq
 
     return histogram(pq.read_table(folder.window_file(index), columns=[column]).column(column), JOURNAL_BINS)
+
+
+def _answer_totals(records: Iterable[dict[str, Any]], scored: int) -> dict[str, Any]:
+    """`answers` ({answer: rows}) of a single question with answers, and `questions` ({name: {positives, negatives}}
+    or {name: {answers}}) of a recipe with `prompt.questions`, summed over the journal records (`sink.answer_counts`
+    wrote them)."""
+
+    def tally(total: dict[str, Any], counts: dict[str, Any]) -> None:
+        if "positives" in counts:
+            total["positives"] = total.get("positives", 0) + counts["positives"]
+        for answer, n in counts.get("answers", {}).items():
+            total.setdefault("answers", {})[answer] = total.get("answers", {}).get(answer, 0) + n
+
+    totals: dict[str, Any] = {}
+    for record in records:
+        if "answers" in record:
+            tally(totals, {"answers": record["answers"]})
+        for name, counts in record.get("questions", {}).items():
+            tally(totals.setdefault("questions", {}).setdefault(name, {}), counts)
+    for counts in totals.get("questions", {}).values():
+        if "positives" in counts:
+            counts["negatives"] = scored - counts["positives"]
+    return totals
 
 
 def run_recipe(

@@ -22,11 +22,14 @@ import os
 import re
 import secrets
 import socket
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from annotator.errors import AnnotatorError, RunInterrupted
@@ -48,15 +51,29 @@ JOURNAL_FILE = re.compile(
 # A journal line counts only with these (integer) fields; anything else is a torn or foreign line.
 RECORD_FIELDS = ("window", "start", "rows", "scored", "errors", "real_tokens", "padded_tokens")
 
+if TYPE_CHECKING:
+    from annotator.questions import Question
+    from annotator.scoring import Score
+
 HF_METADATA_KEY = b"huggingface"
-OUTPUT_FEATURES = {
-    "row_id": {"dtype": "int64", "_type": "Value"},
-    "prob": {"dtype": "float32", "_type": "Value"},
-    "label": {"dtype": "bool", "_type": "Value"},
-    "answer_mass": {"dtype": "float32", "_type": "Value"},
-    "error": {"dtype": "string", "_type": "Value"},
-    "error_kind": {"dtype": "string", "_type": "Value"},
-}
+
+
+def answer_fields(questions: Sequence[Question]) -> list[tuple[str, pa.DataType]]:
+    """Each question's output columns and their types, in the recipe's order."""
+    fields = []
+    for question in questions:
+        first, second, mass = question.columns
+        if question.yes_no:
+            fields += [(first, pa.float32()), (second, pa.bool_())]
+        else:
+            fields += [(first, pa.list_(pa.float32())), (second, pa.string())]
+        fields.append((mass, pa.float32()))
+    return fields
+
+
+def output_fields(questions: Sequence[Question]) -> list[tuple[str, pa.DataType]]:
+    """The columns a run appends to the input's: `row_id`, each question's, `error`, `error_kind`."""
+    return [("row_id", pa.int64()), *answer_fields(questions), ("error", pa.string()), ("error_kind", pa.string())]
 
 
 def writer_name() -> str:
@@ -104,12 +121,13 @@ def read_journal(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def hf_features(schema: pa.Schema, image_column: str) -> dict[str, Any]:
-    """Hugging Face feature metadata for the output: the input's own (when it describes these columns), or derived."""
+def hf_features(schema: pa.Schema, image_column: str, questions: Sequence[Question]) -> dict[str, Any]:
+    """Hugging Face feature metadata for the output: the input's own (when it describes these columns), or derived;
+    then the run's columns."""
+    from datasets import Features
+
     features = _input_features(schema)
     if features is None:
-        from datasets import Features
-
         features = {}
         for field in schema.remove_metadata():
             try:
@@ -122,7 +140,7 @@ def hf_features(schema: pa.Schema, image_column: str) -> dict[str, Any]:
                 ) from None
         if pa.types.is_struct(schema.field(image_column).type):
             features[image_column] = {"_type": "Image"}
-    return {**features, **OUTPUT_FEATURES}
+    return {**features, **Features.from_arrow_schema(pa.schema(output_fields(questions))).to_dict()}
 
 
 def _input_features(schema: pa.Schema) -> dict[str, Any] | None:
@@ -142,18 +160,11 @@ def _input_features(schema: pa.Schema) -> dict[str, Any] | None:
     return features
 
 
-def output_schema(input_schema: pa.Schema, image_column: str) -> pa.Schema:
+def output_schema(input_schema: pa.Schema, image_column: str, questions: Sequence[Question]) -> pa.Schema:
     schema = input_schema.remove_metadata()
-    for name, dtype in [
-        ("row_id", pa.int64()),
-        ("prob", pa.float32()),
-        ("label", pa.bool_()),
-        ("answer_mass", pa.float32()),
-        ("error", pa.string()),
-        ("error_kind", pa.string()),
-    ]:
+    for name, dtype in output_fields(questions):
         schema = schema.append(pa.field(name, dtype))
-    metadata = {"info": {"features": hf_features(input_schema, image_column)}}
+    metadata = {"info": {"features": hf_features(input_schema, image_column, questions)}}
     return schema.with_metadata({HF_METADATA_KEY: json.dumps(metadata).encode()})
 
 
@@ -416,22 +427,55 @@ def window_table(
     table: pa.Table,
     schema: pa.Schema,
     start: int,
-    probs: Sequence[float | None],
-    masses: Sequence[float | None],
+    scores: Sequence[Score | None],
     errors: Sequence[str | None],
-    threshold: float,
+    questions: Sequence[Question],
 ) -> pa.Table:
     """The input rows of a window with the annotation columns appended, in the output schema."""
-    prob_array = pa.array(probs, pa.float32())
-    # The label is decided on the stored float32 value, so `label == (prob >= threshold)` holds in the file.
-    labels = [None if p is None else p >= threshold for p in prob_array.to_pylist()]
     columns = [
         *table.columns,
         pa.array(range(start, start + table.num_rows), pa.int64()),
-        prob_array,
-        pa.array(labels, pa.bool_()),
-        pa.array(masses, pa.float32()),
+        *answer_columns(scores, questions),
         pa.array(errors, pa.string()),
         pa.array([None if e is None else image_kind(e) for e in errors], pa.string()),
     ]
     return pa.Table.from_arrays(columns, schema=schema)
+
+
+def answer_columns(scores: Sequence[Score | None], questions: Sequence[Question]) -> list[pa.Array]:
+    """Each question's columns for a window's rows (null where a row has no score), as `answer_fields` lists them.
+
+    A label or an answer is decided on the stored float32 values, so `label == (prob >= threshold)` and `answer ==
+    answers[argmax(probs)]` (the first of equals) hold in the file.
+    """
+    columns: list[pa.Array] = []
+    for q, question in enumerate(questions):
+        masses = pa.array([None if s is None else s.masses[q] for s in scores], pa.float32())
+        if question.yes_no:
+            probs = pa.array([None if s is None else s.probs[q][0] for s in scores], pa.float32())
+            labels = [None if p is None else p >= question.threshold for p in probs.to_pylist()]
+            columns += [probs, pa.array(labels, pa.bool_()), masses]
+            continue
+        probs = pa.array([None if s is None else s.probs[q] for s in scores], pa.list_(pa.float32()))
+        stored = [None if p is None else np.asarray(p, np.float32) for p in probs.to_pylist()]
+        answers = [None if p is None else question.answers[int(np.argmax(p))] for p in stored]
+        columns += [probs, pa.array(answers, pa.string()), masses]
+    return columns
+
+
+def answer_counts(table: pa.Table, questions: Sequence[Question]) -> dict[str, Any]:
+    """A window's answers, counted as its journal record keeps them: `positives` (rows labelled true) of a Y/N
+    question, `answers` ({answer: rows}) of one with answers; per question name under `questions` when the recipe
+    names its questions (`prompt.questions`)."""
+    counts: dict[str, dict[str, Any]] = {}
+    for question in questions:
+        _, decided, _ = question.columns
+        values = table.column(decided)
+        if question.yes_no:
+            counts[question.name] = {"positives": pc.sum(values).as_py() or 0}
+        else:
+            found = Counter(v for v in values.to_pylist() if v is not None)
+            counts[question.name] = {"answers": {a: found.get(a, 0) for a in question.answers}}
+    if len(questions) == 1 and not questions[0].name:
+        return counts[""]
+    return {"questions": counts}

@@ -11,12 +11,14 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from annotator.errors import AnnotatorError
 from annotator.images import ImageRef, read_path
-from annotator.recipe import OUTPUT_COLUMNS, InputConfig, PromptConfig
+from annotator.questions import output_columns, reads_text_column
+from annotator.recipe import InputConfig, PromptConfig
 
 
 @dataclass(slots=True)
@@ -89,7 +91,7 @@ def check_schema(schema: pa.Schema, config: InputConfig, prompt: PromptConfig, w
             "rename the duplicates in the input first."
         )
     wanted = {"input.image_column": config.image_column, "input.id_column": config.id_column}
-    if prompt.query is None:
+    if reads_text_column(prompt):
         wanted["input.text_column"] = config.text_column
     for key, column in wanted.items():
         if column is not None and column not in schema.names:
@@ -105,40 +107,89 @@ def check_schema(schema: pa.Schema, config: InputConfig, prompt: PromptConfig, w
             f"images{': ' + struct_problem if struct_problem else ''}. It must hold Hugging Face Image structs "
             f"{{bytes, path}}, encoded image bytes, or paths. Columns in {where}: {columns}."
         )
-    if prompt.query is None:
+    if reads_text_column(prompt):
         text_type = schema.field(config.text_column).type
         if not _is_text_type(text_type):
             raise AnnotatorError(
                 f"Column {config.text_column!r} (`input.text_column`) has type {text_type}, not text. Point "
                 f"`input.text_column` at a string column, or set `prompt.query` to a fixed text. Columns: {columns}."
             )
-    clashes = [c for c in OUTPUT_COLUMNS if c in schema.names]
+    clashes = [c for c in output_columns(prompt) if c in schema.names]
     if clashes:
         raise AnnotatorError(
             f"The input already has column(s) {', '.join(clashes)}, which annotator writes. Rename or drop them "
-            "first (an earlier run's output? then export or re-run from the original input)."
+            "first (an earlier run's output? then export or re-run from the original input)"
+            + (", or rename the questions that write them." if prompt.questions else ".")
+        )
+    named = [name for name in prompt.questions or {} if name in schema.names]
+    if named:
+        raise AnnotatorError(
+            f"Question name(s) {', '.join(map(repr, named))} of `prompt.questions` are also input columns; in "
+            "`annotate export --where` and the report a name must mean one thing. Rename the question(s), e.g. "
+            f"`{named[0]}_q`."
         )
 
 
-def row_inputs(window: Window, config: InputConfig, query: str | None) -> list[RowInput]:
-    """Image references and texts of a window's rows; nothing is decoded here."""
-    images = _values(window.table.column(config.image_column))
-    texts = [query] * window.rows if query is not None else _values(window.table.column(config.text_column))
-    rows = []
-    for value, text, base_dir in zip(images, texts, window.base_dirs, strict=True):
-        if isinstance(text, _BadText):
-            rows.append(RowInput(None, None, "text: invalid UTF-8"))
-            continue
-        ref, error = _image_ref(value, base_dir)
-        rows.append(RowInput(ref, text, error))
-    return rows
+def row_inputs(window: Window, config: InputConfig, query: str | None, texts: bool = True) -> list[RowInput]:
+    """Image references and texts of a window's rows (no texts, all None, when the questions use none); nothing is
+    decoded.
+
+    Image bytes stay in the window's Arrow buffers: a reference holds a memoryview of them, not a copy.
+    """
+    refs: list[tuple[ImageRef | None, str | None]] = []
+    for chunk in window.table.column(config.image_column).chunks:
+        refs.extend(_image_refs(chunk, window.base_dirs[len(refs) : len(refs) + len(chunk)]))
+    if not texts or query is not None:
+        values = [query if texts else None] * window.rows
+    else:
+        values = _values(window.table.column(config.text_column))
+    return [
+        RowInput(None, None, "text: invalid UTF-8") if isinstance(text, _BadText) else RowInput(ref, text, error)
+        for (ref, error), text in zip(refs, values, strict=True)
+    ]
+
+
+def _image_refs(images: pa.Array, base_dirs: list[str | None]) -> list[tuple[ImageRef | None, str | None]]:
+    """`_image_ref` of every value, reading binary values as views of the array's buffer."""
+    kind = images.type
+    if pa.types.is_struct(kind):
+        names = {kind.field(i).name for i in range(kind.num_fields)}
+        data = _binary_views(images.field("bytes")) if "bytes" in names else [None] * len(images)
+        path_type = kind.field("path").type if "path" in names else pa.string()
+        if data is not None and (pa.types.is_string(path_type) or pa.types.is_large_string(path_type)):
+            paths = _values(images.field("path")) if "path" in names else [None] * len(images)
+            missing = images.is_null().to_pylist()
+            return [
+                _image_ref(None if null else {"bytes": value, "path": path}, base_dir)
+                for null, value, path, base_dir in zip(missing, data, paths, base_dirs, strict=True)
+            ]
+    elif (data := _binary_views(images)) is not None:
+        return [_image_ref(value, base_dir) for value, base_dir in zip(data, base_dirs, strict=True)]
+    return [_image_ref(value, base_dir) for value, base_dir in zip(_values(images), base_dirs, strict=True)]
+
+
+def _binary_views(values: pa.Array) -> list[memoryview | None] | None:
+    """Each value of a binary array as a memoryview of its buffer (None for nulls); None for other types."""
+    if pa.types.is_binary(values.type):
+        width = np.int32
+    elif pa.types.is_large_binary(values.type):
+        width = np.int64
+    else:
+        return None
+    if len(values) == 0:
+        return []
+    _, offsets, data = values.buffers()
+    ends = np.frombuffer(offsets, width)[values.offset : values.offset + len(values) + 1].tolist()
+    buffer = memoryview(data if data is not None else b"").cast("B").toreadonly()  # Arrow's view is signed chars
+    valid = values.is_valid().to_pylist() if values.null_count else [True] * len(values)
+    return [buffer[ends[i] : ends[i + 1]] if ok else None for i, ok in enumerate(valid)]
 
 
 class _BadText(bytes):
     """A string value whose bytes are not UTF-8."""
 
 
-def _values(column: pa.ChunkedArray) -> list:
+def _values(column: pa.ChunkedArray | pa.Array) -> list:
     """Python values of a column; strings that are not valid UTF-8 become `_BadText`, never an exception."""
     try:
         return column.to_pylist()
@@ -172,7 +223,7 @@ def _image_ref(value: object, base_dir: str | None) -> tuple[ImageRef | None, st
     if isinstance(value, dict):
         data, path = value.get("bytes"), value.get("path")
         if data:
-            return ImageRef(data=bytes(data)), None
+            return ImageRef(data=data if isinstance(data, memoryview) else bytes(data)), None
         if isinstance(path, _BadText):
             return None, "image: path is not valid UTF-8"
         if path:
@@ -180,7 +231,9 @@ def _image_ref(value: object, base_dir: str | None) -> tuple[ImageRef | None, st
         return None, "image: missing (struct has neither bytes nor path)"
     if isinstance(value, _BadText):
         return None, "image: path is not valid UTF-8"
-    if isinstance(value, bytes | bytearray | memoryview):
+    if isinstance(value, memoryview):
+        return ImageRef(data=value), None
+    if isinstance(value, bytes | bytearray):
         return ImageRef(data=bytes(value)), None
     if isinstance(value, str):
         return (ImageRef(path=read_path(value, base_dir)), None) if value else (None, "image: missing (empty path)")

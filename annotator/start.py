@@ -16,7 +16,7 @@ from annotator.folder import Claim, claim, foreign_run_entries, name_entries, pr
 from annotator.recipe import Recipe, frozen_recipe_yaml, merge, parse_overrides, read_recipe_file, validate_recipe
 from annotator.sink import RUN_MARKER, RunFolder, latest_run
 
-RESULT_KEYS_HINT = "model, prompt, pixels, answers, input columns, threshold"
+RESULT_KEYS_HINT = "model, prompt, questions, pixels, answers, input columns, thresholds"
 
 
 def find_latest_unfinished(root: Path = Path("outputs")) -> Path:

@@ -10,6 +10,7 @@ past the input's end).
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import queue
@@ -30,7 +31,7 @@ from annotator.images import image_kind
 from annotator.preprocess import CHECK_S
 from annotator.recipe import Recipe
 from annotator.scores import JOURNAL_BINS, histogram
-from annotator.sink import RunFolder, output_schema, window_table, writer_name
+from annotator.sink import RunFolder, answer_counts, output_schema, window_table, writer_name
 from annotator.sources import Window, open_source
 
 HEARTBEAT_S = 5.0  # how often a writer rewrites its heartbeat file
@@ -65,19 +66,18 @@ class WindowState:
     window: Window
     plan: WindowPlan
     pending: int
-    probs: list[float | None] = field(default_factory=list)
-    masses: list[float | None] = field(default_factory=list)
+    scores: list[Any] = field(default_factory=list)  # a `scoring.Score` per scored row, else None
     errors: list[str | None] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
 
     def __post_init__(self) -> None:
         rows = self.window.rows
-        self.probs, self.masses, self.errors = [None] * rows, [None] * rows, [None] * rows
+        self.scores, self.errors = [None] * rows, [None] * rows
         for position, error in self.plan.errors.items():
             self.errors[position] = error
 
     def record(self) -> dict[str, Any]:
-        scored = sum(p is not None for p in self.probs)
+        scored = sum(s is not None for s in self.scores)
         kinds = Counter(image_kind(e) for e in self.errors if e is not None)
         return {
             "start": self.window.start,
@@ -203,9 +203,9 @@ class WindowScorer:
         from annotator.prompt import PromptBuilder
         from annotator.scoring import Scorer
 
-        self.builder = PromptBuilder(loaded.tokenizer, self.recipe.prompt)
+        self.builder = PromptBuilder(loaded.tokenizer, self.recipe.prompt, self.recipe.questions)
         self.scorer = Scorer(loaded, self.builder, m.forward)
-        self.schema = output_schema(source.schema, self.recipe.input.image_column)
+        self.schema = output_schema(source.schema, self.recipe.input.image_column, self.recipe.questions)
         self.reader = WindowReader(source, self.recipe.batching.window)
         self.loaded_at = time.time()
         self.state = "ready"
@@ -222,14 +222,28 @@ class WindowScorer:
 
     def run(self) -> None:
         """Score windows from the inbox until `finish` (returns) or `stop` (raises `WriterStopped`)."""
-        from annotator.preprocess import Preprocessor, resolve_workers
+        from annotator.preprocess import resolve_workers
 
         batching = self.recipe.batching
         workers = self.spec.workers if self.spec.workers is not None else resolve_workers(batching.workers)
         lookahead = max(2 * batching.max_batch_size, 8)
-        with Preprocessor(workers, batching.image_timeout_s) as self.preprocessor, self._heartbeat():
+        with _settled_memory(), self._preprocessor(workers, lookahead) as self.preprocessor, self._heartbeat():
             self._loop(lookahead)
         self.state = "done"
+
+    def _preprocessor(self, workers: int, lookahead: int) -> Any:
+        """The workers and their shared-memory ring, with a slot for every image that can be in flight or held."""
+        from annotator.preprocess import Preprocessor
+
+        batching = self.recipe.batching
+        # Asked for: under `lookahead` plus one batch (`_loop` asks a batch at a time); held: the batch launched.
+        slots = lookahead + 2 * batching.max_batch_size
+        preprocessor = Preprocessor(
+            workers, batching.image_timeout_s, slots, 3 * self.recipe.model.max_pixels, batching.shared_memory
+        )
+        if preprocessor.note:
+            self.emit("note", preprocessor.note)
+        return preprocessor
 
     def _next_window(self) -> int | None:
         while True:
@@ -288,7 +302,7 @@ class WindowScorer:
                         if planned:
                             state, batch = planned.popleft()
                             jobs = [ImageJob(r.image, r.resized, max_pixels, draft) for r in batch]
-                            submitted.append((state, batch, [self.preprocessor.submit(job) for job in jobs]))
+                            submitted.append((state, batch, self.preprocessor.submit_batch(jobs)))
                             continue
                         # The next window may not be handed out yet (the coordinator holds it back until this
                         # writer commits): wait for it only when there is nothing else to do.
@@ -305,7 +319,7 @@ class WindowScorer:
                             break  # nothing to score (every row failed its checks): commit it before reading on
                     if not submitted:
                         if in_flight is not None:
-                            self._finish_batch(*in_flight)
+                            self._finish_and_release(*in_flight)
                             in_flight = None
                         elif not open_windows and upcoming is None:
                             break
@@ -316,8 +330,8 @@ class WindowScorer:
                     launched = self._launch_batch(state, batch, images)
                     # The previous batch's results are read only now, so the GPU ran it while this one was prepared.
                     if in_flight is not None:
-                        self._finish_batch(*in_flight)
-                    in_flight = launched
+                        self._finish_and_release(*in_flight)
+                    in_flight = launched, tickets
             except BaseException as stopped:
                 if upcoming is not None and not upcoming.done():
                     self._inbox.put(("stop", None))  # the planner may be waiting for a window: release it
@@ -360,27 +374,25 @@ class WindowScorer:
 
         return state, batch, ready, launch_splitting_on_oom(self.scorer, inputs, lower_budget)
 
+    def _finish_and_release(self, launched: tuple, tickets: list[int]) -> None:
+        """Read a batch's scores, then free its images' shared-memory slots: the device has read them by now."""
+        self._finish_batch(*launched)
+        self.preprocessor.release(tickets)
+
     def _finish_batch(self, state: WindowState, batch: list[PlannedRow], ready: list[PlannedRow], wait) -> None:
         for row, score in zip(ready, wait(), strict=True):
-            state.probs[row.position] = score.prob
-            state.masses[row.position] = score.answer_mass
+            state.scores[row.position] = score
         state.pending -= 1
         self._advance(len(ready), len(batch) - len(ready))
 
     def _commit(self, state: WindowState) -> None:
         window = state.window
-        table = window_table(
-            window.table,
-            self.schema,
-            window.start,
-            state.probs,
-            state.masses,
-            state.errors,
-            self.recipe.output.threshold,
-        )
-        record = state.record()
-        record["positives"] = sum(bool(v) for v in table.column("label").to_pylist())
-        record["histograms"] = {"prob": histogram(table.column("prob"), JOURNAL_BINS)}
+        questions = self.recipe.questions
+        table = window_table(window.table, self.schema, window.start, state.scores, state.errors, questions)
+        record = {**state.record(), **answer_counts(table, questions)}
+        record["histograms"] = {
+            q.column("prob"): histogram(table.column(q.column("prob")), JOURNAL_BINS) for q in questions if q.yes_no
+        }
         record["limit"] = self.recipe.input.limit  # a window cut short by it is redone if the limit grows
         record["session_started"] = self.session_started
         record["device"] = self.label
@@ -444,3 +456,27 @@ class WindowScorer:
         with self._beating, contextlib.suppress(OSError):
             hidden.write_text(json.dumps(beat))
             os.replace(hidden, path)
+
+
+@contextlib.contextmanager
+def _settled_memory() -> Iterator[None]:
+    """Spare the writer's process work that is not the run's: it is a feeder for the device (docs/performance.md).
+
+    The model and libraries live as long as the run, so the garbage collector stops walking them every time the
+    planner allocates a window's rows (that was most of the planner's CPU); garbage is collected first, so that
+    none is frozen with them, and they are collectable again after the run. Arrow's default allocator gives freed
+    memory back to the kernel within milliseconds, so every window's buffers were page-faulted in and zeroed
+    again: jemalloc keeping freed pages for reuse saves that (peak memory is unchanged: a run holds at most two
+    windows).
+    """
+    import pyarrow as pa
+
+    with contextlib.suppress(NotImplementedError):  # a pyarrow built without jemalloc keeps its allocator
+        pa.set_memory_pool(pa.jemalloc_memory_pool())
+        pa.jemalloc_set_decay_ms(-1)
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()

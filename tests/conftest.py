@@ -178,3 +178,19 @@ def scaleout_reference(tmp_path_factory, scaleout_input, tiny_model_cache) -> Pa
     """The scale-out input annotated by one writer in one process, uninterrupted: what every engine must write."""
     folder = tmp_path_factory.mktemp("scaleout-reference")
     return run_once(folder, scaleout_recipe(folder, scaleout_input, "reference"), tiny_model_cache) / "reference"
+
+
+@pytest.fixture(scope="session")
+def questions_run(tmp_path_factory, tiny_model_cache) -> Path:
+    """A finished run asking three questions (about the text, not about it, one of three answers), 9 rows, 1 error.
+
+    Tests only read it.
+    """
+    root = tmp_path_factory.mktemp("questions-run")
+    images = [jpeg_bytes(w, h, seed=i) for i, (w, h) in enumerate(MIXED_SIZES)] + [b"broken"]
+    parquet = write_dataset(root / "in.parquet", images, CAPTIONS + ["x"])
+    kind = {"question": "Which?", "answers": ["A", "B", "C"]}
+    prompt = {"questions": {"text": "Related to {text}?", "cat": "A cat?", "kind": kind}}
+    recipe = write_recipe(root / "r.yaml", parquet, root / "run", prompt=prompt, output={"thresholds": {"cat": 0.6}})
+    run_once(root, recipe, tiny_model_cache)
+    return root / "run"

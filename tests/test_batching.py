@@ -2,6 +2,8 @@
 
 import random
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as reference_smart_resize
 
@@ -12,9 +14,12 @@ from annotator.batching import (
     image_token_count,
     padding_efficiency,
     plan_batches,
+    plan_recipe_window,
+    plan_window,
     restore_order,
     smart_resize,
 )
+from tests.conftest import write_recipe
 
 
 @pytest.mark.parametrize(
@@ -91,3 +96,92 @@ def test_padding_efficiency_is_real_over_padded_tokens():
     batches = [Batch((0, 1), 10), Batch((2,), 4)]
     assert padding_efficiency(lengths, batches) == pytest.approx((10 + 6 + 4) / (20 + 4))
     assert padding_efficiency([], []) == 1.0
+
+
+def old_row_inputs(window, config, query):
+    """`sources.row_inputs` as it was: every image value copied into Python objects with `to_pylist`."""
+    from annotator.images import ImageRef, read_path
+    from annotator.sources import RowInput
+
+    def image_ref(value, base_dir):
+        if value is None:
+            return None, "image: missing (null)"
+        if isinstance(value, dict):
+            data, path = value.get("bytes"), value.get("path")
+            if data:
+                return ImageRef(data=bytes(data)), None
+            if path:
+                return ImageRef(path=read_path(path, base_dir)), None
+            return None, "image: missing (struct has neither bytes nor path)"
+        if isinstance(value, bytes | bytearray | memoryview):
+            return ImageRef(data=bytes(value)), None
+        if isinstance(value, str):
+            return (ImageRef(path=read_path(value, base_dir)), None) if value else (None, "image: missing (empty path)")
+        return None, f"image: unsupported value ({type(value).__name__})"
+
+    images = window.table.column(config.image_column).to_pylist()
+    texts = [query] * window.rows if query is not None else window.table.column(config.text_column).to_pylist()
+    refs = [image_ref(value, base_dir) for value, base_dir in zip(images, window.base_dirs, strict=True)]
+    return [RowInput(ref, text, error) for (ref, error), text in zip(refs, texts, strict=True)]
+
+
+def old_plan(window, recipe, builder):
+    from tests.test_prompt import old_question_tokens
+
+    rows = old_row_inputs(window, recipe.input, recipe.prompt.query)
+    m, b = recipe.model, recipe.batching
+    texts = old_question_tokens(builder, [r.text for r in rows])
+    args = (m.min_pixels, m.max_pixels, recipe.input.max_image_pixels, b.max_batch_tokens, b.max_batch_size)
+    return plan_window(rows, texts, builder, *args)
+
+
+def image_columns(structs: list) -> dict[str, pa.Array]:
+    """The same images as every column type a source may hold."""
+    data = [s and s["bytes"] for s in structs]
+    paths = [s and s["path"] for s in structs]
+    return {
+        "struct": pa.array(structs, pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+        "large struct": pa.array(structs, pa.struct([("bytes", pa.large_binary()), ("path", pa.large_string())])),
+        "bytes only": pa.array([s and {"bytes": s["bytes"]} for s in structs], pa.struct([("bytes", pa.binary())])),
+        "binary": pa.array(data, pa.binary()),
+        "large binary": pa.array(data, pa.large_binary()),
+        "paths": pa.array(paths, pa.string()),
+    }
+
+
+@pytest.mark.parametrize("column_type", list(image_columns([])))
+def test_the_planner_plans_bad_input_as_it_did(tmp_path, tiny, column_type):
+    """Batches, grids, token ids and errors equal the old planner's, whatever the column type and chunking."""
+    from annotator.prompt import PromptBuilder
+    from annotator.recipe import load_recipe
+    from annotator.sources import open_source
+    from tests.test_bad_input import MAX_IMAGE_PIXELS, bad_input_rows
+
+    parquet = tmp_path / "input"
+    rows = bad_input_rows(parquet)  # image files in input/images, relative paths from the parquet files
+    structs = [r[0] for r in rows] * 2
+    captions = [r[1] for r in rows] * 2
+    table = pa.table({"image": image_columns(structs)[column_type], "caption": pa.array(captions, pa.string())})
+    # Two files: a window spans both (two chunks), and windows start inside record batches (sliced arrays).
+    pq.write_table(table.slice(0, 31), parquet / "a.parquet", row_group_size=7)
+    pq.write_table(table.slice(31), parquet / "b.parquet", row_group_size=7)
+    recipe_path = write_recipe(
+        tmp_path / "r.yaml",
+        parquet,
+        tmp_path / "out",
+        input={"max_image_pixels": MAX_IMAGE_PIXELS},
+        batching={"window": 24, "max_batch_size": 4},
+        prompt={"max_text_tokens": 24},
+    )
+    recipe = load_recipe(str(recipe_path), [])
+    builder = PromptBuilder(tiny.tokenizer, recipe.prompt)
+    windows = list(open_source(recipe.input, recipe.prompt).windows(recipe.batching.window))
+    assert len(windows) == 3 and max(w.table.column("image").num_chunks for w in windows) > 1
+    scored = 0
+    for window in windows:
+        new, old = plan_recipe_window(window, recipe, builder), old_plan(window, recipe, builder)
+        assert new.errors == old.errors
+        assert new.truncated == old.truncated
+        assert new.batches == old.batches  # positions, image bytes or paths, grids, token ids, lengths
+        scored += sum(len(b) for b in new.batches)
+    assert scored >= 2

@@ -1223,10 +1223,16 @@ HOOKS = Path(__file__).resolve().parent / "hooks"
 
 
 def signalled(
-    w: Path, send: Callable[[subprocess.Popen, Path], None], env: dict, workers: int = 0, exit: int = 2
+    w: Path,
+    send: Callable[[subprocess.Popen, Path], None],
+    env: dict,
+    workers: int = 0,
+    exit: int = 2,
+    batch: int | None = None,
 ) -> Expect:
     out = w / "out"
-    r = recipe(w / "r.yaml", parquet(w / "in" / "a.parquet"), out, batching={"workers": workers})
+    batching = {"workers": workers, **({"max_batch_size": batch} if batch else {})}
+    r = recipe(w / "r.yaml", parquet(w / "in" / "a.parquet"), out, batching=batching)
 
     def spawn() -> tuple[int, str]:
         flags = Path(tempfile.mkdtemp(prefix="hostile-flags-"))  # outside the case's folder, which must not change
@@ -1294,7 +1300,9 @@ def ctrl_c_twice_during_a_forward_pass_with_workers_stuck(w):
         alive = [pid for pid in workers if Path(f"/proc/{pid}").exists() and "Z" not in _state(pid)]
         assert not alive, f"worker processes {alive} outlived the second Ctrl-C"
 
-    return signalled(w, send, {"HOSTILE_STUCK_AFTER": "4", "HOSTILE_SLOW_SCORE": "1"}, workers=2)
+    # Batches of 2 images, one per worker (a batch is spread over the workers in chunks): the first two batches
+    # decode, the third's images never do.
+    return signalled(w, send, {"HOSTILE_STUCK_AFTER": "4", "HOSTILE_SLOW_SCORE": "1"}, workers=2, batch=2)
 
 
 @case("signals", slow=True)

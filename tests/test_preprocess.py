@@ -1,4 +1,5 @@
-"""Worker processes: same images as in-process decoding; a hung or crashing decoder costs only its own row."""
+"""Worker processes: same images as in-process decoding, through shared memory or pipes; a hung or crashing decoder
+costs only its own row; no worker and no shared memory outlives a run, however it ends."""
 
 from __future__ import annotations
 
@@ -6,16 +7,22 @@ import io
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+import pytest
 from PIL import Image
+from rich.console import Console
 
 from annotator.images import ImageRef, image_kind
 from annotator.preprocess import ImageJob, Preprocessor, prepare_image
+from annotator.ring import shared_memory_problem
 
 LIMIT = 100_000_000
 
@@ -42,6 +49,8 @@ class MisbehavingRef(ImageRef):
                 os._exit(3)
             elif self.action == "interrupt":  # what Ctrl-C in the terminal does to every process of the run
                 os.kill(os.getpid(), signal.SIGINT)
+            elif self.action == "slow":  # an innocent image that takes a while: time for the test to kill its worker
+                time.sleep(1.5)
         return ImageRef.stream(self)
 
 
@@ -62,8 +71,29 @@ def bad_job(action: str, pid_file: str | None = None) -> ImageJob:
 
 
 def run_all(preprocessor: Preprocessor, jobs: list[ImageJob]) -> list:
-    tickets = [preprocessor.submit(job) for job in jobs]
-    return [preprocessor.result(t) for t in tickets]
+    """Results of `jobs` submitted as a run does (in chunks), copied out of shared memory, slots then freed."""
+    tickets = preprocessor.submit_batch(jobs)
+    results = [r if isinstance(r, str) else r.copy() for r in map(preprocessor.result, tickets)]
+    preprocessor.release(tickets)
+    return results
+
+
+# Both ways images travel between the run and its workers: keyword arguments of `Preprocessor`.
+TRANSPORTS = {"shared memory": {"slots": 6, "slot_bytes": 56 * 84 * 3}, "pipes": {}}
+
+
+@pytest.fixture(params=list(TRANSPORTS))
+def transport(request) -> dict:
+    if request.param == "shared memory" and shared_memory_problem() is not None:
+        pytest.skip(shared_memory_problem())
+    return TRANSPORTS[request.param]
+
+
+def assert_ring_is_empty(preprocessor: Preprocessor) -> None:
+    """Every slot and every encoded byte of the ring was given back."""
+    if preprocessor.ring is not None:
+        assert preprocessor.ring.free_slots == preprocessor.ring.slots
+        assert not preprocessor.ring._encoded
 
 
 def assert_good(result, job: ImageJob) -> None:
@@ -81,9 +111,9 @@ def test_workers_give_the_same_results_as_the_main_process():
     assert pool.restarts == 0
 
 
-def test_a_hung_decoder_costs_its_row_a_timeout_and_the_run_goes_on():
+def test_a_hung_decoder_costs_its_row_a_timeout_and_the_run_goes_on(transport):
     jobs = [good_job(0), bad_job("hang"), good_job(1), good_job(2), good_job(3)]
-    with Preprocessor(2, timeout_s=4) as preprocessor:
+    with Preprocessor(2, timeout_s=4, **transport) as preprocessor:
         started = time.perf_counter()
         results = run_all(preprocessor, jobs)
         assert time.perf_counter() - started < 20
@@ -94,14 +124,16 @@ def test_a_hung_decoder_costs_its_row_a_timeout_and_the_run_goes_on():
         later = good_job(4)
         assert_good(run_all(preprocessor, [later])[0], later)  # the replaced pool works
         assert preprocessor.restarts >= 1
+        assert_ring_is_empty(preprocessor)
 
 
-def test_a_crashing_worker_costs_only_its_rows():
+def test_a_crashing_worker_costs_only_its_rows(transport):
     # Slow enough innocent jobs are in flight in the other worker when a crash breaks the whole pool.
     jobs = [good_job(0, (400, 300)), bad_job("segfault"), good_job(1, (400, 300)), bad_job("exit"), good_job(2)]
-    with Preprocessor(2, timeout_s=60) as preprocessor:
+    with Preprocessor(2, timeout_s=60, **transport) as preprocessor:
         results = run_all(preprocessor, jobs)
         restarts = preprocessor.restarts
+        assert_ring_is_empty(preprocessor)
     for result, job in zip(results, jobs, strict=True):
         if isinstance(job.ref, MisbehavingRef):
             assert image_kind(result) == "decode: worker crashed", result
@@ -110,8 +142,8 @@ def test_a_crashing_worker_costs_only_its_rows():
     assert restarts >= 2
 
 
-def test_jobs_submitted_to_a_broken_pool_still_run():
-    with Preprocessor(1, timeout_s=60) as preprocessor:
+def test_jobs_submitted_to_a_broken_pool_still_run(transport):
+    with Preprocessor(1, timeout_s=60, **transport) as preprocessor:
         crash = preprocessor.submit(bad_job("exit"))
         time.sleep(1.5)  # the pool is broken by now, but no `result` has noticed it yet
         later = [good_job(i) for i in range(3)]
@@ -151,3 +183,163 @@ def running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (FileNotFoundError, ProcessLookupError):
         return False
+
+
+def test_shared_memory_gives_the_same_images_as_pipes_and_the_main_process(tmp_path):
+    path = tmp_path / "photo.png"
+    path.write_bytes(photo(7, (120, 80)))
+    jobs = [good_job(i, (40 + 30 * i, 90)) for i in range(5)]
+    jobs += [
+        ImageJob(ImageRef(data=memoryview(photo(5, (90, 60)))), (56, 84), LIMIT),  # a view of Arrow's buffer
+        ImageJob(ImageRef(path=str(path)), (56, 84), LIMIT),
+        ImageJob(ImageRef(data=photo(6, (300, 200))), (112, 168), LIMIT),  # decoded, larger than a slot
+        ImageJob(ImageRef(data=b"<html>"), (56, 56), LIMIT),
+        ImageJob(ImageRef(data=photo(8, (400, 400))), (28, 28), LIMIT),  # encoded, larger than the ring's area
+    ]
+    jobs += [good_job(10 + i) for i in range(8)]  # more images than slots: the rest go through pipes
+    shared = {"slots": 4, "slot_bytes": 56 * 84 * 3}
+    with Preprocessor(0, 60) as inline, Preprocessor(2, 60, shared_memory=False, **shared) as piped:
+        expected, through_pipes = run_all(inline, jobs), run_all(piped, jobs)
+    with Preprocessor(2, 60, **shared) as preprocessor:
+        preprocessor.ring.encoded_bytes = 200_000  # what `photo(8)`'s 480 kB does not fit in
+        tickets = [preprocessor.submit(job) for job in jobs]
+        through_ring = [preprocessor.result(t) for t in tickets]
+        assert preprocessor.ring.free_slots == 0, "every slot is held until released"
+        in_ring = [not isinstance(r, str) and np.shares_memory(r, preprocessor.ring.memory) for r in through_ring]
+        through_ring = [r if isinstance(r, str) else r.copy() for r in through_ring]
+        preprocessor.release(tickets)
+        assert_ring_is_empty(preprocessor)
+        counts = preprocessor.counts
+    assert piped.ring is None and piped.counts["images_shared"] == 0
+    assert sum(in_ring) == 4 and counts["images_shared"] == 4 and counts["images_piped"] == len(jobs) - 4
+    assert counts["encoded_bytes_piped"] >= len(photo(8, (400, 400))) and counts["encoded_bytes_shared"] > 0
+    for a, b, c in zip(expected, through_pipes, through_ring, strict=True):
+        if isinstance(a, str):
+            assert image_kind(a) == image_kind(b) == image_kind(c)
+        else:
+            np.testing.assert_array_equal(a, b)
+            np.testing.assert_array_equal(a, c)
+
+
+def test_a_worker_killed_mid_decode_costs_nothing_but_a_retry(tmp_path, transport):
+    """Killed from outside (the OOM killer, a user): its image is decoded again, alone; every row is right."""
+    pid_file = tmp_path / "pid"
+    slow = ImageJob(MisbehavingRef(data=photo(42), action="slow", pid_file=str(pid_file)), (56, 84), LIMIT)
+    jobs = [good_job(0, (400, 300)), good_job(1), slow, good_job(2, (400, 300)), good_job(3), good_job(4)]
+    with Preprocessor(2, timeout_s=60, **transport) as preprocessor:
+        tickets = [preprocessor.submit(job) for job in jobs]
+        deadline = time.monotonic() + 30
+        while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        results = [r if isinstance(r, str) else r.copy() for r in map(preprocessor.result, tickets)]
+        preprocessor.release(tickets)
+        assert preprocessor.restarts >= 1
+        assert_ring_is_empty(preprocessor)
+    for result, job in zip(results, jobs, strict=True):
+        assert_good(result, job)
+
+
+def run_recipe_counting(recipe_path: Path, monkeypatch) -> tuple[list, Counter]:
+    """Run a recipe in this process; its probabilities and how its images travelled."""
+    from annotator.run import run_recipe
+    from tests.conftest import read_output
+
+    counts: Counter = Counter()
+    close = Preprocessor.close
+
+    def counting_close(self: Preprocessor) -> None:
+        counts.update(self.counts)
+        counts.update({"ring:" + self.ring.name: 1} if self.ring is not None else {})
+        close(self)
+
+    monkeypatch.setattr(Preprocessor, "close", counting_close)
+    run_recipe(str(recipe_path), [], overwrite=False, console=Console(quiet=True), progress=False)
+    return read_output(yaml_output(recipe_path)).column("prob").to_pylist(), counts
+
+
+def yaml_output(recipe_path: Path) -> Path:
+    import yaml
+
+    return Path(yaml.safe_load(recipe_path.read_text())["output"]["dir"])
+
+
+@pytest.mark.skipif(shared_memory_problem() is not None, reason="no memfd_create here")
+def test_a_run_through_shared_memory_gives_the_same_probabilities_as_pipes_and_no_workers(
+    tmp_path, mixed_parquet, monkeypatch
+):
+    from tests.conftest import write_recipe
+
+    probs = {}
+    for name, batching in {
+        "shared": {"workers": 2},
+        "pipes": {"workers": 2, "shared_memory": False},
+        "inline": {"workers": 0},
+    }.items():
+        recipe = write_recipe(tmp_path / f"{name}.yaml", mixed_parquet, tmp_path / name, batching=batching)
+        probs[name], counts = run_recipe_counting(recipe, monkeypatch)
+        if name == "shared":
+            assert counts["images_shared"] == 16 and counts["images_piped"] == 0
+            (ring,) = [key.removeprefix("ring:") for key in counts if key.startswith("ring:")]
+        if name == "pipes":
+            assert counts["images_shared"] == 0 and counts["images_piped"] == 16
+    assert None not in probs["shared"]
+    assert probs["shared"] == probs["pipes"] == probs["inline"]
+    assert ring not in Path("/proc/self/maps").read_text(), "the run unmapped its ring"
+
+
+def ring_holders(prefix: str) -> set[int]:
+    """Every process that maps, or holds a descriptor of, a shared-memory ring whose name starts with `prefix`."""
+    holders = set()
+    for process in Path("/proc").iterdir():
+        if not process.name.isdigit():
+            continue
+        try:
+            if prefix in (process / "maps").read_text() or any(
+                prefix in os.readlink(fd) for fd in (process / "fd").iterdir()
+            ):
+                holders.add(int(process.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return holders
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shared_memory_problem() is not None, reason="no memfd_create here")
+@pytest.mark.parametrize(("ending", "exit_code"), [("finished", 0), ("ctrl-c", 2), ("kill -9", -signal.SIGKILL)])
+def test_no_worker_and_no_shared_memory_outlive_a_run(tmp_path, ending, exit_code):
+    from annotator.ring import NAME_PREFIX
+    from tests.conftest import jpeg_bytes, write_dataset, write_recipe
+
+    rows = 48
+    images = [jpeg_bytes(320, 240, seed=i) for i in range(rows)]
+    dataset = write_dataset(tmp_path / "in.parquet", images, [f"caption {i}" for i in range(rows)])
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        dataset,
+        tmp_path / "out",
+        model={"max_pixels": 28 * 28 * 64},
+        batching={"window": 8, "max_batch_size": 4, "workers": 2},
+    )
+    command = [sys.executable, "-c", "from annotator.cli import app; app()", "run", str(recipe), "--no-progress"]
+    # A session of its own: Ctrl-C in a terminal signals the whole process group, workers included.
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    prefix = f"{NAME_PREFIX}-{process.pid}-"
+    deadline = time.monotonic() + 120
+    while len(holders := ring_holders(prefix)) < 3 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert process.pid in holders and len(holders) == 3, "the run and its two workers map the ring"
+    if ending == "ctrl-c":
+        os.killpg(process.pid, signal.SIGINT)
+    elif ending == "kill -9":
+        process.kill()
+    out, _ = process.communicate(timeout=180)
+    assert process.returncode == exit_code, out
+    deadline = time.monotonic() + 20
+    while (ring_holders(prefix) or any(running(pid) for pid in holders)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(running(pid) for pid in holders), "every worker died with the run"
+    assert not ring_holders(prefix), "nothing maps the ring: the kernel has freed it"
+    assert not [name for name in os.listdir("/dev/shm") if name.startswith(NAME_PREFIX)]

@@ -5,12 +5,14 @@ import io
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from annotator.batching import grid_thw, image_token_count
 from annotator.images import ImageRef, decode_resized, header_size
-from annotator.prompt import PromptBuilder
+from annotator.prompt import PromptBuilder, TextTokens
 from annotator.recipe import SEED_QUESTION, PromptConfig
 from annotator.scoring import ScoreInput, Scorer, patchify
 from tests.conftest import jpeg_bytes
@@ -44,7 +46,7 @@ def test_sequence_follows_the_chat_layout(tiny):
 def test_text_is_substituted_literally(tiny):
     builder = PromptBuilder(tiny.tokenizer, PromptConfig())
     braces, empty, blank, null = builder.question_tokens(["{text} {0} {", "", "  \n", None])
-    assert tiny.tokenizer.decode(braces.ids) == SEED_QUESTION.replace("{text}", "{text} {0} {")
+    assert tiny.tokenizer.decode(braces.ids[0]) == SEED_QUESTION.replace("{text}", "{text} {0} {")
     assert not braces.truncated
     assert (empty.error, blank.error, null.error) == ("text: empty", "text: empty", "text: missing (null)")
 
@@ -55,7 +57,7 @@ def test_long_text_is_truncated_to_max_text_tokens(tiny):
     (long,) = builder.question_tokens([text])
     kept = tiny.tokenizer.decode(tiny.tokenizer(text, add_special_tokens=False)["input_ids"][:5])
     assert long.truncated
-    assert tiny.tokenizer.decode(long.ids) == SEED_QUESTION.replace("{text}", kept)
+    assert tiny.tokenizer.decode(long.ids[0]) == SEED_QUESTION.replace("{text}", kept)
 
 
 def test_multi_token_answer_is_rejected_at_start(tiny):
@@ -102,3 +104,170 @@ def test_positions_equal_get_rope_index_with_left_padding(tiny):
         attention_mask=batch["attention_mask"],
     )
     assert torch.equal(batch["position_ids"], expected)
+
+
+# Qwen2's pre-tokenizer pattern: unlike GPT-2's, it joins a leading punctuation mark to the word after it.
+QWEN2_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+FRAGMENTS = [
+    "a", " cat", "Cat", " ", "  ", "\n", "\t", '"', "'s", "。", "？", "，", "图片", "猫", "是否相关", "12", "3.5",
+    "{text}", "{", "}", "<|image_pad|>", "<|im_end|>", "<|vision_start|>", "<|endoftext|>", "e\u0301", "\u0301",
+    "\u2126", "\u0958", "\ufb01", "😀", "🇫🇷", "\u202e", "\x00", "\r\n", "...", ".", "!", "-", "ß", "İ",
+]  # fmt: skip
+
+
+def old_question_tokens(builder: PromptBuilder, texts: list) -> list:
+    """`PromptBuilder.question_tokens` as it was: every text tokenized alone, then every question."""
+    tokenizer, limit = builder.tokenizer, builder.prompt.max_text_tokens
+
+    def encode_many(batch: list[str]) -> list[list[int]]:
+        return tokenizer(batch, add_special_tokens=False, split_special_tokens=True)["input_ids"] if batch else []
+
+    usable = [i for i, t in enumerate(texts) if isinstance(t, str) and t.strip()]
+    questions, truncated = [], []
+    for i, ids in zip(usable, encode_many([texts[i] for i in usable]), strict=True):
+        text = tokenizer.decode(ids[:limit]) if len(ids) > limit else texts[i]
+        head, rest = builder.templates[0]
+        questions.append(head + text + rest)
+        truncated.append(len(ids) > limit)
+    results = [TextTokens(error="text: missing (null)" if t is None else "text: empty") for t in texts]
+    for i, ids, cut in zip(usable, encode_many(questions), truncated, strict=True):
+        results[i] = TextTokens(ids=(tuple(ids),), truncated=cut)
+    return results
+
+
+def variant(tokenizer, normalizer: str | None, qwen2_split: bool, prefix_space: bool):
+    """The tiny tokenizer with another normalizer or pre-tokenizer, to check what does not depend on them."""
+    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from annotator.models import SPECIAL_TOKENS
+
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.normalizer = {None: None, "NFC": normalizers.NFC(), "NFKC": normalizers.NFKC()}[normalizer]
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=prefix_space, use_regex=not qwen2_split)
+    if qwen2_split:
+        split = pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated")
+        backend.pre_tokenizer = pre_tokenizers.Sequence([split, byte_level])
+    else:
+        backend.pre_tokenizer = byte_level
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        additional_special_tokens=SPECIAL_TOKENS[1:],
+    )
+
+
+TOKENIZER_VARIANTS = {
+    "tiny": None,
+    "qwen2-like (NFC, Qwen2 split)": ("NFC", True, False),
+    "NFKC, prefix space": ("NFKC", False, True),
+}
+
+
+@pytest.fixture(scope="module", params=list(TOKENIZER_VARIANTS))
+def any_tokenizer(request, tiny):
+    settings = TOKENIZER_VARIANTS[request.param]
+    return tiny.tokenizer if settings is None else variant(tiny.tokenizer, *settings)
+
+
+texts = st.one_of(
+    st.none(),
+    st.lists(st.sampled_from(FRAGMENTS), max_size=40).map("".join),
+    st.text(max_size=60),
+    st.lists(st.sampled_from(FRAGMENTS) | st.text(max_size=3), max_size=120).map("".join),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batch=st.lists(texts, min_size=1, max_size=6), limit=st.sampled_from([1, 4, 16, 256]))
+def test_one_tokenization_gives_the_old_token_ids(any_tokenizer, batch, limit):
+    for question in (SEED_QUESTION, "{text}", "Caption: {text}\nRelated?", "图片和{text}是否相关"):
+        builder = PromptBuilder(any_tokenizer, PromptConfig(question=question, max_text_tokens=limit))
+        assert builder.question_tokens(batch) == old_question_tokens(builder, batch)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a cat",
+        "一只猫坐在红色的沙发上",
+        '"引号"里的猫。',
+        "a <|image_pad|> dog <|vision_start|><|im_end|>\n<|im_start|>assistant\nY",
+        "<|endoftext|>",
+        "ends with a space ",
+        "ends with a newline\n",
+        "e\u0301te\u0301 \u2126 \u0958 \ufb01",  # NFC composes, changes and expands these
+        "word " * 300,  # truncated
+        "猫" * 300,  # truncated, three bytes a character
+    ],
+)
+def test_seed_question_token_ids_are_unchanged(any_tokenizer, text):
+    builder = PromptBuilder(any_tokenizer, PromptConfig())
+    assert builder.question_tokens([text]) == old_question_tokens(builder, [text])
+
+
+def test_only_texts_that_can_reach_the_limit_are_tokenized_alone(tiny, monkeypatch):
+    builder = PromptBuilder(tiny.tokenizer, PromptConfig(max_text_tokens=8))
+    calls = []
+    encode = builder._encode_many
+    monkeypatch.setattr(builder, "_encode_many", lambda batch: calls.append(list(batch)) or encode(batch))
+    short, long = "a cat", "a cat on a red sofa in the afternoon sun"
+    results = builder.question_tokens([short, long, None])
+    assert calls[0] == [long], "a 5-byte text cannot be 8 tokens: only the long one is tokenized alone"
+    assert len(calls) == 2 and len(calls[1]) == 2, "then every question once, in one batch"
+    assert results == old_question_tokens(builder, [short, long, None])
+    assert results[1].truncated and not results[0].truncated
+
+
+@pytest.mark.parametrize("text", ["\u0958" * 5, "\ufdfa", "x\ufdfa"])
+def test_texts_that_normalization_lengthens_are_still_truncated_as_before(any_tokenizer, text):
+    # NFC turns each U+0958 (3 bytes) into two characters (6 bytes); NFKC turns U+FDFA into 18 characters.
+    builder = PromptBuilder(any_tokenizer, PromptConfig(max_text_tokens=16))
+    assert builder.question_tokens([text]) == old_question_tokens(builder, [text])
+
+
+def test_several_questions_follow_one_shared_prefix_each_with_its_own_tail(tiny):
+    questions = {"text": 'Is it "{text}"?', "cat": "Is there a cat?", "kind": "{text}: A or B?"}
+    builder = PromptBuilder(tiny.tokenizer, PromptConfig(questions=questions))
+    (text,) = builder.question_tokens(["a cat"])
+    ids = builder.sequence(360, text)
+    tail = "<|im_end|>\n<|im_start|>assistant\n"
+    expected = (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+        f"<|vision_start|>{'<|image_pad|>' * 360}<|vision_end|>"
+        f'Is it "a cat"?{tail}Is there a cat?{tail}a cat: A or B?{tail}'
+    )
+    assert tiny.tokenizer.decode(ids) == expected
+    assert (
+        len(ids) == builder.sequence_length(360, text) == builder.shared_length(360) + sum(builder.suffix_lengths(text))
+    )
+    for q, (name, question) in enumerate(questions.items()):
+        alone = PromptBuilder(tiny.tokenizer, PromptConfig(questions={name: question}))
+        (own,) = alone.question_tokens(["a cat"])
+        assert text.ids[q] == own.ids[0], "each question tokenizes as it would alone"
+        assert builder.sequence(360, text, q) == alone.sequence(360, own), "and its plain sequence is its own run's"
+
+
+def test_questions_without_the_text_need_none(tiny):
+    builder = PromptBuilder(tiny.tokenizer, PromptConfig(questions={"cat": "Is there a cat?", "dog": "A dog?"}))
+    null, empty, some = builder.question_tokens([None, "", "a caption"])
+    assert null == empty == some and null.error is None and len(null.ids) == 2
+    mixed = PromptBuilder(tiny.tokenizer, PromptConfig(questions={"cat": "Is there a cat?", "text": "{text}?"}))
+    null, some = mixed.question_tokens([None, "a caption"])
+    assert null.error == "text: missing (null)", "a question needs the text: without it the row cannot be asked"
+    assert some.ids[0] == builder.question_tokens(["x"])[0].ids[0]
+
+
+def test_answers_are_checked_with_the_tokenizer_per_question(tiny):
+    from annotator.errors import AnnotatorError
+
+    good = PromptConfig(questions={"kind": {"question": "Which?", "answers": ["A", "B", "C"]}, "cat": "A cat?"})
+    builder = PromptBuilder(tiny.tokenizer, good)
+    assert [len(ids) for ids in builder.answer_ids] == [3, 2]
+    with pytest.raises(AnnotatorError, match=r"`prompt.answers` = 'Yes, sure' is \d+ tokens"):
+        PromptBuilder(tiny.tokenizer, PromptConfig(answers=["A", "Yes, sure"]))
+    with pytest.raises(AnnotatorError, match=r"`prompt.questions.cat.negative` = 'No way' is"):
+        PromptBuilder(tiny.tokenizer, PromptConfig(questions={"cat": {"question": "?", "negative": "No way"}}))

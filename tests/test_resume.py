@@ -317,3 +317,51 @@ def test_a_write_failure_is_resumable_and_leaves_nothing_half_written(tmp_path, 
     monkeypatch.setattr(annotator.sink.pq, "write_table", original)
     assert invoke("resume", output, "--no-progress").exit_code == 0
     assert_same_output(output, reference)
+
+
+QUESTIONS = {"text": "Related to {text}?", "cat": "A cat?", "kind": {"question": "Which?", "answers": ["A", "B"]}}
+
+
+@pytest.fixture(scope="module")
+def questions_run(tmp_path_factory, dataset, tiny_model_cache) -> Path:
+    """A finished run of three questions over the first 12 rows (two windows)."""
+    folder = tmp_path_factory.mktemp("questions")
+    recipe = write_recipe(
+        folder / "q.yaml",
+        dataset,
+        folder / "run",
+        prompt={"questions": QUESTIONS},
+        output={"thresholds": {"cat": 0.4}},
+        batching={"window": 6, "max_batch_size": 4, "workers": 0},
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ANNOTATOR_CACHE", str(tiny_model_cache))
+        assert invoke("run", recipe, "--no-progress", "--limit", "12").exit_code == 0
+    return folder / "run"
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "prompt.questions.cat.question=A dog?",
+        "prompt.questions.dog=A dog?",
+        "prompt.questions.kind.answers=[B, A]",
+        "output.thresholds.cat=0.5",
+        "prompt.questions.text=Related to {text}, really?",
+        "prompt.positive=y",
+    ],
+)
+def test_resume_refuses_a_changed_question_set(tmp_path, questions_run, override):
+    output = interrupted_copy(questions_run, tmp_path / "partial", keep_windows=1)
+    result = invoke("resume", output, "--set", override, "--no-progress")
+    assert result.exit_code == 1 and "change results" in result.output
+    assert len(read_output(output)) == 6, "nothing written"
+
+
+def test_a_resumed_run_of_questions_equals_the_uninterrupted_one(tmp_path, questions_run):
+    output = interrupted_copy(questions_run, tmp_path / "partial", keep_windows=1)
+    result = invoke("resume", output, "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert read_output(output).equals(read_output(questions_run))
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["questions"] == json.loads((questions_run / "summary.json").read_text())["questions"]

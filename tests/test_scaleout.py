@@ -78,6 +78,24 @@ def test_two_cpu_writers_write_the_one_process_output(tmp_path, scaleout_input, 
     assert {w["state"] for w in status["writers"]} == {"done"}
 
 
+def test_writers_asking_several_questions_through_shared_memory_write_the_one_process_output(tmp_path, scaleout_input):
+    """The writers' scoring path is the single process's: several questions per row, images through the ring."""
+    prompt = {"questions": {"text": "Related to {text}?", "kind": {"question": "Which?", "answers": ["A", "B", "C"]}}}
+    sections = {"prompt": prompt, "input": {"limit": 4 * WINDOW}}
+    outputs = {}
+    for name, devices in (("alone", []), ("writers", ["--devices", "cpu,cpu"])):
+        recipe = scaleout_recipe(tmp_path, scaleout_input, name, **sections)
+        result = invoke("run", recipe, "--no-progress", "--set", "batching.workers=1", *devices)
+        assert result.exit_code == 0, result.output
+        outputs[name] = tmp_path / name
+    writers = json.loads((outputs["writers"] / "summary.json").read_text())
+    assert writers["writers"] == 2 and writers["questions"]["text"]["positives"] >= 0
+    names = sorted(p.name for p in (outputs["alone"] / "data").iterdir())
+    assert names == sorted(p.name for p in (outputs["writers"] / "data").iterdir()) and len(names) == 4
+    for name in names:
+        assert (outputs["writers"] / "data" / name).read_bytes() == (outputs["alone"] / "data" / name).read_bytes()
+
+
 def kill_a_writer_once_scoring(output: Path, killed: list[int]) -> threading.Thread:
     """A thread that kills a writer (SIGKILL) once the run has committed a window and that writer is scoring."""
 
