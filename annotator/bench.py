@@ -65,6 +65,7 @@ class BenchConfig:
     baseline_pairs: int = 32
     attn_implementation: str = "sdpa"
     forward: str = "lean"
+    cuda_graphs: str = "auto"
     count_images: int = 64
     host: bool = True
 
@@ -405,6 +406,7 @@ def bench_recipe(config: BenchConfig, parquet: Path, output_dir: Path) -> Any:
                 "max_pixels": config.max_pixels,
                 "attn_implementation": config.attn_implementation,
                 "forward": config.forward,
+                "cuda_graphs": config.cuda_graphs,
             },
             "batching": {
                 "max_batch_tokens": config.max_batch_tokens,
@@ -433,6 +435,8 @@ def run_bench(config: BenchConfig, console: Any) -> dict[str, Any]:
         recipe = bench_recipe(config, parquet, Path(tmp) / "out")
         console.print(f"bench: scoring {config.pairs} pairs with {config.model} (the real pipeline)...")
         result, annotator = run_pipeline(recipe, console)
+        graphs = annotator.scorer.graphs
+        result["graph_batches"] = dict(graphs.counts) if graphs is not None else None
         if config.host:
             result.update(host_figures(recipe, Path(tmp), synthetic, annotator.builder, console, config.pairs))
     loaded, m = annotator.scorer.loaded, recipe.model
@@ -456,6 +460,7 @@ def run_bench(config: BenchConfig, console: Any) -> dict[str, Any]:
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "attn_implementation": recipe.model.attn_implementation,
         "forward": recipe.model.forward,
+        "cuda_graphs": recipe.model.cuda_graphs,
         "sizes": [f"{i.name}:{i.weight}" for i in synthetic.images],
         "image_format": fmt.lower(),
         "max_pixels": config.max_pixels,

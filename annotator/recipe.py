@@ -57,6 +57,11 @@ class ModelConfig(_Section):
         description="lean: annotator's own forward over the model's modules (no host sync, one attention call per"
         " layer; attn_implementation does not apply); transformers: the model's own forward. Same scores.",
     )
+    cuda_graphs: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Replay the lean forward from a CUDA graph per batch shape (GPU only; no effect on a CPU or with"
+        " forward: transformers). auto: where measured to win (docs/performance.md). Same scores.",
+    )
     min_pixels: int = Field(3136, ge=784)
     max_pixels: int = Field(307200, ge=784)
     jpeg_draft: bool = Field(
@@ -124,7 +129,7 @@ class Recipe(_Section):
         """A hash of every setting that changes a row's result (not batch sizes or devices)."""
         settings = {
             "input": self.input.model_dump(exclude={"limit"}),
-            "model": self.model.model_dump(exclude={"device", "attn_implementation", "forward"}),
+            "model": self.model.model_dump(exclude={"device", "attn_implementation", "forward", "cuda_graphs"}),
             "prompt": self.prompt.model_dump(),
             "threshold": self.output.threshold,
         }

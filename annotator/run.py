@@ -263,7 +263,7 @@ class Annotator:
         write_run_card(self.folder, recipe)
         self.progress.begin(committed.values())
         self.builder = PromptBuilder(loaded.tokenizer, recipe.prompt)
-        self.scorer = Scorer(loaded, self.builder, recipe.model.forward)
+        self.scorer = Scorer(loaded, self.builder, recipe.model.forward, recipe.model.cuda_graphs)
         self.schema = output_schema(self.source.schema, recipe.input.image_column)
         workers = resolve_workers(recipe.batching.workers)
         lookahead = max(2 * recipe.batching.max_batch_size, 8)
