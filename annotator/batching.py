@@ -187,7 +187,7 @@ def plan_recipe_window(
     """A window of a recipe's input planned as a run plans it (a run may lower the token budget after an OOM)."""
     from annotator.sources import row_inputs
 
-    rows = row_inputs(window, recipe.input, recipe.prompt.query)
+    rows = row_inputs(window, recipe.input, recipe.prompt.query, texts=recipe.uses_text)
     return plan_window(
         rows,
         builder.question_tokens([r.text for r in rows]),

@@ -9,7 +9,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from annotator.errors import AnnotatorError
+from annotator.recipe import SEED_QUESTION
 
 # A realistic mix for web image-text data (width, height, weight): mostly 0.3-2 megapixel web images in
 # 4:3, 16:9, 3:2 and square shapes, plus full-size camera photos, which dominate decoding time, and the
@@ -42,6 +43,17 @@ CAPTION_WORDS = (
 )
 # Dense bf16/fp16 tensor-core peaks (NVIDIA datasheets), by a substring of torch.cuda.get_device_name().
 PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
+# `--questions K` asks the first K of these (the seed's own question first): what a cleaning run asks of an image.
+BENCH_QUESTIONS = (
+    ("text", SEED_QUESTION),
+    ("watermark", 'Answer with one word, "Y" or "N": is there a watermark or a logo on this image?'),
+    ("screenshot", 'Answer with one word, "Y" or "N": is this image a screenshot of a screen or a document?'),
+    ("photo", 'Answer with one word, "Y" or "N": is this a photograph, not a drawing, a render or a chart?'),
+    ("people", 'Answer with one word, "Y" or "N": does this image show a person?'),
+    ("writing", 'Answer with one word, "Y" or "N": is there written text in this image?'),
+    ("animal", 'Answer with one word, "Y" or "N": does this image show an animal?'),
+    ("style", 'Answer with one word, "Y" or "N": does "{text}" describe the style of this image?'),
+)
 CAPTION_COUNT = 251  # prime: the caption cycle never lines up with the image cycle
 ROW_GROUP = 100  # rows per parquet row group, as `datasets` writes image datasets
 REPEATS = 3  # timings on shared machines are noisy: every preprocessing stage is the best of this many
@@ -68,6 +80,7 @@ class BenchConfig:
     cuda_graphs: str = "auto"
     count_images: int = 64
     host: bool = True
+    questions: int = 1
 
 
 @dataclass(frozen=True)
@@ -414,6 +427,7 @@ def bench_recipe(config: BenchConfig, parquet: Path, output_dir: Path) -> Any:
                 "workers": workers,
             },
             "output": {"dir": str(output_dir)},
+            **({"prompt": {"questions": dict(BENCH_QUESTIONS[: config.questions])}} if config.questions > 1 else {}),
         },
         source="annotate bench options",
     )
@@ -427,6 +441,8 @@ def run_bench(config: BenchConfig, console: Any) -> dict[str, Any]:
         raise AnnotatorError("--pairs and --baseline-pairs must be at least 1.")
     if config.count_images < 0:
         raise AnnotatorError("--count-images must be 0 (no op counts) or more.")
+    if not 1 <= config.questions <= len(BENCH_QUESTIONS):
+        raise AnnotatorError(f"--questions must be from 1 to {len(BENCH_QUESTIONS)} (the bench's own questions).")
     with tempfile.TemporaryDirectory(prefix="annotate-bench-") as tmp:
         console.print(f"bench: encoding {len(sizes)} synthetic {fmt} photos, writing {config.pairs} pairs...")
         synthetic = SyntheticPairs(synthetic_images(sizes, fmt), synthetic_captions())
@@ -439,6 +455,11 @@ def run_bench(config: BenchConfig, console: Any) -> dict[str, Any]:
         result["graph_batches"] = dict(graphs.counts) if graphs is not None else None
         if config.host:
             result.update(host_figures(recipe, Path(tmp), synthetic, annotator.builder, console, config.pairs))
+        result["question_cost"] = None
+        if config.questions > 1:
+            console.print(f"bench: {config.questions} questions against one, on the same images (best of {REPEATS})...")
+            one = bench_recipe(replace(config, questions=1), parquet, Path(tmp) / "out")
+            result["question_cost"] = measure_question_cost(annotator.scorer.loaded, one, recipe)
     loaded, m = annotator.scorer.loaded, recipe.model
     console.print("bench: preprocessing rate per core (best of 3)...")
     mean, std = annotator.scorer.mean.cpu(), annotator.scorer.std.cpu()
@@ -461,6 +482,7 @@ def run_bench(config: BenchConfig, console: Any) -> dict[str, Any]:
         "attn_implementation": recipe.model.attn_implementation,
         "forward": recipe.model.forward,
         "cuda_graphs": recipe.model.cuda_graphs,
+        "questions": len(recipe.questions),
         "sizes": [f"{i.name}:{i.weight}" for i in synthetic.images],
         "image_format": fmt.lower(),
         "max_pixels": config.max_pixels,
@@ -528,7 +550,9 @@ def run_pipeline(recipe: Any, console: Any) -> tuple[dict[str, Any], Any]:
     loop_start = finished - summary["session_seconds"]
 
     arch = Architecture.from_config(loaded.model.config)
-    flops = [forward_flops(r.grid, r.length, arch)["total"] for r in planned_rows(recipe, annotator.builder)]
+    questions = len(recipe.questions)
+    rows = planned_rows(recipe, annotator.builder)
+    flops = [forward_flops(r.grid, r.length, arch, questions)["total"] for r in rows]
     flops_per_pair = statistics.fmean(flops) if flops else None
     real_tokens = sum(r["real_tokens"] for r in folder.committed().values())
     pairs, pairs_per_s = summary["scored"], summary["rows_per_s"]
@@ -552,3 +576,68 @@ def run_pipeline(recipe: Any, console: Any) -> tuple[dict[str, Any], Any]:
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),  # KiB on Linux
     }
     return result, annotator
+
+
+def measure_question_cost(loaded: Any, one: Any, many: Any) -> dict[str, Any]:
+    """Seconds to score the same decoded images with one question (`one`'s recipe) and with several (`many`'s), each
+    batched as its run would batch it, in turns, best of `REPEATS`; and the ratio the FLOP count predicts.
+
+    Only the forward passes are timed (collate, transfer, forward, reading the results): reading and decoding
+    the images is the same work for any number of questions. On a CPU the process's CPU time is measured too:
+    on a shared machine other processes stretch wall time by whole factors, CPU time by far less.
+    """
+    from annotator.batching import plan_recipe_window
+    from annotator.plan import Architecture, forward_flops
+    from annotator.preprocess import ImageJob, prepare_image
+    from annotator.prompt import PromptBuilder
+    from annotator.scoring import ScoreInput, Scorer
+    from annotator.sources import open_source
+
+    arch = Architecture.from_config(loaded.model.config)
+    images: dict[tuple[int, int], np.ndarray] = {}
+    runs = {}
+    for key, recipe in (("one", one), ("all", many)):
+        builder = PromptBuilder(loaded.tokenizer, recipe.prompt, recipe.questions)
+        source = open_source(recipe.input, recipe.prompt)
+        batches, flops, tokens = [], 0, 0
+        for window in source.windows(recipe.batching.window):
+            for batch in plan_recipe_window(window, recipe, builder).batches:
+                inputs = []
+                for row in batch:
+                    where = (window.index, row.position)
+                    if where not in images:
+                        images[where] = prepare_image(ImageJob(row.image, row.resized, recipe.input.max_image_pixels))
+                    inputs.append(ScoreInput(images[where], row.grid, row.text))
+                    flops += forward_flops(row.grid, row.length, arch, len(recipe.questions))["total"]
+                    tokens += row.length
+                batches.append(inputs)
+        runs[key] = {
+            "scorer": Scorer(loaded, builder, recipe.model.forward),
+            "batches": batches,
+            "flops": flops,
+            "tokens": tokens,
+            "seconds": float("inf"),
+            "cpu_seconds": float("inf"),
+        }
+    for _ in range(REPEATS):
+        for run in runs.values():
+            start, cpu_start = time.perf_counter(), time.process_time()
+            for batch in run["batches"]:
+                run["scorer"].score(batch)
+            run["seconds"] = min(run["seconds"], time.perf_counter() - start)
+            run["cpu_seconds"] = min(run["cpu_seconds"], time.process_time() - cpu_start)
+    pairs = len(images)
+    single, several = runs["one"], runs["all"]
+    on_cpu = loaded.device.type == "cpu"
+    return {
+        "questions": [q.name for q in many.questions],
+        "pairs": pairs,
+        "batches": {"one": len(single["batches"]), "all": len(several["batches"])},
+        "tokens_per_pair": {"one": round(single["tokens"] / pairs, 1), "all": round(several["tokens"] / pairs, 1)},
+        "seconds": {key: round(run["seconds"], 3) for key, run in runs.items()},
+        "measured_ratio": round(several["seconds"] / single["seconds"], 3),
+        "cpu_seconds": {key: round(run["cpu_seconds"], 3) for key, run in runs.items()} if on_cpu else None,
+        "cpu_time_ratio": round(several["cpu_seconds"] / single["cpu_seconds"], 3) if on_cpu else None,
+        "flop_ratio": round(several["flops"] / single["flops"], 3),
+        "tflop_per_pair": {key: round(run["flops"] / pairs / 1e12, 4) for key, run in runs.items()},
+    }

@@ -114,20 +114,81 @@ def question_text(recipe: dict[str, Any]) -> str:
     return f"the fixed text `{prompt['query']}`" if prompt.get("query") else f"its `{source['text_column']}` column"
 
 
+def one_question(recipe: dict[str, Any]) -> bool:
+    """Whether the recipe asks one Y/N question (today's `prob`, `label`), not `prompt.questions` or answers."""
+    return not (recipe["prompt"].get("questions") or recipe["prompt"].get("answers"))
+
+
+def asked(recipe: dict[str, Any]) -> list[str]:
+    """What the model was asked of each row, and which columns hold each answer (a table for several questions)."""
+    prompt = recipe["prompt"]
+    if one_question(recipe):
+        return [
+            f"Rows of {origin(recipe)}. For each row the model was asked whether the image is related to "
+            f"{question_text(recipe)}; `prob` is P({prompt['positive']!r}) renormalised over "
+            f"{{{prompt['positive']!r}, {prompt['negative']!r}}}."
+        ]
+    from annotator.recipe import validate_recipe
+
+    lines = [
+        f"Rows of {origin(recipe)}. The model was asked each question below about every row's image (`{{text}}` "
+        f"stands for {question_text(recipe)}); each answer's probability is renormalised over that question's answers.",
+        "",
+        "| question | asked | answers | columns |",
+        "| --- | --- | --- | --- |",
+    ]
+    for question in validate_recipe(recipe).questions:
+        first, second, mass = question.columns
+        if question.yes_no:
+            columns = f"`{first}` = P({question.answers[0]!r}), `{second}` = {first} >= {question.threshold}, `{mass}`"
+        else:
+            columns = f"`{first}` (in the answers' order), `{second}` (the most likely), `{mass}`"
+        text = question.text.replace("|", "\\|").replace("\n", " ")
+        answers = " / ".join(f"`{a}`" for a in question.answers)
+        lines.append(f"| {question.name or '(one question)'} | {text} | {answers} | {columns} |")
+    return lines
+
+
 def histogram_block(counts: list[int], threshold: float | None) -> list[str]:
     return ["```text", "prob        rows", *text_histogram(counts, width=30, threshold=threshold), "```"]
 
 
-def usage(folder_name: str, split: str) -> list[str]:
-    return [
+def usage(folder_name: str, split: str, label: str | None = "label") -> list[str]:
+    lines = [
         "```python",
         "from datasets import load_dataset",
         "",
         f'ds = load_dataset("{folder_name}", split="{split}")  # from the folder holding `{folder_name}/`',
-        "# Filter on the scores alone: input_columns keeps every image encoded (none is decoded)",
-        'kept = ds.filter(lambda label: label is True, input_columns="label")',
-        "```",
     ]
+    if label is not None:
+        lines += [
+            "# Filter on the scores alone: input_columns keeps every image encoded (none is decoded)",
+            f'kept = ds.filter(lambda label: label is True, input_columns="{label}")',
+        ]
+    return [*lines, "```"]
+
+
+def _first_label(recipe: dict[str, Any]) -> str | None:
+    """The label column a usage example filters on: `label`, or the first Y/N question's; None without one."""
+    if one_question(recipe):
+        return "label"
+    from annotator.recipe import validate_recipe
+
+    return next((q.column("label") for q in validate_recipe(recipe).questions if q.yes_no), None)
+
+
+def _per_question(summary: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(name, counts) per question of a summary: `questions`, or the one unnamed question with `answers`."""
+    if "questions" in summary:
+        return list(summary["questions"].items())
+    return [("", {"answers": summary.get("answers", {})})]
+
+
+def _answered(name: str, counts: dict[str, Any]) -> str:
+    who = f"`{name}`: " if name else ""
+    if "positives" in counts:
+        return f"{who}{counts['positives']} positive"
+    return who + ", ".join(f"{n} {answer!r}" for answer, n in counts.get("answers", {}).items())
 
 
 def write_run_card(folder: Any, recipe: Any, summary: dict[str, Any] | None = None) -> None:
@@ -143,37 +204,57 @@ def write_run_card(folder: Any, recipe: Any, summary: dict[str, Any] | None = No
     split = info.get("split") or split_name(recipe)
     total = manifest.get("total_rows")
     threshold = recipe["output"]["threshold"]
+    single = one_question(recipe)
     columns = [
         "| column | meaning |",
         "| --- | --- |",
-        f"| `prob` | P({recipe['prompt']['positive']!r}) renormalised over the two answers; null for an error row |",
-        f"| `label` | `prob >= {threshold}` |",
-        "| `answer_mass` | P(positive) + P(negative) under the full softmax: how much the model answered at all |",
+        *(
+            [
+                f"| `prob` | P({recipe['prompt']['positive']!r}) renormalised over the two answers; null for an error "
+                "row |",
+                f"| `label` | `prob >= {threshold}` |",
+                "| `answer_mass` | P(positive) + P(negative) under the full softmax: how much the model answered at "
+                "all |",
+            ]
+            if single
+            else ["| each question's columns | see the table above; `answer_mass*`: how much the model answered |"]
+        ),
         "| `error`, `error_kind` | why a row could not be scored, and its short stable kind (for GROUP BY) |",
         "| `row_id` | the row's position in the input |",
     ]
+    body_counts: list[str] = []
     if summary is None:
         state = f"Unfinished: rows are added window by window (of {total if total is not None else '?'} rows)."
-        body_counts: list[str] = []
     else:
-        state = (
-            f"Finished: {summary['rows']} rows, {summary['scored']} scored, {summary['errors']} with an error, "
-            f"{summary['positives']} labelled positive."
-        )
-        body_counts = ["", *histogram_block(summary["prob_histogram"], threshold)]
+        state = f"Finished: {summary['rows']} rows, {summary['scored']} scored, {summary['errors']} with an error"
+        if single:
+            state += f", {summary['positives']} labelled positive."
+            body_counts = ["", *histogram_block(summary["prob_histogram"], threshold)]
+        else:
+            state += "; " + "; ".join(_answered(name, counts) for name, counts in _per_question(summary)) + "."
+            for name, counts in _per_question(summary):
+                if counts.get("prob_histogram"):
+                    body_counts += ["", f"`prob_{name}`:", "", *histogram_block(counts["prob_histogram"], None)]
+    intro = (
+        [
+            f"Every row of {origin(recipe)}, with `{recipe['model']['name']}`'s answer to whether the image is "
+            f"related to {question_text(recipe)}. {state} The run's recipe is `recipe.yaml` beside this card."
+        ]
+        if single
+        else [*asked(recipe), "", f"{state} The run's recipe is `recipe.yaml` beside this card."]
+    )
     body = [
         "",
         RUN_CARD_MARKER,
         "",
         f"# {recipe['name']}",
         "",
-        f"Every row of {origin(recipe)}, with `{recipe['model']['name']}`'s answer to whether the image is related "
-        f"to {question_text(recipe)}. {state} The run's recipe is `recipe.yaml` beside this card.",
+        *intro,
         "",
         *columns,
         *body_counts,
         "",
-        *usage(folder.root.name, split),
+        *usage(folder.root.name, split, _first_label(recipe)),
         "",
     ]
     data = _card_data(recipe, info, summary["rows"] if summary else total or 0, "data/part-*.parquet", split)
@@ -193,16 +274,14 @@ def export_card(
     """An export's README.md: where the rows come from, why they were kept, the histogram, how to load them."""
     from huggingface_hub import DatasetCard
 
-    prompt, model = recipe["prompt"], recipe["model"]
+    model = recipe["model"]
     revision = f" (revision `{model['revision']}`)" if model.get("revision") else ""
     total = counts["kept"] + counts["rejected"]
     body = [
         "",
         f"# {recipe['name']}: {which} rows",
         "",
-        f"Rows of {origin(recipe)}. For each row the model was asked whether the image is related to "
-        f"{question_text(recipe)}; `prob` is P({prompt['positive']!r}) renormalised over "
-        f"{{{prompt['positive']!r}, {prompt['negative']!r}}}.",
+        *asked(recipe),
         "",
         "| | |",
         "| --- | --- |",
@@ -210,7 +289,7 @@ def export_card(
         f"| model | `{model['name']}`{revision} |",
         f"| source | {origin(recipe)}, split `{split}` |",
         f"| license | {info.get('license') or 'not stated by the input'} |",
-        f"| threshold | `label = prob >= {recipe['output']['threshold']}` |",
+        *([f"| threshold | `label = prob >= {recipe['output']['threshold']}` |"] if one_question(recipe) else []),
         f"| kept | {rule}, and no `error` |",
         f"| counts | {counts['kept']} kept, {counts['rejected']} rejected, {total} in all |",
         f"| errors | {counts['errors']} row(s) could not be scored: never kept, they are among the rejected |",
@@ -218,6 +297,6 @@ def export_card(
     ]
     if prob_histogram is not None:
         body += ["", "`prob` over every row of the run:", "", *histogram_block(prob_histogram, None)]
-    body += ["", *usage(root.name, split), ""]
+    body += ["", *usage(root.name, split, _first_label(recipe)), ""]
     data = _card_data(recipe, info, counts[which], f"data/{split}-*", split)
     return DatasetCard(f"---\n{data.to_yaml()}\n---\n" + "\n".join(body))

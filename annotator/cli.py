@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -11,11 +13,40 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from typer.exceptions import TyperException
 
-from annotator.errors import EXIT_RESUMABLE, AnnotatorError, RunInterrupted
+from annotator.errors import EXIT_RESUMABLE, EXIT_USER_ERROR, AnnotatorError, RunInterrupted
+
+MAX_MESSAGE = 3000  # characters of an error message shown; a message never floods the terminal
+
+
+class Commands(typer.core.TyperGroup):
+    """Command-line mistakes (unknown option, bad value, no command) exit 1 like any user error: 2 means resumable."""
+
+    @staticmethod
+    def _as_user_error(exc: TyperException) -> None:
+        if getattr(exc, "exit_code", None) == EXIT_RESUMABLE:  # click's usage errors exit 2
+            exc.exit_code = EXIT_USER_ERROR
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except TyperException as exc:
+            self._as_user_error(exc)
+            raise
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except TyperException as exc:
+            self._as_user_error(exc)
+            raise
+
 
 app = typer.Typer(
+    cls=Commands,
     help="Score image-text relevance with Qwen2-VL: parquet or Hugging Face datasets in, labelled parquet out.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -44,8 +75,20 @@ LogFormatOption = Annotated[
 ]
 
 
+def _bounded(message: object) -> str:
+    """A message cut to `MAX_MESSAGE` characters."""
+    text = str(message)
+    if len(text) > MAX_MESSAGE:
+        text = text[:MAX_MESSAGE] + f"... ({len(text) - MAX_MESSAGE:,} more characters)"
+    return text
+
+
 def user_errors(command):
-    """Exit 1 with the message for user mistakes, 2 for a resumable stop; never a traceback for either."""
+    """Exit 1 with the message for user mistakes, 2 for a resumable stop; never a traceback for either.
+
+    The library raises `AnnotatorError` (a mistake: recipe, input, folder) or `RunInterrupted` (a signal, a failed
+    write) at the depth where it knows what went wrong; anything else is a bug and keeps its traceback.
+    """
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -53,11 +96,9 @@ def user_errors(command):
             return command(*args, **kwargs)
         except AnnotatorError as exc:
             if not _as_json_line(exc, kwargs):
-                from rich.markup import escape
-
                 from annotator.hub import ModelUnavailable, next_steps
 
-                console.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+                console.print(f"[bold red]Error:[/] {escape(_bounded(exc))}", highlight=False, soft_wrap=True)
                 if isinstance(exc, ModelUnavailable) and "ctx" in kwargs:
                     console.print("To go on:", highlight=False)
                     typed = _typed_command(kwargs["ctx"])
@@ -66,7 +107,7 @@ def user_errors(command):
             raise typer.Exit(exc.exit_code) from None
         except RunInterrupted as exc:
             if not _as_json_line(exc, kwargs):
-                console.print(f"[bold yellow]Interrupted:[/] {exc}", highlight=False, soft_wrap=True)
+                console.print(f"[bold yellow]Interrupted:[/] {escape(_bounded(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             # Ctrl-C before the run loop took over signals (the model load says so itself): nothing is half-written.
@@ -83,7 +124,7 @@ def _as_json_line(exc: AnnotatorError | RunInterrupted, kwargs: dict[str, Any]) 
     """With --log-format json a machine reads stderr: the error is one JSON line too. Whether it was printed so."""
     if kwargs.get("log_format") is not LogFormat.json:
         return False
-    print(json.dumps({"event": "error", "message": str(exc), "exit_code": exc.exit_code}), file=sys.stderr)
+    print(json.dumps({"event": "error", "message": _bounded(exc), "exit_code": exc.exit_code}), file=sys.stderr)
     return True
 
 
@@ -107,22 +148,38 @@ def _typed_command(ctx: typer.Context) -> list[str]:
 
 
 def _print_scores(status: dict) -> None:
-    """The prob histogram on one line and the kept share at a few thresholds (and the run's own)."""
-    counts = status["prob_histogram"]
+    """The prob histogram on one line and the kept share at a few thresholds (and the run's own); per Y/N question
+    for a run of several."""
+    from annotator.scores import kept_shares
+
+    if status["prob_histogram"] is not None:
+        _score_lines(
+            "prob", status["prob_histogram"], status["kept_share_at"], status["kept_share"], status["threshold"]
+        )
+    for name, counts in (status.get("questions") or {}).items():
+        if counts.get("prob_histogram") is not None:
+            shares = kept_shares(counts["prob_histogram"], status["rows_done"])
+            _score_lines(f"prob_{name}", counts["prob_histogram"], shares, None, None)
+
+
+def _score_lines(column: str, counts: list, kept_at: dict, kept_share: float | None, threshold: float | None) -> None:
     if not any(counts):
         return
     from annotator.scores import bars
 
+    width = max(len(column), len("kept"))
     stdout.print(
-        f"prob    0 [cyan]{bars(counts)}[/] 1   ({len(counts)} bins of {1 / len(counts):g})",
+        f"{column:<{width}}    0 [cyan]{bars(counts)}[/] 1   ({len(counts)} bins of {1 / len(counts):g})",
         highlight=False,
         soft_wrap=True,
     )
-    shares = {float(t): f"{t}: {share:.1%}" for t, share in status["kept_share_at"].items()}
-    if status["kept_share"] is not None:  # the run's own threshold, exact from the labels
-        shares[status["threshold"]] = f"[bold]{status['threshold']:g}: {status['kept_share']:.1%} (threshold)[/]"
+    shares = {float(t): f"{t}: {share:.1%}" for t, share in kept_at.items()}
+    if kept_share is not None and threshold is not None:  # the run's own, exact from labels
+        shares[threshold] = f"[bold]{threshold:g}: {kept_share:.1%} (threshold)[/]"
     line = " | ".join(text for _, text in sorted(shares.items()))
-    stdout.print(f"kept    prob >= {line}   of all rows (errors never)", highlight=False, soft_wrap=True)
+    stdout.print(
+        f"{'kept':<{width}}    {column} >= {line}   of all rows (errors never)", highlight=False, soft_wrap=True
+    )
 
 
 def _print_summary(summary: dict) -> None:
@@ -130,14 +187,33 @@ def _print_summary(summary: dict) -> None:
 
     table = Table(title=f"annotated -> {summary['output_dir']}", show_header=False)
     for key in ("rows", "scored", "errors", "positives", "truncated_texts", "padding_efficiency", "rows_per_s"):
-        table.add_row(key, str(summary.get(key)))
+        if summary.get(key) is not None or key != "positives":
+            table.add_row(key, str(summary.get(key)))
     for kind, count in summary.get("error_kinds", {}).items():
         table.add_row(f"  {kind}", str(count))
+    _answer_rows(table, summary)
     stdout.print(table)
     _print_scores(run_status(Path(summary["output_dir"])))
     stdout.print(
         f"next: annotate report {summary['output_dir']}   (histograms and thumbnails, one HTML page)", highlight=False
     )
+
+
+def _answer_rows(table: Table, counts: dict) -> None:
+    """Per question of a run: its labels split (Y/N) or how often each answer won."""
+    scored = counts.get("scored") or 0
+    if "answers" in counts:
+        table.add_row("answers", _answer_split(counts["answers"]))
+    for name, question in counts.get("questions", {}).items():
+        if "positives" in question:
+            positives = question["positives"]
+            table.add_row(f"label_{name}", f"{positives} true / {scored - positives} false")
+        else:
+            table.add_row(f"answer_{name}", _answer_split(question.get("answers", {})))
+
+
+def _answer_split(answers: dict) -> str:
+    return ", ".join(f"{answer}: {n}" for answer, n in answers.items())
 
 
 @app.command()
@@ -206,6 +282,19 @@ def plan(
     table.add_row("FLOPs (Qwen2-VL-2B)", f"{flops['total'] / 1e12:,.2f} T (vision {flops['vision'] / 1e12:,.2f} T)")
     if result["flops_per_pair"]:
         table.add_row("FLOPs per pair", f"{result['flops_per_pair'] / 1e12:.3f} T")
+    if "questions" in result:
+        separate = result["flops_separate_runs"] / 1e12
+        table.add_row(
+            f"{len(result['questions'])} questions, shared",
+            f"{flops['total'] / 1e12:,.2f} T = {result['cost_in_single_runs']} single-question runs "
+            f"(a run per question: {separate:,.2f} T)",
+        )
+        for question in result["questions"]:
+            table.add_row(
+                f"  question {question['name']}",
+                f"adds {question['flops_added'] / 1e12:,.3f} T ({question['tokens']:,} tokens); "
+                f"alone {question['flops_alone'] / 1e12:,.2f} T",
+            )
     if result["note"]:
         table.add_row("note", result["note"])
     stdout.print(table)
@@ -225,7 +314,7 @@ def status(
     output_dir: Annotated[Path | None, typer.Argument(help="Run folder (default: latest run).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Progress, counts, label split and errors of a run."""
+    """Progress, counts, label split, errors, lease and integrity (a missing or stray file: "damaged") of a run."""
     from annotator.status import run_status
 
     result = run_status(output_dir)
@@ -235,12 +324,15 @@ def status(
     table = Table(title=f"status: {result['output_dir']}", show_header=False)
     keys = ("state", "rows", "windows", "scored", "errors", "positives", "negatives", "rows_per_s", "eta", "lock")
     for key in keys:
-        if key != "eta" or result[key] is not None:
+        if result[key] is not None or key not in ("positives", "negatives", "eta"):
             table.add_row(key, str(result[key]))
     for kind, count in result["error_kinds"].items():
-        table.add_row(f"  {kind}", str(count))
+        table.add_row(f"  {escape(kind)}", str(count))
+    _answer_rows(table, result)
+    for problem in result["problems"]:
+        table.add_row("problem", escape(problem))
     if result["next"]:
-        table.add_row("next", result["next"])
+        table.add_row("next", escape(result["next"]))
     stdout.print(table)
     _print_scores(result)
 
@@ -271,6 +363,9 @@ def bench(
     forward: Annotated[str, typer.Option(help="model.forward: lean or transformers")] = "lean",
     cuda_graphs: Annotated[str, typer.Option(help="model.cuda_graphs: auto, on or off")] = "auto",
     count_images: Annotated[int, typer.Option(help="Images per batch for the op/sync counts (0: skip).")] = 64,
+    questions: Annotated[
+        int, typer.Option(help="Ask K questions of every image, and time K against one on the same images.")
+    ] = 1,
     baseline: Annotated[bool, typer.Option(help="Also time the naive one-pair-at-a-time loop.")] = False,
     baseline_pairs: Annotated[int, typer.Option(help="Pairs for the naive loop.")] = 32,
     host: Annotated[bool, typer.Option(help="Also count host CPU per pair and bytes per image (more runs).")] = True,
@@ -295,6 +390,7 @@ def bench(
             forward=forward,
             cuda_graphs=cuda_graphs,
             count_images=count_images,
+            questions=questions,
             baseline=baseline,
             baseline_pairs=baseline_pairs,
             host=host,
@@ -315,6 +411,10 @@ def export(
         float | None,
         typer.Option(help="Keep the top F of all rows by prob (round(F x rows), ties to the lower row_id)."),
     ] = None,
+    where: Annotated[
+        str | None,
+        typer.Option(help='Keep rows where this is true, e.g. "label_cat and not label_text" (see README).'),
+    ] = None,
     rejected: Annotated[Path | None, typer.Option(help="Also write the rows not kept here.")] = None,
     drop_columns: Annotated[str, typer.Option(help="Comma-separated columns to leave out.")] = "",
     rows_per_shard: Annotated[int, typer.Option(help="Rows per output parquet file.")] = 10000,
@@ -322,7 +422,7 @@ def export(
     """Write the kept (and optionally the rejected) rows of a run as a dataset with a dataset card."""
     from annotator.export import export_run
 
-    result = export_run(output_dir, to, min_prob, label, rejected, drop_columns, rows_per_shard, top_fraction)
+    result = export_run(output_dir, to, min_prob, label, rejected, drop_columns, rows_per_shard, top_fraction, where)
     stdout.print(
         f"kept {result['kept']} rows -> {to}" + (f"; rejected {result['rejected']} -> {rejected}" if rejected else "")
     )
@@ -367,5 +467,17 @@ def _print_result(result: dict[str, Any], as_json: bool, title: str) -> None:
     stdout.print(table)
 
 
-def main() -> None:  # pragma: no cover - console script entry
-    sys.exit(app())
+def main() -> None:
+    """The `annotate` console script."""
+    try:
+        app()
+    except SystemExit as done:
+        if done.code == EXIT_RESUMABLE:
+            # A stopped run leaves as soon as its exit handlers ran (a further Ctrl-C meanwhile exits 2 at once):
+            # past them, the interpreter's slow teardown runs without signal handlers, and a second Ctrl-C there
+            # would kill it with another exit code.
+            atexit._run_exitfuncs()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_RESUMABLE)
+        raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -12,16 +13,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import yaml
 
 from annotator.card import export_card, split_name
 from annotator.errors import AnnotatorError
+from annotator.folder import problems
+from annotator.recipe import read_recipe_file
 from annotator.run import summarize
-from annotator.sink import HF_METADATA_KEY, RunFolder
+from annotator.sink import HF_METADATA_KEY, RUN_MARKER, RunFolder
+from annotator.where import WhereFilter
 
 # Small row groups, as the Hub writes image datasets: a reader can fetch a few rows without megabytes of images.
 ROW_GROUP_ROWS = 100
-SEVERAL_FILTERS = "Give one of --min-prob, --label or --top-fraction, not several (without any, --label true is used)."
+SEVERAL_FILTERS = (
+    "Give one of --min-prob, --label, --top-fraction or --where, not several (without any, --label true is used)."
+)
 
 
 class RowFilter:
@@ -127,6 +132,7 @@ class ShardWriter:
         self.root = root
         self.split = split
         self.data_dir = root / "data"
+        self.created = [p for p in (root, *root.parents) if not p.exists()]
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.schema = schema
         self.rows_per_shard = rows_per_shard
@@ -158,6 +164,20 @@ class ShardWriter:
             self._writer.close()
             self._writer, self._in_shard = None, 0
 
+    def discard(self) -> None:
+        """A failed export: delete what this writer wrote and the folders it created, nothing else."""
+        if self._writer is not None:
+            with contextlib.suppress(OSError):
+                self._writer.close()
+            self._writer = None
+        for i, hidden in enumerate(self.shards):
+            hidden.unlink(missing_ok=True)
+            (self.data_dir / f"{self.split}-{i:05d}-of-{len(self.shards):05d}.parquet").unlink(missing_ok=True)
+        (self.root / "README.md").unlink(missing_ok=True)
+        for folder in (self.data_dir, *self.created):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
     def close(self) -> None:
         """Write what is buffered, then name every shard."""
         if self._pending:
@@ -181,38 +201,91 @@ def export_run(
     drop_columns: str,
     rows_per_shard: int,
     top_fraction: float | None = None,
+    where: str | None = None,
 ) -> dict[str, int]:
     """Stream a finished run's files into the kept (and optionally the rejected) dataset; returns the counts."""
     folder = RunFolder(output_dir)
-    if not folder.exists():
-        raise AnnotatorError(f"{str(output_dir)!r} is not a run folder (no manifest.json). Pass a run's output folder.")
+    to = to.expanduser()
+    rejected = rejected.expanduser() if rejected is not None else None
+    if not folder.is_ours():
+        raise AnnotatorError(f"{str(output_dir)!r} is not a run folder (no {RUN_MARKER}). Pass a run's output folder.")
+    folder.manifest()  # a missing or damaged manifest is an error naming it
     if not folder.finished:
         raise AnnotatorError(
             f"The run in {str(output_dir)!r} is unfinished, so some rows are missing. Finish it with "
             f"`annotate resume {output_dir}`, then export."
         )
+    damage = problems(folder)
+    if damage:
+        fix = (
+            f"Run `annotate resume {output_dir}` to redo the missing windows, then export."
+            if all(p.repairable for p in damage)
+            else "Move the files named out of data/ (or re-run with --overwrite), then export."
+        )
+        listed = "; ".join(map(str, damage))
+        raise AnnotatorError(f"The run folder {str(output_dir)!r} does not add up: {listed}. {fix}")
     if rows_per_shard < 1:
         raise AnnotatorError(f"--rows-per-shard {rows_per_shard} must be at least 1.")
-    if top_fraction is not None and (min_prob is not None or label is not None):
+    chosen = [v for v in (min_prob, label, top_fraction, where) if v is not None]
+    if len(chosen) > 1:
         raise AnnotatorError(SEVERAL_FILTERS)
-    row_filter = TopFraction(top_fraction) if top_fraction is not None else RowFilter(min_prob, label)
-    _check_targets(to, rejected)
+    if top_fraction is not None:
+        row_filter = TopFraction(top_fraction)
+    else:
+        row_filter = RowFilter(min_prob, label) if where is None else None
+    _check_targets(folder, to, rejected)
+    records = folder.committed()
     files = folder.data_files()
     if not files:
         raise AnnotatorError(f"The run in {str(output_dir)!r} has no rows, so there is nothing to export.")
     schema = pq.read_schema(files[0])
+    row_filter = row_filter or WhereFilter(where, schema)
+    _check_filter_columns(row_filter, schema)
     drop = _columns_to_drop(drop_columns, schema)
     out_schema = _schema_without(schema, drop)
     if isinstance(row_filter, TopFraction):
         row_filter.prepare(files)
-    recipe = yaml.safe_load(folder.recipe_path.read_text(encoding="utf-8"))
+    recipe = read_recipe_file(folder.recipe_path)
     info = folder.manifest().get("input_card") or {}
     split = info.get("split") or split_name(recipe)
-    kept = ShardWriter(to, out_schema, rows_per_shard, split)
-    rest = ShardWriter(rejected, out_schema, rows_per_shard, split) if rejected is not None else None
+    writers: list[ShardWriter] = []
+    try:
+        kept = ShardWriter(to, out_schema, rows_per_shard, split)
+        writers.append(kept)
+        rest = ShardWriter(rejected, out_schema, rows_per_shard, split) if rejected is not None else None
+        writers += [rest] if rest is not None else []
+        counts = _stream(files, [records[w] for w in sorted(records)], schema, row_filter, drop, kept, rest)
+        histogram = summarize(folder)["prob_histogram"]
+        for which, writer in (("kept", kept), ("rejected", rest)):
+            if writer is not None:
+                writer.close()
+                rule = (
+                    f"rows with {row_filter.describe()}" if which == "kept" else f"rows without {row_filter.describe()}"
+                )
+                card = export_card(recipe, info, writer.root, which, split, rule, counts, histogram)
+                card.save(writer.root / "README.md")
+    except OSError as exc:
+        for writer in writers:
+            writer.discard()
+        raise AnnotatorError(
+            f"Could not write the export ({exc.strerror or exc}: {getattr(exc, 'filename', None) or to}). Nothing "
+            "half-written is left there; free space or fix permissions, then export again."
+        ) from None
+    return {"kept": counts["kept"], "rejected": counts["rejected"]}
+
+
+def _stream(files, records, schema, row_filter, drop, kept, rest) -> dict[str, int]:
+    """Every committed file, checked against its journal record, filtered into the writers."""
     counts = {"kept": 0, "rejected": 0, "errors": 0}
-    for path in files:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=ROW_GROUP_ROWS):
+    for path, record in zip(files, records, strict=True):
+        parquet = pq.ParquetFile(path)
+        if parquet.metadata.num_rows != record["rows"] or not parquet.schema_arrow.equals(schema):
+            raise AnnotatorError(
+                f"{str(path)!r} holds {parquet.metadata.num_rows} rows where the run wrote {record['rows']} (or "
+                "other columns): it is not the file this run wrote. Move it away and run `annotate resume` on the "
+                "run folder to write it again."
+            )
+        for batch in parquet.iter_batches(batch_size=ROW_GROUP_ROWS):
             rows = pa.Table.from_batches([batch])
             mask = row_filter.mask(rows)
             selected = pc.sum(mask).as_py() or 0
@@ -223,19 +296,36 @@ def export_run(
             kept.write(rows.filter(mask))
             if rest is not None:
                 rest.write(rows.filter(pc.invert(mask)))
-    histogram = summarize(folder)["prob_histogram"]
-    for which, writer in (("kept", kept), ("rejected", rest)):
-        if writer is not None:
-            writer.close()
-            rule = f"rows with {row_filter.describe()}" if which == "kept" else f"rows without {row_filter.describe()}"
-            card = export_card(recipe, info, writer.root, which, split, rule, counts, histogram)
-            card.save(writer.root / "README.md")
-    return {"kept": counts["kept"], "rejected": counts["rejected"]}
+    return counts
 
 
-def _check_targets(to: Path, rejected: Path | None) -> None:
+def _check_filter_columns(row_filter: RowFilter | TopFraction | WhereFilter, schema: pa.Schema) -> None:
+    """--label, --min-prob and --top-fraction read `label` and `prob`: a run of several questions (or of answers)
+    has others."""
+    if isinstance(row_filter, WhereFilter) or {"label", "prob"} <= set(schema.names):
+        return
+    decided = [n for n in schema.names if n.startswith(("label_", "answer_")) and not n.startswith("answer_mass")]
+    decided += [n for n in ("answer",) if n in schema.names]
+    labels = [n for n in decided if n.startswith("label_")]
+    example = " and not ".join(labels[:2]) if labels else f"{decided[0]} == '...'" if decided else "..."
+    raise AnnotatorError(
+        "This run asked several questions or chose between answers, so it has no `label` column (nor `prob`) for "
+        f"--label, --min-prob or --top-fraction; its columns are {', '.join(decided)}. Say which rows to keep with "
+        f'--where, e.g. --where "{example}".'
+    )
+
+
+def _check_targets(folder: RunFolder, to: Path, rejected: Path | None) -> None:
+    run = os.path.realpath(folder.root)
     for option, target in (("--to", to), ("--rejected", rejected)):
-        if target is not None and target.exists() and (not target.is_dir() or any(target.iterdir())):
+        if target is None:
+            continue
+        where = os.path.realpath(target)
+        if where == run or where.startswith(run + os.sep) or run.startswith(where + os.sep):
+            raise AnnotatorError(
+                f"{option} {str(target)!r} is the run folder, inside it, or holds it. Export into a separate folder."
+            )
+        if target.exists() and (not target.is_dir() or any(target.iterdir())):
             raise AnnotatorError(
                 f"{option} {str(target)!r} is not an empty folder. Export writes a complete dataset there: "
                 "give a new folder, or empty this one first."

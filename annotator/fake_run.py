@@ -9,6 +9,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -61,7 +62,7 @@ def write_fake_run(
     folder = RunFolder(root)
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     source_schema = pa.schema([("image", image_type), ("caption", pa.string())])
-    schema = output_schema(source_schema, "image")
+    schema = output_schema(source_schema, "image", recipe.questions)
     card = {"license": None, "dataset": None, "split": "train"}
     manifest = {"window": window, "total_rows": rows, "limit": None, "result_fingerprint": "synthetic",
                 "input_fingerprint": [], "input_card": card}  # fmt: skip
@@ -85,7 +86,12 @@ def write_fake_run(
                 "caption": [" ".join(rng.choice(WORDS, 6)) for _ in range(n)],
             }
         )
-        out = window_table(table, schema, start, chunk, masses, errors, threshold)
+        # What `scoring.Score` holds (not imported: it would import torch), for the one Y/N question.
+        scores = [
+            None if v is None else SimpleNamespace(probs=((v, 1 - v),), masses=(m,))
+            for v, m in zip(chunk, masses, strict=True)
+        ]
+        out = window_table(table, schema, start, scores, errors, recipe.questions)
         scored = sum(v is not None for v in chunk)
         record = {
             "start": start, "rows": n, "scored": scored, "errors": n - scored,

@@ -157,6 +157,24 @@ def causal_mask(valid: torch.Tensor, dtype: torch.dtype, past: int = 0) -> torch
     return torch.zeros(allowed.shape, dtype=dtype, device=valid.device).masked_fill_(~allowed, float("-inf"))
 
 
+def question_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive (rows, 1, length, length) mask of rows holding several questions after one shared prefix.
+
+    `segments` is (rows, length): -1 on padding, 0 on the shared prefix, q on question q's tokens. A token sees the
+    real tokens before it in the prefix and in its own question, never another question's, so each question's
+    tokens compute exactly what they would after the prefix alone. With one question it is `causal_mask`.
+    """
+    length = segments.shape[1]
+    position = torch.arange(length, device=segments.device)
+    query, key = position[:, None], position[None, :]
+    keys = segments[:, None, :]
+    visible = (keys == 0) | (keys == segments[:, :, None])  # (rows, query, key): the prefix, or the same question
+    allowed = ((key <= query) & visible & (keys >= 0)) | (key == query)
+    return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill_(~allowed, float("-inf"))[
+        :, None
+    ]
+
+
 def decode(
     text_model: torch.nn.Module,
     hidden: torch.Tensor,
@@ -194,28 +212,32 @@ def decode(
     return hidden, present
 
 
-def head(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """Logits (rows, vocabulary) at the last position of every row (left padding puts each row's end there)."""
-    return model.lm_head(model.model.language_model.norm(hidden[:, -1]))
+def head(model: torch.nn.Module, hidden: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits at the last position of every row (left padding puts each row's end there): (rows, vocabulary); or
+    at the host-computed flat positions `index` of (rows * length): (len(index), vocabulary)."""
+    chosen = hidden[:, -1] if index is None else hidden.flatten(0, 1).index_select(0, index)
+    return model.lm_head(model.model.language_model.norm(chosen))
 
 
 @dataclass(slots=True)
 class LeanInputs:
     """One batch on the device for the lean forward; built on the host, so nothing here is read back."""
 
-    input_ids: torch.Tensor  # (rows, length), left padded
-    valid: torch.Tensor  # (rows, length) bool, true on real tokens
+    input_ids: torch.Tensor  # (rows, length), left padded: shared prefix, then each question in turn
+    segments: torch.Tensor  # (rows, length): -1 on padding, 0 on the shared prefix, q on question q
     position_ids: torch.Tensor  # (3, rows, length)
     pixel_values: torch.Tensor  # (patches, channels * 2 * 14 * 14), images in `vision` order
     vision: VisionLayout
     image_index: torch.Tensor  # (image tokens,) flat position of each merged patch in the batch, in patch order
+    answer_index: torch.Tensor  # (rows * questions,) flat position of each question's last token, row by row
 
 
 def lean_logits(model: torch.nn.Module, inputs: LeanInputs) -> torch.Tensor:
-    """Last-position logits (rows, vocabulary) of a batch: vision, embeddings, decoder, head; `use_cache=False`."""
+    """Logits (rows * questions, vocabulary) at each question's last token: vision once per image, the shared
+    prefix once per row, each question once; embeddings, decoder, head; `use_cache=False`."""
     text_model = model.model.language_model
     features = vision_features(model.model.visual, inputs.pixel_values, inputs.vision)
     embeds = embed(text_model, inputs.input_ids, inputs.image_index, features)
-    mask = causal_mask(inputs.valid, embeds.dtype)
+    mask = question_mask(inputs.segments, embeds.dtype)
     hidden, _ = decode(text_model, embeds, mask, rotary_tables(text_model, embeds, inputs.position_ids))
-    return head(model, hidden)
+    return head(model, hidden, inputs.answer_index)

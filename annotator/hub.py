@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 from pathlib import Path
 
 from annotator.errors import AnnotatorError
 
 PROBE_TIMEOUT_S = 4.0
+PROBE_REUSE_S = 60.0  # one process asks several times within a run's first seconds; the answer stands
+_PROBED: dict[str, tuple[float, str | None]] = {}  # endpoint -> (when, why unreachable)
 
 
 def endpoint() -> str:
@@ -37,6 +40,9 @@ def unreachable_reason(timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
     """
     if offline():
         return "HF_HUB_OFFLINE is set"
+    known = _PROBED.get(endpoint())
+    if known is not None and time.monotonic() - known[0] < PROBE_REUSE_S:
+        return known[1]  # a run asks before writing anything, then again as its model loads: probe once
     outcome: list[str | None] = []
 
     def probe() -> None:
@@ -51,9 +57,9 @@ def unreachable_reason(timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
     thread = threading.Thread(target=probe, name="hub-probe", daemon=True)
     thread.start()
     thread.join(timeout_s)
-    if not outcome:
-        return f"no answer within {timeout_s:g} s"
-    return outcome[0]
+    reason = outcome[0] if outcome else f"no answer within {timeout_s:g} s"
+    _PROBED[endpoint()] = (time.monotonic(), reason)
+    return reason
 
 
 def is_hub_id(name: str) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -49,19 +50,47 @@ class ImageRef:
     path: str | None = None
 
     def stream(self) -> BinaryIO:
-        """A binary file object positioned at the start of the encoded image."""
+        """A binary file object positioned at the start of the encoded image.
+
+        A path is looked at with `stat` first: folders and special files (FIFOs, devices, sockets) are refused
+        without being opened, since opening or reading one can block forever or have effects (a tape rewinds).
+        It is then opened non-blocking and checked again, so a file swapped in meanwhile cannot block either.
+        """
         if self.data is not None:
             return io.BytesIO(self.data)
         if self.path is None:
             raise ImageError("image: missing (neither bytes nor path)")
         try:
-            return open(self.path, "rb")
+            _check_regular(os.stat(self.path).st_mode, self.path)
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+        except ImageError:
+            raise
         except FileNotFoundError:
-            raise ImageError(f"image: file not found ({self.path})") from None
+            raise ImageError(f"image: file not found ({_shown(self.path)})") from None
         except IsADirectoryError:
-            raise ImageError(f"image: path is a folder ({self.path})") from None
+            raise ImageError(f"image: path is a folder ({_shown(self.path)})") from None
         except (OSError, ValueError) as exc:  # ValueError: a path holding a NUL character
-            raise ImageError(f"image: unreadable file ({self.path}: {getattr(exc, 'strerror', None) or exc})") from None
+            reason = getattr(exc, "strerror", None) or exc
+            raise ImageError(f"image: unreadable file ({_shown(self.path)}: {reason})") from None
+        try:
+            _check_regular(os.fstat(fd).st_mode, self.path)
+        except ImageError:
+            os.close(fd)
+            raise
+        return os.fdopen(fd, "rb")
+
+
+def _shown(path: str, limit: int = 120) -> str:
+    """A path short enough for an `error` value: its end, which names the file."""
+    return path if len(path) <= limit else "..." + path[-(limit - 3) :]
+
+
+def _check_regular(mode: int, path: str) -> None:
+    if stat.S_ISDIR(mode):
+        raise ImageError(f"image: path is a folder ({_shown(path)})")
+    if not stat.S_ISREG(mode):
+        kind = "FIFO" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode) else "device"
+        raise ImageError(f"image: not a regular file ({kind}: {_shown(path)})")
 
 
 def image_kind(message: str) -> str:
@@ -71,7 +100,7 @@ def image_kind(message: str) -> str:
 
 def _codec_error(exc: BaseException) -> ImageError:
     """A decoder's exception as a row error: truncated data is the common case and gets its own kind."""
-    text = str(exc)
+    text = " ".join(str(exc).split())[:150]  # one short line: it lands in the output's `error` column
     if isinstance(exc, OSError | EOFError) and any(hint in text.lower() for hint in _TRUNCATION_HINTS):
         return ImageError(f"decode: truncated image ({text})")
     return ImageError(f"decode: corrupt image ({type(exc).__name__}: {text})")

@@ -135,14 +135,61 @@ def _qwen2_vl_config(tokenizer, text: dict, vision: dict, initializer_range: flo
     )
 
 
+TINY_MARKER = ".annotator-tiny-model"
+
+
 def make_tiny_model(directory: str | Path, seed: int = 0) -> Path:
-    """Write a small random Qwen2-VL (same classes and layout as the real one) into `directory`."""
+    """Write a small random Qwen2-VL (same classes and layout as the real one) into `directory`.
+
+    `directory` must be new, empty, or a tiny model written before (it holds `.annotator-tiny-model`): nothing
+    else is ever replaced. Files are written into a hidden folder inside it, then renamed into place one by one,
+    so a process killed meanwhile leaves a folder this function finishes next time.
+    """
+    directory = Path(directory).expanduser()
+    _check_tiny_target(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        marker = directory / TINY_MARKER
+        marker.write_text(json.dumps({"complete": False}))  # first: a folder killed from now on is still ours
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=directory))
+        try:
+            names = _write_tiny_model(staging, seed)
+            for name in names:
+                os.replace(staging / name, directory / name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        for leftover in directory.glob(".staging-*"):  # of an earlier build that was killed
+            shutil.rmtree(leftover, ignore_errors=True)
+        marker.write_text(json.dumps({"complete": True, "files": names}))
+    except OSError as exc:
+        raise AnnotatorError(
+            f"Cannot write the tiny model into {str(directory)!r}: {exc.strerror or exc}. Give a folder you can "
+            "write to (and free space there)."
+        ) from None
+    return directory
+
+
+def _check_tiny_target(directory: Path) -> None:
+    if directory.exists() and not directory.is_dir():
+        raise AnnotatorError(f"{str(directory)!r} is a file. Give a new or empty folder for the tiny model.")
+    if not directory.is_dir() or (directory / TINY_MARKER).is_file():
+        return
+    names = sorted(os.listdir(directory))
+    if names:
+        shown = ", ".join(repr(n) for n in names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+        raise AnnotatorError(
+            f"{str(directory)!r} is not empty (it holds {shown}) and is not a tiny model folder written by annotator, "
+            "so nothing in it is replaced. Give a new or empty folder."
+        )
+
+
+def _write_tiny_model(folder: Path, seed: int) -> list[str]:
+    """The tiny model's files written into `folder`; returns their names."""
     import torch
     from transformers import Qwen2VLForConditionalGeneration
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    directory = Path(directory)
     tokenizer = build_tiny_tokenizer()
     text = dict(
         vocab_size=len(tokenizer),
@@ -164,15 +211,10 @@ def make_tiny_model(directory: str | Path, seed: int = 0) -> Path:
     config = _qwen2_vl_config(tokenizer, text, vision, initializer_range=0.3)
     torch.manual_seed(seed)
     model = Qwen2VLForConditionalGeneration(config).eval()
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=directory.parent if directory.parent.exists() else None))
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    (staging / "preprocessor_config.json").write_text(json.dumps(_preprocessor_config(), indent=2))
-    if directory.exists():
-        shutil.rmtree(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(staging, directory)
-    return directory
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(_preprocessor_config(), indent=2))
+    return sorted(os.listdir(folder))
 
 
 def _preprocessor_config() -> dict:
@@ -195,23 +237,95 @@ def _preprocessor_config() -> dict:
 
 def tiny_model_dir() -> Path:
     directory = cache_dir() / f"tiny-qwen2-vl-{TINY_VERSION}"
-    if not (directory / "config.json").is_file():
+    try:
+        complete = json.loads((directory / TINY_MARKER).read_text()).get("complete")
+    except (OSError, ValueError, AttributeError):
+        # Folders written before the marker existed hold a whole model when they hold its config.
+        complete = not (directory / TINY_MARKER).exists() and (directory / "config.json").is_file()
+    if not complete:
         make_tiny_model(directory)
     return directory
 
 
 def resolve_device(device: str):
+    """The torch device for `model.device`; `check_device` has said it exists."""
     import torch
 
+    check_device(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def check_device(device: str) -> None:
+    """`model.device` must name a device this machine has: cpu, cuda, cuda:N with N below the GPU count."""
+    if device in ("auto", "cpu"):
+        return
+    import torch
+
     try:
         resolved = torch.device(device)
-    except RuntimeError as exc:
-        raise AnnotatorError(f"`model.device` = {device!r} is not a device: {exc}. Use auto, cpu or cuda.") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise AnnotatorError("`model.device` asks for cuda, but no GPU is visible. Use `model.device: auto` or cpu.")
-    return resolved
+    except (RuntimeError, ValueError, TypeError):
+        resolved = None
+    if resolved is None or resolved.type not in ("cpu", "cuda", "mps"):
+        raise AnnotatorError(
+            f"`model.device` = {device[:80]!r} is not a device annotator can use. Use auto, cpu, cuda or cuda:N."
+        )
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise AnnotatorError(
+                f"`model.device` = {device!r} asks for a GPU, but no GPU is visible here. Use `model.device: auto` "
+                "or cpu."
+            )
+        if resolved.index is not None and resolved.index >= count:
+            raise AnnotatorError(
+                f"`model.device` = {device!r} does not exist: this machine has {count} GPU(s), cuda:0 to "
+                f"cuda:{count - 1}. Pick one of them."
+            )
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise AnnotatorError(f"`model.device` = {device!r}, but MPS is not available here. Use auto or cpu.")
+
+
+def check_attention(attn_implementation: str, device: str) -> None:
+    """flash_attention_2 needs the flash-attn package and a GPU; the others work everywhere."""
+    if attn_implementation != "flash_attention_2":
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is None:
+        raise AnnotatorError(
+            "`model.attn_implementation: flash_attention_2` needs the flash-attn package, which is not installed. "
+            "Install it on a CUDA machine (pip install flash-attn --no-build-isolation), or use sdpa (the default)."
+        )
+    if device == "cpu" or (device == "auto" and not _cuda_available()):
+        raise AnnotatorError(
+            "`model.attn_implementation: flash_attention_2` runs on CUDA GPUs only. Use sdpa on this machine."
+        )
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def check_model_name(name: str) -> None:
+    """A path-like `model.name` must be an existing folder (a Hub id is checked when it loads)."""
+    from annotator.hub import is_hub_id
+
+    if name in (TINY, RANDOM_2B):
+        return
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise AnnotatorError(f"`model.name` {name!r} is a file; give the folder that holds the checkpoint.")
+        return
+    if not is_hub_id(name):
+        raise AnnotatorError(
+            f"`model.name` {name[:200]!r} is neither a folder here nor a Hugging Face Hub id (owner/name). Set it to "
+            "a local checkpoint folder, a hub id, or `tiny` for the offline test model."
+        )
 
 
 def resolve_dtype(dtype: str, device):
@@ -238,7 +352,7 @@ def is_hub_model(name: str) -> bool:
     return name not in (TINY, RANDOM_2B) and is_hub_id(name)
 
 
-def _hub_access(name: str, revision: str | None) -> tuple[bool, str | None]:
+def hub_access(name: str, revision: str | None) -> tuple[bool, str | None]:
     """(cache only?, why) for a model name: a Hub id is read from the cache alone when the Hub cannot be reached.
 
     Raises `ModelUnavailable` at once (before torch is imported) when the cache does not even hold its config.
@@ -269,7 +383,8 @@ def load_model(
     type. `progress_bars`: `all` (a terminal), `downloads` (the Hub's download bars only: a first run downloads
     about 4.4 GB, and a log should show it) or `none`.
     """
-    local_only, unreachable = _hub_access(name, revision)  # before torch is imported: an offline error at once
+    name = str(Path(name).expanduser()) if name.startswith("~") else name
+    local_only, unreachable = hub_access(name, revision)  # before torch is imported: an offline error at once
     import torch
     from huggingface_hub.utils import enable_progress_bars
     from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
@@ -300,7 +415,7 @@ def load_model(
                 local_files_only=local_only,
             )
         mean, std = _read_image_normalisation(str(tiny_model_dir()) if name == TINY else name, revision, local_only)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, ImportError) as exc:  # ImportError: an attention package that cannot be used
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if unreachable is not None:
             from annotator.hub import ModelUnavailable
@@ -330,10 +445,10 @@ def load_tokenizer(name: str, revision: str | None) -> tuple[Any, str | None]:
     from annotator.hub import ModelUnavailable
 
     try:
-        local_only, unreachable = _hub_access(name, revision)
+        local_only, unreachable = hub_access(name, revision)
     except ModelUnavailable as exc:
         return None, f"{exc.why}, and the cache does not hold it"
-    source = str(tiny_model_dir()) if name == TINY else name
+    source = str(tiny_model_dir()) if name == TINY else str(Path(name).expanduser()) if name.startswith("~") else name
     try:
         return AutoTokenizer.from_pretrained(source, revision=revision, local_files_only=local_only), None
     except (OSError, ValueError) as exc:

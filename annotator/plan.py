@@ -8,8 +8,8 @@ from typing import Any
 
 from annotator.batching import MERGE_SIZE, image_token_count, plan_recipe_window
 from annotator.images import image_kind
+from annotator.questions import reads_text_column
 from annotator.recipe import Recipe
-from annotator.sources import open_source
 
 
 @dataclass(frozen=True)
@@ -46,8 +46,12 @@ class Architecture:
 QWEN2_VL_2B = Architecture()
 
 
-def forward_flops(grid: tuple[int, int, int], sequence_length: int, arch: Architecture = QWEN2_VL_2B) -> dict:
-    """Matmul FLOPs (2 per multiply-add) of one scoring forward: vision tower + language model, last-position head."""
+def forward_flops(
+    grid: tuple[int, int, int], sequence_length: int, arch: Architecture = QWEN2_VL_2B, questions: int = 1
+) -> dict:
+    """Matmul FLOPs (2 per multiply-add) of one scoring forward: vision tower + language model over the row's
+    `sequence_length` tokens (with several questions: the shared prefix once and each question after it), and the
+    head at each question's last token. Attention counts every query-key pair, as a masked kernel computes them."""
     patches = grid[0] * grid[1] * grid[2]
     d = arch.vision_dim
     vision_block = 2 * patches * (4 * d * d + 2 * arch.vision_mlp_ratio * d * d) + 4 * patches * patches * d
@@ -57,29 +61,45 @@ def forward_flops(grid: tuple[int, int, int], sequence_length: int, arch: Archit
     h, n = arch.text_hidden, sequence_length
     kv = h // arch.text_heads * arch.text_kv_heads
     text_layer = 2 * n * (2 * h * h + 2 * h * kv + 3 * h * arch.text_intermediate) + 4 * n * n * h
-    text = arch.text_layers * text_layer + 2 * h * arch.vocab
+    text = arch.text_layers * text_layer + 2 * h * arch.vocab * questions
     return {"vision": vision, "text": text, "total": vision + text}
 
 
+def question_flops(grid: tuple[int, int, int], shared: int, suffixes: list[int], arch: Architecture = QWEN2_VL_2B):
+    """Per question: FLOPs of a run asking it alone (`alone`), and what it adds to the shared forward (`added`)."""
+    together = forward_flops(grid, shared + sum(suffixes), arch, len(suffixes))["total"]
+    return [
+        {
+            "alone": forward_flops(grid, shared + suffix, arch)["total"],
+            "added": together - forward_flops(grid, shared + sum(suffixes) - suffix, arch, len(suffixes) - 1)["total"],
+        }
+        for suffix in suffixes
+    ]
+
+
 def plan_recipe(recipe: Recipe, max_rows: int | None = None) -> dict[str, Any]:
-    """Read the input's headers and texts, plan every window, and add it all up."""
-    from annotator.models import load_tokenizer
+    """Run the checks `annotate run` makes, read the input's headers and texts, plan every window, add it all up."""
+    from annotator.checks import check_run
     from annotator.prompt import PromptBuilder
 
-    source = open_source(recipe.input, recipe.prompt)
-    tokenizer, why = load_tokenizer(recipe.model.name, recipe.model.revision)
-    tokenizer_note = None
+    checked = check_run(recipe, loads_model=False)
+    source, tokenizer, why = checked.source, checked.tokenizer, checked.tokenizer_note
     if tokenizer is None:
         from annotator.models import build_tiny_tokenizer
 
-        tokenizer = build_tiny_tokenizer()
-        tokenizer_note = f"tokenizer of {recipe.model.name!r} unavailable ({why}): text lengths approximate"
-    builder = PromptBuilder(tokenizer, recipe.prompt)
-    columns = [recipe.input.image_column] + ([recipe.input.text_column] if recipe.prompt.query is None else [])
+        builder = PromptBuilder(build_tiny_tokenizer(), recipe.prompt, recipe.questions, check_answers=False)
+        tokenizer_note = (
+            f"tokenizer of {recipe.model.name!r} unavailable ({why}): text lengths approximate, answers unchecked"
+        )
+    else:
+        builder, tokenizer_note = PromptBuilder(tokenizer, recipe.prompt, recipe.questions), None
+    columns = [recipe.input.image_column] + ([recipe.input.text_column] if reads_text_column(recipe.prompt) else [])
     grids: Counter[tuple[int, int, int]] = Counter()
     errors: Counter[str] = Counter()
     rows = real = padded = batches = 0
     flops = {"vision": 0, "text": 0, "total": 0}
+    questions = recipe.questions
+    per_question = [{"name": q.name, "tokens": 0, "flops_alone": 0, "flops_added": 0} for q in questions]
     for window in source.windows(recipe.batching.window, columns=columns):
         plan = plan_recipe_window(window, recipe, builder)
         rows += window.rows
@@ -90,8 +110,16 @@ def plan_recipe(recipe: Recipe, max_rows: int | None = None) -> dict[str, Any]:
         for batch in plan.batches:
             for row in batch:
                 grids[row.grid] += 1
-                for part, value in forward_flops(row.grid, row.length).items():
+                for part, value in forward_flops(row.grid, row.length, questions=len(questions)).items():
                     flops[part] += value
+                suffixes = builder.suffix_lengths(row.text)
+                shared = builder.shared_length(image_token_count(row.grid))
+                for total, suffix, cost in zip(
+                    per_question, suffixes, question_flops(row.grid, shared, suffixes), strict=True
+                ):
+                    total["tokens"] += suffix
+                    total["flops_alone"] += cost["alone"]
+                    total["flops_added"] += cost["added"]
         if max_rows is not None and rows >= max_rows:
             break
     scorable = sum(grids.values())
@@ -107,5 +135,17 @@ def plan_recipe(recipe: Recipe, max_rows: int | None = None) -> dict[str, Any]:
         "padding_efficiency": round(real / padded, 4) if padded else None,
         "flops": flops,
         "flops_per_pair": flops["total"] / scorable if scorable else None,
+        **(_sharing(flops["total"], per_question) if len(questions) > 1 else {}),
         "note": tokenizer_note,
+    }
+
+
+def _sharing(total: int, per_question: list[dict[str, Any]]) -> dict[str, Any]:
+    """What sharing the image and prefix saves: the questions together against a run per question."""
+    separate = sum(q["flops_alone"] for q in per_question)
+    return {
+        "questions": per_question,
+        "flops_separate_runs": separate,
+        # The cost of asking every question, in runs of one question (of the average one): 1 + what they add.
+        "cost_in_single_runs": round(total * len(per_question) / separate, 3) if separate else None,
     }

@@ -9,11 +9,14 @@ each alone.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import multiprocessing
 import os
 import signal
 import sys
+import threading
+import time
 from collections import Counter, OrderedDict
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -90,7 +93,8 @@ _ring: MappedRing | None = None  # a worker's mapping of the ring
 
 def _start_worker(ring: RingHandle | MappedRing | None, parent: int, tune_malloc: bool) -> None:
     global _ring
-    _ignore_interrupts()
+    # Ctrl-C reaches the whole process group; the main process decides how to stop, workers finish their job.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with(parent)
     if tune_malloc:
         _tune_malloc()
@@ -102,7 +106,9 @@ def _die_with(parent: int) -> None:
 
     The kernel watches the thread that started the worker: the run's main thread, which lives as long as the run.
     """
-    if not sys.platform.startswith("linux"):
+    # A worker left behind would wait on the job queue forever (each holds the queue's write end too).
+    if not sys.platform.startswith("linux"):  # elsewhere: a thread that leaves once the parent is gone
+        threading.Thread(target=_exit_with, args=(parent,), name="orphan-watch", daemon=True).start()
         return
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # the main process died before the request above
@@ -141,12 +147,20 @@ def resolve_workers(workers: int | str) -> int:
     return int(workers)
 
 
-def _ignore_interrupts() -> None:
-    # Ctrl-C reaches the whole process group; the main process decides how to stop, workers finish their job.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _exit_with(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
+
+
+# A second Ctrl-C kills the pool and exits without its cleanup; multiprocessing's resource tracker then removes
+# the pool's semaphores itself and would print a warning about them. It starts with our -W options: hush that one.
+TRACKER_QUIET = "ignore:resource_tracker:UserWarning"
 
 
 def _new_pool(workers: int, ring: ImageRing | None = None, tune_malloc: bool = True) -> ProcessPoolExecutor:
+    if TRACKER_QUIET not in sys.warnoptions:
+        sys.warnoptions.append(TRACKER_QUIET)
     # spawn: the parent holds torch and its threads; forking those is unsafe.
     context = multiprocessing.get_context("spawn")
     handle = ring.handle() if ring is not None else None
@@ -320,6 +334,14 @@ class Preprocessor:
     def worker_pids(self) -> list[int]:
         pools = [pool for pool in (self._pool, self._alone) if pool is not None]
         return [process.pid for pool in pools for process in (pool._processes or {}).values()]
+
+    def kill_workers(self) -> None:
+        """SIGKILL every worker process; takes no lock, so a signal handler may call it before exiting at once."""
+        for pool in (self._pool, self._alone):
+            processes = getattr(pool, "_processes", None) or {}
+            for process in list(processes.values()):
+                with contextlib.suppress(ProcessLookupError, TypeError):  # gone already, or not started (no pid)
+                    os.kill(process.pid, signal.SIGKILL)
 
     def close(self) -> None:
         """Stop the workers at once; jobs not collected are dropped (a stopped run redoes their window)."""

@@ -5,26 +5,26 @@ from __future__ import annotations
 import gc
 import os
 import signal
+import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from annotator import __version__
 from annotator.batching import PlannedRow, WindowPlan, plan_recipe_window
-from annotator.card import input_card, write_run_card
-from annotator.errors import EXIT_RESUMABLE, AnnotatorError, RunInterrupted
+from annotator.card import write_run_card
+from annotator.errors import EXIT_RESUMABLE, RunInterrupted
+from annotator.folder import Claim, drop_previous, undo_start
 from annotator.images import image_kind
 from annotator.progress import RunProgress
-from annotator.recipe import Recipe, frozen_recipe_yaml, load_recipe, merge, parse_overrides, validate_recipe
+from annotator.recipe import Recipe, load_recipe
 from annotator.scores import JOURNAL_BINS, add, histogram
-from annotator.sink import RunFolder, latest_run, output_schema, window_table
-from annotator.sources import Window, open_source
-
-RESULT_KEYS_HINT = "model, prompt, pixels, answers, input columns, threshold"
+from annotator.sink import RunFolder, answer_counts, output_schema, window_table
+from annotator.sources import Window
+from annotator.start import find_latest_unfinished, grow, prepare_resume, prepare_run
 
 
 @dataclass
@@ -34,19 +34,18 @@ class WindowState:
     window: Window
     plan: WindowPlan
     pending: int
-    probs: list[float | None] = field(default_factory=list)
-    masses: list[float | None] = field(default_factory=list)
+    scores: list[Any] = field(default_factory=list)  # a `scoring.Score` per scored row, else None
     errors: list[str | None] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
 
     def __post_init__(self) -> None:
         rows = self.window.rows
-        self.probs, self.masses, self.errors = [None] * rows, [None] * rows, [None] * rows
+        self.scores, self.errors = [None] * rows, [None] * rows
         for position, error in self.plan.errors.items():
             self.errors[position] = error
 
     def record(self) -> dict[str, Any]:
-        scored = sum(p is not None for p in self.probs)
+        scored = sum(s is not None for s in self.scores)
         kinds = Counter(image_kind(e) for e in self.errors if e is not None)
         return {
             "start": self.window.start,
@@ -63,154 +62,63 @@ class WindowState:
 
 
 class StopRequest:
-    """Ctrl-C / SIGTERM: the first asks to stop after the current batch, the second exits at once."""
+    """Ctrl-C / SIGTERM, for a whole `run` or `resume`.
+
+    Until the run loop starts (checks, folder, model load), and while the loop waits on something that can take
+    long (planning a window, an image), a signal stops at once with `RunInterrupted` (exit 2, the folder
+    resumable). Otherwise the first asks to stop after the current batch. The second always exits at once, after
+    killing the worker processes: committed windows are safe on disk; resume redoes the rest.
+    """
 
     def __init__(self, console) -> None:
         self.console = console
         self.requested = False
+        self.immediate = True
+        self.message = "Interrupted before the run started; nothing was committed. Run the same command again."
+        self.on_exit: list[Callable[[], None]] = []
         self._previous: dict[int, Any] = {}
+        self._depth = 0
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.requested:
-            os._exit(EXIT_RESUMABLE)  # committed windows are safe on disk; resume redoes the rest
+            for kill in self.on_exit:
+                kill()
+            # os.write, not the console: the interrupted thread may hold the console's lock.
+            os.write(2, f"\nQuit at once. {self.message}\n".encode())
+            os._exit(EXIT_RESUMABLE)
         self.requested = True
+        if self.immediate:
+            raise RunInterrupted(self.message)
         self.console.print(
             f"[yellow]{signal.Signals(signum).name}: stopping after the current batch "
             "(press Ctrl-C again to quit at once)...[/]"
         )
 
+    @contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """A wait that may take long: a signal during it stops the run at once."""
+        if self.requested:
+            raise RunInterrupted(self.message)
+        previous, self.immediate = self.immediate, True
+        try:
+            yield
+        finally:
+            self.immediate = previous
+
     def __enter__(self) -> StopRequest:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            self._previous[signum] = signal.signal(signum, self._handle)
+        self._depth += 1
+        if self._depth == 1 and threading.current_thread() is threading.main_thread():  # signals go to main only
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-
-def find_latest_unfinished(root: Path = Path("outputs")) -> Path:
-    folder = latest_run(root, unfinished=True)
-    if folder is None:
-        raise AnnotatorError(
-            f"No unfinished run under {str(root)!r}. Pass the run folder: `annotate resume OUTPUT_DIR`."
-        )
-    return folder.root
-
-
-def prepare_run(recipe: Recipe, overwrite: bool) -> tuple[RunFolder, Any]:
-    """Check the input and the output folder (no model yet) and take the folder's lock.
-
-    The folder is emptied and written (`start_fresh`) only once the model has loaded, so an --overwrite
-    whose model cannot be loaded leaves the previous run as it was.
-    """
-    source = open_source(recipe.input, recipe.prompt)
-    folder = RunFolder(recipe.output_dir)
-    # A run that committed nothing (e.g. its model failed to load) has nothing to lose: start it again.
-    if folder.exists() and not overwrite and (folder.finished or folder.committed()):
-        if folder.finished:
-            raise AnnotatorError(
-                f"{str(folder.root)!r} already holds a finished run. Use another `output.dir`, or add "
-                "--overwrite to replace it."
-            )
-        raise AnnotatorError(
-            f"{str(folder.root)!r} holds an unfinished run. Continue it with `annotate resume {folder.root}`, "
-            "or add --overwrite to start again from scratch."
-        )
-    folder.acquire_lock()
-    return folder, source
-
-
-def start_fresh(recipe: Recipe, folder: RunFolder, source: Any) -> None:
-    """Empty the run folder (an --overwrite) and write the new run's recipe and manifest."""
-    import shutil
-
-    for path in (folder.data_dir, folder.journal_dir):
-        shutil.rmtree(path, ignore_errors=True)
-    for path in (folder.summary_path, folder.manifest_path, folder.recipe_path):
-        path.unlink(missing_ok=True)
-    folder.create(frozen_recipe_yaml(recipe), _manifest(recipe, source))
-
-
-def _manifest(recipe: Recipe, source: Any) -> dict[str, Any]:
-    return {
-        "annotator_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "result_fingerprint": recipe.result_fingerprint(),
-        "input_fingerprint": source.fingerprint(),
-        "window": recipe.batching.window,
-        "total_rows": source.total_rows,
-        "limit": recipe.input.limit,
-        "input_card": input_card(recipe.model_dump(mode="json"), source),
-    }
-
-
-def prepare_resume(output_dir: Path, overrides: list[str]) -> tuple[Recipe, RunFolder, Any]:
-    """Reload the frozen recipe, refuse result-changing edits and changed input, take the lock."""
-    folder = RunFolder(output_dir)
-    if not folder.exists():
-        raise AnnotatorError(
-            f"{str(output_dir)!r} is not a run folder (no manifest.json). Start it with `annotate run`."
-        )
-    import yaml
-
-    frozen = yaml.safe_load(folder.recipe_path.read_text(encoding="utf-8"))
-    manifest = folder.manifest()
-    # The manifest's limit is the run's: growing a pilot writes it last (see `grow`), recipe.yaml's before.
-    frozen.setdefault("input", {})["limit"] = manifest.get("limit", frozen["input"].get("limit"))
-    recipe = validate_recipe(merge(frozen, parse_overrides(overrides)), source=str(folder.recipe_path))
-    grows = recipe.input.limit != manifest.get("limit")
-    if grows:
-        check_growth(manifest.get("limit"), recipe.input.limit)
-    elif folder.finished:
-        raise AnnotatorError(
-            f"The run in {str(output_dir)!r} is already finished; see `annotate status {output_dir}`. To annotate "
-            f"more rows of its input, grow it: `annotate resume {output_dir} --set input.limit=M` (or =null for all)."
-        )
-    if recipe.result_fingerprint() != manifest["result_fingerprint"]:
-        raise AnnotatorError(
-            f"These --set values change results ({RESULT_KEYS_HINT}), so the resumed output would mix two "
-            f"settings. Resume without them, or start a new run with `annotate run ... --overwrite`."
-        )
-    if recipe.batching.window != manifest["window"]:
-        raise AnnotatorError(
-            f"`batching.window` cannot change on resume (the run uses {manifest['window']}): windows are the unit "
-            "of resume. Drop that --set."
-        )
-    source = open_source(recipe.input, recipe.prompt)
-    if source.fingerprint() != manifest["input_fingerprint"] or (
-        not grows and source.total_rows != manifest["total_rows"]
-    ):
-        raise AnnotatorError(
-            f"The input has changed since this run started (files, sizes or contents differ from "
-            f"{str(folder.manifest_path)!r}). Resuming would mix results of two inputs; start a new run with "
-            "--overwrite instead."
-        )
-    folder.acquire_lock()
-    return recipe, folder, source
-
-
-def check_growth(old_limit: int | None, new_limit: int | None) -> None:
-    """A resumed run's `input.limit` may only grow: committed rows are never dropped."""
-    if old_limit is None or (new_limit is not None and new_limit < old_limit):
-        covered = "the whole input" if old_limit is None else f"the first {old_limit} rows"
-        raise AnnotatorError(
-            f"`input.limit` can only grow on resume: this run covers {covered}, and --set input.limit={new_limit} "
-            "would drop rows it has. To keep fewer rows, export them (`annotate export RUN_DIR --to DIR ...`), or "
-            "start a new run with --overwrite."
-        )
-
-
-def grow(folder: RunFolder, recipe: Recipe, total_rows: int | None) -> None:
-    """Extend a pilot to `recipe.input.limit` (checked by `prepare_resume`, done once the model has loaded).
-
-    Each step leaves a run that `annotate resume` finishes exactly: without summary.json the pilot is only
-    unfinished; the manifest (written atomically, and whose limit resume trusts over recipe.yaml's) then makes
-    it the grown run, in which the pilot's last window, if short, no longer counts as committed (`committed`).
-    """
-    manifest = folder.manifest()
-    folder.summary_path.unlink(missing_ok=True)
-    folder.create(frozen_recipe_yaml(recipe), {**manifest, "limit": recipe.input.limit, "total_rows": total_rows})
+        self._depth -= 1
+        if self._depth == 0:
+            for signum, handler in self._previous.items():
+                # After a stop, the process is on its way out: one more signal still exits 2 at once.
+                signal.signal(signum, self._handle if self.requested else handler)
+            self._previous.clear()
 
 
 class Annotator:
@@ -225,8 +133,10 @@ class Annotator:
         progress: bool = True,
         fresh: bool = False,
         log_format: str = "text",
+        stop: StopRequest | None = None,
     ) -> None:
-        self.fresh = fresh  # a new run: the folder is (re)started once the model has loaded
+        self.fresh = fresh  # a new start: a failed load puts the folder back, a loaded model drops any run replaced
+        self.stop = stop
         self.recipe = recipe
         self.folder = folder
         self.source = source
@@ -249,36 +159,43 @@ class Annotator:
 
     def _run(self) -> dict[str, Any]:
         recipe = self.recipe
-        loaded = self._load_model()  # first: an unreachable Hub is reported before torch is even imported
+        stop = self.stop or StopRequest(self.console)
+        with stop:
+            stop.message = self._load_interrupted_message()
+            loaded, self.builder = self._load()
         from annotator.preprocess import resolve_workers
-        from annotator.prompt import PromptBuilder
         from annotator.scoring import Scorer
 
-        if self.fresh:
-            start_fresh(recipe, self.folder, self.source)
-        elif recipe.input.limit != self.folder.manifest().get("limit"):
+        if not self.fresh and recipe.input.limit != self.folder.manifest().get("limit"):
             grow(self.folder, recipe, self.source.total_rows)
         self.folder.clean_leftovers()
         committed = self.folder.committed()
         write_run_card(self.folder, recipe)
         self.progress.begin(committed.values())
-        self.builder = PromptBuilder(loaded.tokenizer, recipe.prompt)
         self.scorer = Scorer(loaded, self.builder, recipe.model.forward, recipe.model.cuda_graphs)
-        self.schema = output_schema(self.source.schema, recipe.input.image_column)
+        self.schema = output_schema(self.source.schema, recipe.input.image_column, recipe.questions)
         workers = resolve_workers(recipe.batching.workers)
         lookahead = max(2 * recipe.batching.max_batch_size, 8)
         with (
             _settled_memory(),
             self._preprocessor(workers, lookahead) as self.preprocessor,
-            StopRequest(self.console) as stop,
+            stop,
             self.progress,
         ):
+            stop.on_exit.append(self.preprocessor.kill_workers)
+            stop.message = self._interrupted_message()
+            stop.immediate = False
             self._loop(self._windows_to_do(committed), stop, lookahead)
         return self.finish(loaded.device)
 
-    def _load_model(self):
-        """Load the recipe's model, saying so (with the Hub's download bars on a terminal)."""
+    def _load(self):
+        """The model and the prompt builder, saying so (with the Hub's download bars on a terminal).
+
+        A new start whose model cannot load leaves the folder as it was (the run it replaced is back); once it has
+        loaded, the replaced run is deleted. A signal during the load leaves the new run, resumable.
+        """
         from annotator.models import is_hub_model, load_model
+        from annotator.prompt import PromptBuilder
 
         m = self.recipe.model
         self.progress.loading_model(m.name, from_hub=is_hub_model(m.name))
@@ -287,14 +204,19 @@ class Annotator:
             loaded = load_model(
                 m.name, m.revision, m.dtype, m.device, m.attn_implementation, progress_bars=self.progress.model_bars
             )
-        except KeyboardInterrupt:
-            again = f"annotate resume {self.folder.root}" if not self.fresh else "the same `annotate run` command"
-            raise RunInterrupted(
-                f"Interrupted while loading the model, before this session wrote anything to {self.folder.root}. "
-                f"To go on, run {again} again."
-            ) from None
+            builder = PromptBuilder(loaded.tokenizer, self.recipe.prompt, self.recipe.questions)
+        except RunInterrupted:
+            raise
+        except KeyboardInterrupt:  # no signal handler here (not the main thread): the same as a handled signal
+            raise RunInterrupted(self._load_interrupted_message()) from None
+        except Exception:
+            if self.fresh:
+                undo_start(self.folder, self.folder.claimed or Claim())
+            raise
+        if self.fresh:
+            drop_previous(self.folder)
         self.progress.model_loaded(m.name, loaded.device, loaded.dtype, time.perf_counter() - started)
-        return loaded
+        return loaded, builder
 
     def _preprocessor(self, workers: int, lookahead: int):
         """The workers and their shared-memory ring, with a slot for every image that can be in flight or held."""
@@ -357,7 +279,8 @@ class Annotator:
                             jobs = [ImageJob(r.image, r.resized, max_pixels, draft) for r in batch]
                             submitted.append((state, batch, self.preprocessor.submit_batch(jobs)))
                             continue
-                        state = upcoming.result()
+                        with stop.interruptible():  # reading a window's headers can stall on a slow disk
+                            state = upcoming.result()
                         upcoming = planner.submit(self._plan_next, windows) if state is not None else None
                         if state is None:
                             break
@@ -374,7 +297,9 @@ class Annotator:
                             break
                         continue
                     state, batch, tickets = submitted.popleft()
-                    launched = self._launch_batch(state, batch, [self.preprocessor.result(t) for t in tickets])
+                    with stop.interruptible():  # an image may take up to `image_timeout_s`
+                        images = [self.preprocessor.result(t) for t in tickets]
+                    launched = self._launch_batch(state, batch, images)
                     # The previous batch's results are read only now, so the GPU ran it while this one was prepared.
                     if in_flight is not None:
                         self._finish_and_release(*in_flight)
@@ -414,29 +339,28 @@ class Annotator:
 
     def _finish_batch(self, state: WindowState, batch: list[PlannedRow], ready: list[PlannedRow], wait) -> None:
         for row, score in zip(ready, wait(), strict=True):
-            state.probs[row.position] = score.prob
-            state.masses[row.position] = score.answer_mass
+            state.scores[row.position] = score
         state.pending -= 1
         self._advance(len(ready), len(batch) - len(ready))
 
     def _commit(self, state: WindowState) -> None:
         window = state.window
-        table = window_table(
-            window.table,
-            self.schema,
-            window.start,
-            state.probs,
-            state.masses,
-            state.errors,
-            self.recipe.output.threshold,
-        )
-        record = state.record()
-        record["positives"] = sum(bool(v) for v in table.column("label").to_pylist())
-        record["histograms"] = {"prob": histogram(table.column("prob"), JOURNAL_BINS)}
+        questions = self.recipe.questions
+        table = window_table(window.table, self.schema, window.start, state.scores, state.errors, questions)
+        record = {**state.record(), **answer_counts(table, questions)}
+        record["histograms"] = {
+            q.column("prob"): histogram(table.column(q.column("prob")), JOURNAL_BINS) for q in questions if q.yes_no
+        }
         record["limit"] = self.recipe.input.limit  # a window cut short by it is redone if the limit grows
         record["session_started"] = self.progress.started_at
         self.folder.write_window(window.index, table, record)
         self.progress.window_committed({**record, "window": window.index})
+
+    def _load_interrupted_message(self) -> str:
+        return (
+            f"Interrupted while loading the model, before any window was committed. The run folder is ready: "
+            f"continue with `annotate resume {self.folder.root}`."
+        )
 
     def _interrupted_message(self) -> str:
         return (
@@ -504,19 +428,32 @@ def summarize(folder: RunFolder) -> dict[str, Any]:
     for r in records.values():
         kinds.update(r.get("error_kinds", {}))
     padded = sum(r["padded_tokens"] for r in records.values())
+    scored = sum(r["scored"] for r in records.values())
+    answers = _answer_totals(records.values(), scored)
     prob_histogram = None
-    for index, record in sorted(records.items()):
-        prob_histogram = add(prob_histogram, window_histogram(folder, index, record))
+    if not answers:  # the single Y/N question
+        for index, record in sorted(records.items()):
+            prob_histogram = add(prob_histogram, window_histogram(folder, index, record))
+    for name, counts in answers.get("questions", {}).items():
+        if "positives" in counts:
+            column = f"prob_{name}"
+            counts["prob_histogram"] = None
+            for index, record in sorted(records.items()):
+                counts["prob_histogram"] = add(
+                    counts["prob_histogram"], window_histogram(folder, index, record, column)
+                )
     return {
         "rows": sum(r["rows"] for r in records.values()),
-        "scored": sum(r["scored"] for r in records.values()),
+        "scored": scored,
         "errors": sum(r["errors"] for r in records.values()),
-        "positives": sum(r.get("positives", 0) for r in records.values()),
+        # Labels of the single Y/N question; per question in `questions`, or `answers`, otherwise.
+        "positives": None if answers else sum(r.get("positives", 0) for r in records.values()),
+        **answers,
         "error_kinds": dict(kinds.most_common()),
         "truncated_texts": sum(r.get("truncated_texts", 0) for r in records.values()),
         "windows": len(records),
         "padding_efficiency": round(sum(r["real_tokens"] for r in records.values()) / padded, 4) if padded else None,
-        "prob_histogram": prob_histogram or [0] * JOURNAL_BINS,
+        "prob_histogram": None if answers else prob_histogram or [0] * JOURNAL_BINS,
     }
 
 
@@ -530,17 +467,45 @@ def window_histogram(folder: RunFolder, index: int, record: dict[str, Any], colu
     return histogram(pq.read_table(folder.window_file(index), columns=[column]).column(column), JOURNAL_BINS)
 
 
+def _answer_totals(records: Iterable[dict[str, Any]], scored: int) -> dict[str, Any]:
+    """`answers` ({answer: rows}) of a single question with answers, and `questions` ({name: {positives, negatives}}
+    or {name: {answers}}) of a recipe with `prompt.questions`, summed over the journal records (`sink.answer_counts`
+    wrote them)."""
+
+    def tally(total: dict[str, Any], counts: dict[str, Any]) -> None:
+        if "positives" in counts:
+            total["positives"] = total.get("positives", 0) + counts["positives"]
+        for answer, n in counts.get("answers", {}).items():
+            total.setdefault("answers", {})[answer] = total.get("answers", {}).get(answer, 0) + n
+
+    totals: dict[str, Any] = {}
+    for record in records:
+        if "answers" in record:
+            tally(totals, {"answers": record["answers"]})
+        for name, counts in record.get("questions", {}).items():
+            tally(totals.setdefault("questions", {}).setdefault(name, {}), counts)
+    for counts in totals.get("questions", {}).values():
+        if "positives" in counts:
+            counts["negatives"] = scored - counts["positives"]
+    return totals
+
+
 def run_recipe(
     recipe_path: str, overrides: list[str], overwrite: bool, console, progress: bool = True, log_format: str = "text"
 ) -> dict:
-    recipe = load_recipe(recipe_path, overrides)
-    folder, source = prepare_run(recipe, overwrite)
-    return Annotator(recipe, folder, source, console, progress, fresh=True, log_format=log_format).run()
+    with StopRequest(console) as stop:  # from the first instant: a signal exits 2, never a half-written folder
+        recipe = load_recipe(recipe_path, overrides)
+        folder, source = prepare_run(recipe, overwrite)
+        annotator = Annotator(recipe, folder, source, console, progress, fresh=True, log_format=log_format, stop=stop)
+        return annotator.run()
 
 
 def resume_run(
     output_dir: str | None, overrides: list[str], console, progress: bool = True, log_format: str = "text"
 ) -> dict:
-    root = Path(output_dir) if output_dir else find_latest_unfinished()
-    recipe, folder, source = prepare_resume(root, overrides)
-    return Annotator(recipe, folder, source, console, progress, log_format=log_format).run()
+    with StopRequest(console) as stop:
+        root = Path(output_dir) if output_dir else find_latest_unfinished()
+        recipe, folder, source = prepare_resume(root, overrides)
+        fresh = folder.claimed is not None  # stopped before its manifest: started again
+        annotator = Annotator(recipe, folder, source, console, progress, fresh=fresh, log_format=log_format, stop=stop)
+        return annotator.run()

@@ -30,8 +30,20 @@ class ScoreInput:
 
 @dataclass(frozen=True, slots=True)
 class Score:
-    prob: float
-    answer_mass: float
+    """One row's answers: for each question, in the recipe's order, P(answer) renormalised over its answers (in
+    their order) and the answers' total probability under the full softmax."""
+
+    probs: tuple[tuple[float, ...], ...]
+    masses: tuple[float, ...]
+
+    @property
+    def prob(self) -> float:
+        """The first question's P(first answer): P(positive) of a Y/N question."""
+        return self.probs[0][0]
+
+    @property
+    def answer_mass(self) -> float:
+        return self.masses[0]
 
 
 def patchify(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -57,10 +69,11 @@ FORWARDS = ("lean", "transformers")
 class Scorer:
     """Turns batches of `ScoreInput` into `Score`s with one forward pass each.
 
-    `forward` is `lean` (`annotator.forward`: no host sync, one attention call per layer) or `transformers`
-    (the model's own `forward`); both use the same weights and give the same scores. `cuda_graphs` (auto, on,
-    off: `annotator.graphs`) replays the lean forward from CUDA graphs on a GPU; then batches are left padded to a
-    multiple of `LENGTH_STEP` tokens, so that their shapes recur.
+    `forward` is `lean` (`annotator.forward`: no host sync, one attention call per layer; with several questions,
+    one vision pass per image and one pass over the shared prefix, each question after it) or `transformers` (the
+    model's own `forward`, over a plain sequence per row and question: the reference); both use the same weights
+    and give the same scores. `cuda_graphs` (auto, on, off: `annotator.graphs`) replays the lean forward from CUDA
+    graphs on a GPU; then batches are left padded to a multiple of `LENGTH_STEP` tokens, so that their shapes recur.
     """
 
     def __init__(
@@ -75,7 +88,13 @@ class Scorer:
         self.pin = self.device.type == "cuda"
         self.mean = torch.tensor(loaded.image_mean, dtype=torch.float32, device=self.device)
         self.std = torch.tensor(loaded.image_std, dtype=torch.float32, device=self.device)
-        self.answer_ids = torch.tensor([builder.positive_id, builder.negative_id], device=self.device)
+        # Each question's answer ids, padded to the longest set (with its first id, masked out of the softmax).
+        answers = builder.answer_ids
+        widest = max(len(ids) for ids in answers)
+        padded = [[*ids, *[ids[0]] * (widest - len(ids))] for ids in answers]
+        self.answer_ids = torch.tensor(padded, device=self.device)  # (questions, answers)
+        padding = [[i >= len(ids) for i in range(widest)] for ids in answers]
+        self.answer_padding = torch.tensor(padding, device=self.device)
         self.forward_hook: Callable[[int], None] | None = None  # tests use it to simulate OOM
         self.graphs: GraphedForward | None = None
         if use_graphs(cuda_graphs, forward, self.device):
@@ -86,43 +105,74 @@ class Scorer:
         return (tensor.pin_memory() if self.pin else tensor).to(self.device, non_blocking=True)
 
     def collate(self, rows: Sequence[ScoreInput]) -> LeanInputs | dict[str, torch.Tensor]:
-        """Left-padded ids, mask and 3-D positions, plus patches and where they go; built on the host.
+        """Left-padded ids and 3-D positions, plus patches and where they go; built on the host.
 
-        The lean forward sees the images grouped by grid (one patchify and one attention layout per grid); the
-        transformers forward sees them in row order with the image-token types and grids it asks for.
+        The lean forward sees each row once (its shared prefix, then every question, `PromptBuilder.sequence`) and
+        the images grouped by grid (one patchify and one attention layout per grid). The transformers forward sees
+        a plain sequence per row and question, in row order, with the image-token types and grids it asks for.
         """
+        if self.forward == "lean":
+            return self._collate_lean(rows)
         builder = self.builder
-        prefix = len(builder.prefix_ids)
+        plain = [(row, q) for row in rows for q in range(len(builder.questions))]
+        sequences = [builder.sequence(image_token_count(row.grid), row.text, q) for row, q in plain]
+        input_ids, valid, position_ids = self._left_padded(
+            sequences, [(row.grid, [builder.suffix_lengths(row.text)[q]]) for row, q in plain]
+        )
+        host = {
+            "input_ids": torch.from_numpy(input_ids),
+            "position_ids": torch.from_numpy(position_ids),
+            "attention_mask": torch.from_numpy(valid.astype(np.int64)),
+            "image_grid_thw": torch.tensor([row.grid for row, _ in plain], dtype=torch.int64),
+        }
+        host["mm_token_type_ids"] = (host["input_ids"] == builder.image_pad_id).to(torch.int64)
+        pixel_values = self._patches([row for row, _ in plain])
+        return {**{k: self._to_device(v) for k, v in host.items()}, "pixel_values": pixel_values}
+
+    def _collate_lean(self, rows: Sequence[ScoreInput]) -> LeanInputs:
+        builder = self.builder
         sequences = [builder.sequence(image_token_count(row.grid), row.text) for row in rows]
+        suffixes = [builder.suffix_lengths(row.text) for row in rows]
+        layouts = [(row.grid, lengths) for row, lengths in zip(rows, suffixes, strict=True)]
+        input_ids, valid, position_ids = self._left_padded(sequences, layouts)
+        length = input_ids.shape[1]
+        segments = np.where(valid, 0, -1)
+        answer_index = np.zeros((len(rows), len(builder.questions)), dtype=np.int64)
+        for i, lengths in enumerate(suffixes):
+            end = length  # each row ends with its last question; the one before ends where that one starts
+            for q in reversed(range(len(lengths))):
+                segments[i, end - lengths[q] : end] = q + 1
+                answer_index[i, q] = i * length + end - 1
+                end -= lengths[q]
+        order = sorted(range(len(rows)), key=lambda i: rows[i].grid)
+        prefix = len(builder.prefix_ids)
+        placements = [(i, length - len(sequences[i]) + prefix, image_token_count(rows[i].grid)) for i in order]
+        return LeanInputs(
+            input_ids=self._to_device(torch.from_numpy(input_ids)),
+            segments=self._to_device(torch.from_numpy(segments)),
+            position_ids=self._to_device(torch.from_numpy(position_ids)),
+            pixel_values=self._patches([rows[i] for i in order]),
+            vision=VisionLayout.build([rows[i].grid for i in order], self.loaded.dtype).to(self.device, self.pin),
+            image_index=self._to_device(torch.from_numpy(image_token_index(placements, length))),
+            answer_index=self._to_device(torch.from_numpy(answer_index.ravel())),
+        )
+
+    def _left_padded(
+        self, sequences: Sequence[Sequence[int]], layouts: Sequence[tuple[Sequence[int], Sequence[int]]]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Ids, real-token mask and 3-D positions of sequences left padded to the longest; `layouts` gives each
+        one's grid and the lengths of its questions (with their tails) after the shared `<|vision_end|>`."""
         length = -(-max(len(s) for s in sequences) // self.length_step) * self.length_step
-        input_ids = np.full((len(rows), length), builder.pad_id, dtype=np.int64)
-        valid = np.zeros((len(rows), length), dtype=bool)
-        position_ids = np.zeros((3, len(rows), length), dtype=np.int64)
-        for i, (row, ids) in enumerate(zip(rows, sequences, strict=True)):
+        input_ids = np.full((len(sequences), length), self.builder.pad_id, dtype=np.int64)
+        valid = np.zeros((len(sequences), length), dtype=bool)
+        position_ids = np.zeros((3, len(sequences), length), dtype=np.int64)
+        prefix = len(self.builder.prefix_ids)
+        for i, (ids, (grid, questions)) in enumerate(zip(sequences, layouts, strict=True)):
             start = length - len(ids)
             input_ids[i, start:] = ids
             valid[i, start:] = True
-            image_tokens = image_token_count(row.grid)
-            position_ids[:, i, start:] = rope_positions(prefix, row.grid, len(ids) - prefix - image_tokens)
-        lean = self.forward == "lean"
-        order = sorted(range(len(rows)), key=lambda i: rows[i].grid) if lean else list(range(len(rows)))
-        pixel_values = self._patches([rows[i] for i in order])
-        host = {"input_ids": torch.from_numpy(input_ids), "position_ids": torch.from_numpy(position_ids)}
-        if not lean:
-            host["attention_mask"] = torch.from_numpy(valid.astype(np.int64))
-            host["mm_token_type_ids"] = (host["input_ids"] == builder.image_pad_id).to(torch.int64)
-            host["image_grid_thw"] = torch.tensor([row.grid for row in rows], dtype=torch.int64)
-            return {**{k: self._to_device(v) for k, v in host.items()}, "pixel_values": pixel_values}
-        placements = [(i, length - len(sequences[i]) + prefix, image_token_count(rows[i].grid)) for i in order]
-        image_index = image_token_index(placements, length)
-        return LeanInputs(
-            input_ids=self._to_device(host["input_ids"]),
-            valid=self._to_device(torch.from_numpy(valid)),
-            position_ids=self._to_device(host["position_ids"]),
-            pixel_values=pixel_values,
-            vision=VisionLayout.build([rows[i].grid for i in order], self.loaded.dtype).to(self.device, self.pin),
-            image_index=self._to_device(torch.from_numpy(image_index)),
-        )
+            position_ids[:, i, start:] = rope_positions(prefix, grid, 1, questions)
+        return input_ids, valid, position_ids
 
     def _patches(self, rows: Sequence[ScoreInput]) -> torch.Tensor:
         """Every image's patches, in the order given, with one copy to the device and one patchify per run of a grid."""
@@ -146,18 +196,25 @@ class Scorer:
         """
         if self.forward_hook is not None:
             self.forward_hook(len(rows))
-        log_probs = self.logits(self.collate(rows)).float().log_softmax(-1)
-        answers = log_probs.index_select(-1, self.answer_ids)
-        results = torch.stack([answers.softmax(-1)[:, 0], answers.exp().sum(-1)], dim=1)
-        host = results.to("cpu", non_blocking=True)
+        questions, widest = self.answer_ids.shape
+        logits = self.logits(self.collate(rows)).float().view(len(rows), questions, -1)
+        # log P(answer) under the full softmax, for each question's answers; padding answers get no probability.
+        answers = logits.gather(-1, self.answer_ids.expand(len(rows), -1, -1)) - logits.logsumexp(-1, keepdim=True)
+        answers = answers.masked_fill(self.answer_padding, float("-inf"))
+        results = torch.cat([answers.softmax(-1), answers.exp().sum(-1, keepdim=True)], dim=-1)
+        host = results.to("cpu", non_blocking=True)  # (rows, questions, answers + 1)
         done = torch.cuda.Event() if results.is_cuda else None
         if done is not None:
             done.record()
+        counts = [len(ids) for ids in self.builder.answer_ids]
 
         def wait() -> list[Score]:
             if done is not None:
                 done.synchronize()
-            return [Score(p, m) for p, m in host.tolist()]
+            return [
+                Score(tuple(tuple(q[:n]) for q, n in zip(row, counts, strict=True)), tuple(q[-1] for q in row))
+                for row in host.tolist()
+            ]
 
         return wait
 

@@ -1,4 +1,4 @@
-"""`annotate status`: progress, ETA, counts, label split, prob histogram, errors and lock of a run (journals only)."""
+"""`annotate status`: progress, ETA, counts, label split, prob histogram, errors, lease and integrity of a run."""
 
 from __future__ import annotations
 
@@ -7,13 +7,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from annotator.errors import AnnotatorError
+from annotator.folder import SET_ASIDE, problems
+from annotator.lease import lease_state
 from annotator.progress import format_duration
+from annotator.recipe import read_recipe_file
 from annotator.run import summarize
 from annotator.scores import kept_shares
-from annotator.sink import RunFolder, latest_run
+from annotator.sink import RUN_MARKER, RunFolder, latest_run
 
 
 def session_rate(records: list[dict[str, Any]], running_since: float | None) -> tuple[float | None, bool]:
@@ -35,31 +36,45 @@ def session_rate(records: list[dict[str, Any]], running_since: float | None) -> 
 
 
 def run_status(output_dir: Path | None) -> dict[str, Any]:
+    """What a run folder holds, never writing to it; `state`: finished, running, interrupted, damaged, not started."""
     folder = RunFolder(output_dir) if output_dir else latest_run(Path("outputs"))
     if folder is None:
         raise AnnotatorError("No run under 'outputs'. Pass the run folder: `annotate status OUTPUT_DIR`.")
     root = folder.root
-    if not folder.exists():
-        raise AnnotatorError(f"{str(root)!r} is not a run folder (no manifest.json).")
-    manifest = folder.manifest()
+    if not folder.is_ours():
+        what = "does not exist" if not root.exists() else f"is not a run folder (no {RUN_MARKER})"
+        raise AnnotatorError(f"{str(root)!r} {what}. Pass the output folder of a run.")
+    lease = lease_state(folder.lock_path)
+    holder = folder.lock_holder()
+    damage = problems(folder) if folder.manifest_path.exists() else []
+    manifest = _manifest_or_none(folder)
     summary = summarize(folder)
     records = sorted(folder.committed().values(), key=lambda r: r["committed_at"])
-    holder = folder.lock_holder()
-    total = manifest.get("total_rows")
-    eta_s = None
-    if folder.finished:
+    total = manifest.get("total_rows") if manifest else None
+    window = manifest.get("window") if manifest else None
+    eta_s = rows_per_s = None
+    if holder is not None:
+        state, next_step = "running", None
+    elif not folder.manifest_path.exists():
+        state = "not started"
+        next_step = f"annotate resume {root}" if folder.recipe_path.exists() else "annotate run RECIPE"
+    elif damage:
+        state = "damaged"
+        next_step = f"annotate resume {root}" if all(p.repairable for p in damage) else "see the problems above"
+    elif folder.finished:
         state, next_step = "finished", None
-        finished = json.loads(folder.summary_path.read_text())
-        rows_per_s = finished.get("rows_per_s", finished.get("pairs_per_s"))
     else:
-        running = holder is not None
-        state, next_step = ("running", None) if running else ("interrupted", f"annotate resume {root}")
-        since = (holder.get("since") or 0.0) if running else None
-        rows_per_s, live = session_rate(records, since)
+        state, next_step = "interrupted", f"annotate resume {root}"
+    if state == "finished":
+        finished = _json_or_empty(folder.summary_path)
+        rows_per_s = finished.get("rows_per_s", finished.get("pairs_per_s"))
+    elif state != "damaged":
+        rows_per_s, live = session_rate(records, holder.since if holder is not None else None)
         if live and rows_per_s and total is not None:
             eta_s = round(max(0, total - summary["rows"]) / rows_per_s, 1)
-    window = manifest["window"]
-    threshold = yaml.safe_load(folder.recipe_path.read_text(encoding="utf-8"))["output"]["threshold"]
+    notes = [str(p) for p in damage]
+    if (root / SET_ASIDE).is_dir() and holder is None:
+        notes.append("an earlier run is set aside by an interrupted --overwrite; the next resume or run settles it")
     rows = summary["rows"]
     return {
         "output_dir": str(root),
@@ -67,19 +82,45 @@ def run_status(output_dir: Path | None) -> dict[str, Any]:
         "rows": f"{rows} / {total}" if total is not None else str(rows),
         "rows_done": rows,
         "total_rows": total,
-        "windows": f"{summary['windows']} / {-(-total // window)}" if total else str(summary["windows"]),
+        "windows": f"{summary['windows']} / {-(-total // window)}" if total and window else str(summary["windows"]),
         "scored": summary["scored"],
         "errors": summary["errors"],
         "error_kinds": summary["error_kinds"],
         "positives": summary["positives"],
-        "negatives": summary["scored"] - summary["positives"],
-        "threshold": threshold,
-        "kept_share": round(summary["positives"] / rows, 4) if rows else None,
-        "kept_share_at": kept_shares(summary["prob_histogram"], rows),
+        "negatives": None if summary["positives"] is None else summary["scored"] - summary["positives"],
+        "threshold": _threshold(folder) if summary["positives"] is not None else None,
+        "kept_share": round(summary["positives"] / rows, 4) if rows and summary["positives"] is not None else None,
+        "kept_share_at": kept_shares(summary["prob_histogram"], rows) if summary["prob_histogram"] else None,
         "prob_histogram": summary["prob_histogram"],
+        **{k: summary[k] for k in ("answers", "questions") if k in summary},
         "rows_per_s": rows_per_s,
         "eta_s": eta_s,
         "eta": format_duration(eta_s) if eta_s is not None else None,
-        "lock": f"held by pid {holder['pid']} on {holder['host']}" if holder else "free",
+        "lock": lease["describe"] if lease else "free",
+        "problems": notes,
         "next": next_step,
     }
+
+
+def _manifest_or_none(folder: RunFolder) -> dict[str, Any] | None:
+    try:
+        return folder.manifest()
+    except AnnotatorError:
+        return None
+
+
+def _json_or_empty(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _threshold(folder: RunFolder) -> float | None:
+    """The run's threshold from its frozen recipe; None when that is missing or damaged (`problems` says so)."""
+    try:
+        threshold = read_recipe_file(folder.recipe_path)["output"]["threshold"]
+    except (AnnotatorError, KeyError, TypeError):
+        return None
+    return threshold if isinstance(threshold, int | float) else None

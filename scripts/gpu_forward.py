@@ -95,9 +95,9 @@ def profile(loaded, builder) -> None:
         mark(1)
         embeds = forward.embed(text_model, inputs.input_ids, inputs.image_index, features)
         rotary = forward.rotary_tables(text_model, embeds, inputs.position_ids)
-        hidden, _ = forward.decode(text_model, embeds, forward.causal_mask(inputs.valid, embeds.dtype), rotary)
+        hidden, _ = forward.decode(text_model, embeds, forward.question_mask(inputs.segments, embeds.dtype), rotary)
         mark(2)
-        forward.head(model, hidden)
+        forward.head(model, hidden, inputs.answer_index)
         mark(3)
         sync()
         return [round(marks[i].elapsed_time(marks[i + 1]), 1) for i in range(3)] if marks else None
@@ -128,7 +128,7 @@ def compiled(loaded, builder) -> None:
     sync()
     print(f"compile + first call: {time.perf_counter() - start:.1f} s", flush=True)
     print("compiled:", describe(batch, timed(lambda: fused(loaded.model, inputs), 10)), flush=True)
-    answers = [builder.positive_id, builder.negative_id]
+    answers = list(builder.answer_ids[0])  # Y, N
     p_eager, p_fused = (x.float()[:, answers].softmax(-1)[:, 0] for x in (eager, out))
     moved = float((p_eager - p_fused).abs().max())
     print(f"max |P(Y) eager - compiled| {moved:.4f}, P(Y) std {float(p_eager.std()):.4f}")

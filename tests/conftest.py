@@ -129,3 +129,19 @@ def run_once(root: Path, recipe: Path, tiny_model_cache: Path, *args: str) -> Pa
         result = CliRunner().invoke(app, ["run", str(recipe), "--no-progress", *args], catch_exceptions=False)
         assert result.exit_code == 0, result.output
     return root
+
+
+@pytest.fixture(scope="session")
+def questions_run(tmp_path_factory, tiny_model_cache) -> Path:
+    """A finished run asking three questions (about the text, not about it, one of three answers), 9 rows, 1 error.
+
+    Tests only read it.
+    """
+    root = tmp_path_factory.mktemp("questions-run")
+    images = [jpeg_bytes(w, h, seed=i) for i, (w, h) in enumerate(MIXED_SIZES)] + [b"broken"]
+    parquet = write_dataset(root / "in.parquet", images, CAPTIONS + ["x"])
+    kind = {"question": "Which?", "answers": ["A", "B", "C"]}
+    prompt = {"questions": {"text": "Related to {text}?", "cat": "A cat?", "kind": kind}}
+    recipe = write_recipe(root / "r.yaml", parquet, root / "run", prompt=prompt, output={"thresholds": {"cat": 0.6}})
+    run_once(root, recipe, tiny_model_cache)
+    return root / "run"

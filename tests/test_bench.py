@@ -34,9 +34,22 @@ def invoke(*args: object):
 
 def test_bench_tiny_prints_every_field_as_json():
     result = invoke(
-        "bench", "--model", "tiny", "--pairs", 6, "--sizes", "1600x1200,756x476", "--workers", 0,
-        "--baseline", "--baseline-pairs", 2, "--count-images", 2, "--json",
-    )  # fmt: skip
+        "bench",
+        "--model",
+        "tiny",
+        "--pairs",
+        6,
+        "--sizes",
+        "1600x1200,756x476",
+        "--workers",
+        0,
+        "--baseline",
+        "--baseline-pairs",
+        2,
+        "--count-images",
+        2,
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert out["model"] == "tiny" and out["pairs"] == 6 and out["errors"] == 0
@@ -66,9 +79,21 @@ def test_bench_tiny_prints_every_field_as_json():
 
 def test_bench_without_baseline_has_no_ratio():
     result = invoke(
-        "bench", "--model", "tiny", "--pairs", 2, "--sizes", "320x240", "--workers", 0, "--count-images", 0,
-        "--forward", "transformers", "--json",
-    )  # fmt: skip
+        "bench",
+        "--model",
+        "tiny",
+        "--pairs",
+        2,
+        "--sizes",
+        "320x240",
+        "--workers",
+        0,
+        "--count-images",
+        0,
+        "--forward",
+        "transformers",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert out["baseline_pairs_per_s"] is None and out["speedup_vs_baseline"] is None
@@ -140,3 +165,38 @@ def test_jpeg_draft_decoding_stays_within_40_db_of_the_full_decode():
         assert image.draft("RGB", (size[1], size[0])) is not None, "draft mode really reduces this image"
     quality = psnr(drafted, full)
     assert 40 <= quality < float("inf"), quality
+
+
+def test_bench_questions_times_k_questions_against_one_on_the_same_images():
+    result = invoke(
+        "bench",
+        "--model",
+        "tiny",
+        "--pairs",
+        4,
+        "--sizes",
+        "756x476",
+        "--workers",
+        0,
+        "--count-images",
+        0,
+        "--questions",
+        3,
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    cost = out["question_cost"]
+    assert out["questions"] == 3 and cost["questions"] == ["text", "watermark", "screenshot"]
+    assert cost["pairs"] == 4 and cost["seconds"]["one"] > 0 and cost["seconds"]["all"] > 0
+    assert cost["measured_ratio"] == pytest.approx(cost["seconds"]["all"] / cost["seconds"]["one"], rel=0.01)
+    if not ON_GPU:
+        cpu = cost["cpu_seconds"]
+        assert cost["cpu_time_ratio"] == pytest.approx(cpu["all"] / cpu["one"], rel=0.01) and cpu["one"] > 0
+    # The image and the prefix are shared: three questions add only their own tokens.
+    one, three = cost["tokens_per_pair"]["one"], cost["tokens_per_pair"]["all"]
+    assert one < three < 3 * one
+    assert 1 < cost["flop_ratio"] < 3
+    assert out["errors"] == 0
+    too_many = invoke("bench", "--model", "tiny", "--pairs", 1, "--questions", 99)
+    assert too_many.exit_code == 1 and "--questions must be from 1 to 8" in too_many.output

@@ -79,12 +79,17 @@ def test_export_card_carries_license_size_split_histogram_and_a_relative_snippet
 
 
 def test_a_user_readme_in_the_output_folder_is_never_overwritten(tmp_path, mixed_parquet):
+    # A folder holding only the user's README.md is not a run folder: the run refuses it, touching nothing.
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "README.md").write_text("my notes")
-    assert (
-        invoke("run", write_recipe(tmp_path / "r.yaml", mixed_parquet, tmp_path / "out"), "--no-progress").exit_code
-        == 0
-    )
+    recipe = write_recipe(tmp_path / "r.yaml", mixed_parquet, tmp_path / "out")
+    assert invoke("run", recipe, "--no-progress").exit_code == 1
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["README.md"]
+    # In a run folder, the user's README.md (in place of the card) survives runs, --overwrite included.
+    (tmp_path / "out" / "README.md").unlink()
+    assert invoke("run", recipe, "--no-progress", "--limit", "3").exit_code == 0
+    (tmp_path / "out" / "README.md").write_text("my notes")
+    assert invoke("run", recipe, "--no-progress", "--overwrite").exit_code == 0
     assert (tmp_path / "out" / "README.md").read_text() == "my notes"
 
 

@@ -9,6 +9,7 @@ import yaml
 from typer.testing import CliRunner
 
 from annotator.cli import app
+from annotator.scores import JOURNAL_BINS, histogram
 from tests.conftest import DEMO, read_output, write_recipe
 
 runner = CliRunner()
@@ -224,3 +225,131 @@ def test_overwrite_keeps_the_previous_run_when_the_new_model_cannot_load(tmp_pat
     assert result.exit_code == 1 and "Could not load model" in result.output
     assert read_output(tmp_path / "out").num_rows == 3
     assert json.loads(invoke("status", tmp_path / "out", "--json").output)["state"] == "finished"
+
+
+def test_plan_runs_the_checks_run_makes(tmp_path, mixed_parquet):
+    recipe = write_recipe(tmp_path / "r.yaml", mixed_parquet, tmp_path / "out", prompt={"positive": "Yes indeed"})
+    result = invoke("plan", recipe)
+    assert result.exit_code == 1 and "`prompt.positive` = 'Yes indeed' is" in " ".join(result.output.split())
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "mine.txt").write_text("x")
+    busy = write_recipe(tmp_path / "r.yaml", mixed_parquet, tmp_path / "busy")
+    result = invoke("plan", busy)
+    assert result.exit_code == 1 and "not an annotator run folder" in " ".join(result.output.split())
+
+
+def test_make_tiny_model_writes_a_new_folder_and_replaces_only_its_own(tmp_path):
+    assert invoke("make-tiny-model", tmp_path / "tiny").exit_code == 0
+    assert (tmp_path / "tiny" / "config.json").is_file() and not list((tmp_path / "tiny").glob(".staging-*"))
+    marker = json.loads((tmp_path / "tiny" / ".annotator-tiny-model").read_text())
+    assert marker["complete"] and "config.json" in marker["files"]
+    assert invoke("make-tiny-model", tmp_path / "tiny").exit_code == 0, "its own folder is rebuilt"
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("years of work")
+    result = invoke("make-tiny-model", tmp_path / "mine")
+    assert result.exit_code == 1 and "thesis.tex" in result.output
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["thesis.tex"]
+
+
+MALFORMED_QUESTIONS = [
+    ("cat: Is there a cat?\n    dog: A dog?\n    cat: A cat, again?", {}, "gives `prompt.questions.cat` twice"),
+    ("caption: Is the caption good?", {}, "Question name(s) 'caption' of `prompt.questions` are also input columns"),
+    ("cat: {question: 'A cat?', positive: 'Yes, absolutely'}", {}, "`prompt.questions.cat.positive` = 'Yes, absolu"),
+    ("kind: {question: 'Which?', answers: [A, photograph]}", {}, "`prompt.questions.kind.answers` = 'photograph' is"),
+    ("{}", {}, "`prompt.questions` is empty"),
+    ("a cat: A cat?", {}, "question name 'a cat' must be letters, digits and `_`"),
+    ("cat: A cat?\n  positive: Yes sir", {}, "`prompt.positive` = 'Yes sir' is"),
+    ("cat: A cat?", {"thresholds": {"dog": 0.3}}, "`output.thresholds` names 'dog'"),
+]
+
+
+@pytest.mark.parametrize(("questions", "output", "expected"), MALFORMED_QUESTIONS)
+@pytest.mark.parametrize("command", ["run", "plan"])
+def test_a_malformed_question_set_is_one_paragraph_before_the_model_loads(
+    tmp_path, mixed_parquet, monkeypatch, command, questions, output, expected
+):
+    import annotator.models
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model must not load before the questions are checked")
+
+    monkeypatch.setattr(annotator.models, "load_model", no_model)
+    recipe = write_recipe(tmp_path / "r.yaml", mixed_parquet, tmp_path / "out", output=output)
+    recipe.write_text(f"{recipe.read_text()}prompt:\n  questions:\n    {questions}\n")
+    result = invoke(command, recipe, *(["--no-progress"] if command == "run" else []))
+    assert result.exit_code == 1, result.output
+    assert expected in result.output
+    assert len(result.output.strip().splitlines()) == 1, "one paragraph"
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out").exists(), "nothing is written before the questions are valid"
+
+
+def test_output_columns_of_questions_must_not_clash_with_input_columns(tmp_path):
+    from tests.conftest import jpeg_bytes, write_dataset
+
+    path = write_dataset(tmp_path / "in.parquet", [jpeg_bytes(64, 48)], ["c"], label_cat=[True])
+    recipe = write_recipe(tmp_path / "r.yaml", path, tmp_path / "out", prompt={"questions": {"cat": "A cat?"}})
+    result = invoke("run", recipe, "--no-progress")
+    assert result.exit_code == 1
+    assert "already has column(s) label_cat" in result.output and "rename the questions" in result.output
+
+
+def test_summary_and_status_count_each_question(questions_run):
+    table = read_output(questions_run)
+    scored = [row for row in table.to_pylist() if row["error"] is None]
+    summary = json.loads((questions_run / "summary.json").read_text())
+    status = json.loads(invoke("status", questions_run, "--json").output)
+    for counts in (summary["questions"], status["questions"]):
+        for name in ("text", "cat"):
+            positives = sum(row[f"label_{name}"] for row in scored)
+            assert counts[name]["positives"] == positives and counts[name]["negatives"] == len(scored) - positives
+            assert counts[name]["prob_histogram"] == histogram(table.column(f"prob_{name}"), JOURNAL_BINS)
+        assert counts["kind"] == {"answers": {a: sum(r["answer_kind"] == a for r in scored) for a in "ABC"}}
+    assert summary["positives"] is None and status["positives"] is None, "no single label to count"
+    assert summary["scored"] == 8 and summary["errors"] == 1
+    shown = invoke("status", questions_run).output
+    assert "label_cat" in shown and "answer_kind" in shown and "A: " in shown
+    assert "prob_cat    0 " in shown and "prob_text    0 " in shown, "a histogram line per Y/N question"
+
+
+def test_plan_counts_flops_with_sharing_per_question(tmp_path, mixed_parquet, monkeypatch):
+    import annotator.models
+
+    monkeypatch.setattr(annotator.models, "load_model", lambda *a, **k: pytest.fail("plan must not load a model"))
+    prompt = {"questions": {"text": "Related to {text}?", "cat": "A cat?", "dog": "A dog?"}}
+    plan = json.loads(
+        invoke(
+            "plan", write_recipe(tmp_path / "r.yaml", mixed_parquet, tmp_path / "out", prompt=prompt), "--json"
+        ).output
+    )
+    single = json.loads(
+        invoke("plan", write_recipe(tmp_path / "one.yaml", mixed_parquet, tmp_path / "o"), "--json").output
+    )
+    assert [q["name"] for q in plan["questions"]] == ["cat", "dog", "text"]
+    assert plan["flops_separate_runs"] == sum(q["flops_alone"] for q in plan["questions"])
+    # Sharing: three questions cost less than three runs, more than one; each adds only its own tokens.
+    assert 1 < plan["cost_in_single_runs"] < 3
+    assert plan["flops"]["vision"] == single["flops"]["vision"], "the vision tower runs once per image"
+    shared = plan["flops"]["total"]
+    for question in plan["questions"]:
+        assert 0 < question["flops_added"] < question["flops_alone"] < shared
+    assert "3 questions, shared" in invoke("plan", tmp_path / "r.yaml").output
+
+
+def test_one_question_with_answers_writes_probs_and_answer(tmp_path, mixed_parquet):
+    import datasets
+
+    recipe = write_recipe(tmp_path / "r.yaml", mixed_parquet, tmp_path / "out", prompt={"answers": ["A", "B", "C"]})
+    result = invoke("run", recipe, "--no-progress", "--limit", "6")
+    assert result.exit_code == 0, result.output
+    table = read_output(tmp_path / "out")
+    assert table.column_names[-6:] == ["row_id", "probs", "answer", "answer_mass", "error", "error_kind"]
+    probs = np.array(table.column("probs").to_pylist())
+    assert probs.shape == (6, 3) and np.allclose(probs.sum(axis=1), 1, atol=1e-6)
+    assert table.column("answer").to_pylist() == [("A", "B", "C")[i] for i in probs.argmax(axis=1)]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["answers"] == {a: table.column("answer").to_pylist().count(a) for a in "ABC"}
+    assert summary["positives"] is None and "answers" in invoke("status", tmp_path / "out").output
+    ds = datasets.load_dataset("parquet", data_files=str(tmp_path / "out" / "data" / "*.parquet"), split="train")
+    assert ds.features["probs"].feature.dtype == "float32" and ds.features["answer"].dtype == "string"
+    assert isinstance(ds.features["image"], datasets.Image)

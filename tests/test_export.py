@@ -53,8 +53,9 @@ def expected_ids(run: Path, keep) -> tuple[list[int], list[int]]:
 
 
 def test_default_export_keeps_label_true_sharded_with_a_card(finished_run, tmp_path):
-    result = invoke("export", finished_run, "--to", tmp_path / "kept", "--rejected", tmp_path / "rest",
-                    "--rows-per-shard", "5")  # fmt: skip
+    result = invoke(
+        "export", finished_run, "--to", tmp_path / "kept", "--rejected", tmp_path / "rest", "--rows-per-shard", "5"
+    )
     assert result.exit_code == 0, result.output
     kept, rest = expected_ids(finished_run, lambda r: r["label"])
     assert rows_of(tmp_path / "kept")["row_id"] == kept
@@ -88,8 +89,9 @@ def test_min_prob_keeps_exactly_those_rows_and_never_an_error(finished_run, tmp_
 
 
 def test_label_false_and_dropped_columns(finished_run, tmp_path):
-    result = invoke("export", finished_run, "--to", tmp_path / "neg", "--label", "false",
-                    "--drop-columns", "answer_mass, error")  # fmt: skip
+    result = invoke(
+        "export", finished_run, "--to", tmp_path / "neg", "--label", "false", "--drop-columns", "answer_mass, error"
+    )
     assert result.exit_code == 0, result.output
     kept, _ = expected_ids(finished_run, lambda r: r["label"] is False)
     table = pq.read_table(sorted((tmp_path / "neg" / "data").glob("*.parquet"))[0])
@@ -124,7 +126,10 @@ def test_an_export_that_keeps_nothing_still_has_the_schema(finished_run, tmp_pat
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["--min-prob", "0.5", "--label", "true"], "one of --min-prob, --label or --top-fraction, not several"),
+        (
+            ["--min-prob", "0.5", "--label", "true"],
+            "one of --min-prob, --label, --top-fraction or --where, not several",
+        ),
         (["--top-fraction", "0.3", "--min-prob", "0.5"], "not several"),
         (["--top-fraction", "0.3", "--label", "true"], "not several"),
         (["--top-fraction", "0"], "is not a fraction"),
@@ -211,3 +216,50 @@ def test_top_fraction_rounds_halves_up_and_reads_only_the_prob_column_to_choose(
     assert columns.count(["prob"]) == 2 * 3 and columns.count(None) == 3, "two passes over prob, one export pass"
     assert invoke("export", folder.root, "--to", tmp_path / "b", "--top-fraction", "0.3").exit_code == 0
     assert rows_of(tmp_path / "b")["row_id"] == [6, 7, 8], "0.3 x 10 is 3, not 4 from 3.0000000000000004"
+
+
+def test_where_keeps_the_rows_of_an_expression_over_several_questions(questions_run, tmp_path):
+    result = invoke(
+        "export",
+        questions_run,
+        "--to",
+        tmp_path / "kept",
+        "--rejected",
+        tmp_path / "rest",
+        "--where",
+        "label_cat and not label_text or answer_kind == 'B'",
+    )
+    assert result.exit_code == 0, result.output
+    kept, rest = expected_ids(
+        questions_run, lambda r: (r["label_cat"] and not r["label_text"]) or r["answer_kind"] == "B"
+    )
+    assert 0 < len(kept) < 8, "the expression must split the rows, or the test proves nothing"
+    assert rows_of(tmp_path / "kept")["row_id"] == kept
+    assert rows_of(tmp_path / "rest")["row_id"] == rest
+    card = (tmp_path / "kept" / "README.md").read_text()
+    for fact in (
+        "label_cat and not label_text or answer_kind == 'B'",
+        "`label_cat` = prob_cat >= 0.6",
+        "Related to {text}?",
+        "`A` / `B` / `C`",
+        "`answer_kind` (the most likely)",
+    ):
+        assert fact in card, fact
+
+
+def test_label_or_min_prob_on_a_run_of_several_questions_points_to_where(questions_run, tmp_path):
+    result = invoke("export", questions_run, "--to", tmp_path / "kept")
+    assert result.exit_code == 1
+    assert "no `label` column" in result.output and "--where" in result.output and "label_cat" in result.output
+    assert not (tmp_path / "kept").exists()
+    both = invoke("export", questions_run, "--to", tmp_path / "kept", "--where", "label_cat", "--min-prob", "0.5")
+    assert both.exit_code == 1 and "not several" in both.output
+    bad = invoke("export", questions_run, "--to", tmp_path / "kept", "--where", "label_dog")
+    assert bad.exit_code == 1 and "'label_dog' is not a column of this run" in bad.output
+    assert not (tmp_path / "kept").exists(), "nothing is written for a bad expression"
+
+
+def test_where_on_a_single_question_run_equals_min_prob(finished_run, tmp_path):
+    assert invoke("export", finished_run, "--to", tmp_path / "a", "--min-prob", "0.6").exit_code == 0
+    assert invoke("export", finished_run, "--to", tmp_path / "b", "--where", "prob >= 0.6").exit_code == 0
+    assert rows_of(tmp_path / "a")["row_id"] == rows_of(tmp_path / "b")["row_id"]

@@ -46,7 +46,8 @@ def test_lean_forward_equals_transformers_forward(tiny, sizes):
     rows = score_inputs(builder, sizes)
     lean = logits(Scorer(tiny, builder, "lean"), rows)
     reference = logits(Scorer(tiny, builder, "transformers"), rows)
-    assert reference[:, builder.positive_id].std() > 1, "answers must depend on the input, or equality proves nothing"
+    yes = builder.answer_ids[0][0]
+    assert reference[:, yes].std() > 1, "answers must depend on the input, or equality proves nothing"
     # Logits reach ~10 here; padded attention over mixed grids sums in another order (float32 rounding).
     torch.testing.assert_close(lean, reference, atol=5e-5, rtol=0)
     torch.testing.assert_close(lean.softmax(-1), reference.softmax(-1), atol=1e-5, rtol=0)
@@ -113,9 +114,10 @@ def test_decoding_a_prefix_then_a_suffix_with_its_keys_equals_one_pass(tiny):
     torch.testing.assert_close(torch.cat([head, tail], dim=1)[valid], whole[valid], atol=1e-4, rtol=1e-5)
 
 
-def test_the_lean_forward_traces_as_one_graph(tiny):
+@pytest.mark.parametrize("questions", [1, 4])
+def test_the_lean_forward_traces_as_one_graph(tiny, questions):
     """No data-dependent Python either: dynamo captures the whole forward without a break, as CUDA graphs need."""
-    builder = PromptBuilder(tiny.tokenizer, PromptConfig())
+    builder = PromptBuilder(tiny.tokenizer, PromptConfig() if questions == 1 else FOUR_QUESTIONS)
     scorer = Scorer(tiny, builder, "lean")
     with torch.inference_mode():
         inputs = scorer.collate(score_inputs(builder, [(756, 476), (756, 476), (320, 240)]))
@@ -129,8 +131,8 @@ def fake_2b():
     return qwen2_vl_2b(reduced=False)
 
 
-def counts(loaded, forward_kind, sizes, max_pixels=307200):
-    builder = PromptBuilder(loaded.tokenizer, PromptConfig())
+def counts(loaded, forward_kind, sizes, max_pixels=307200, prompt=None):
+    builder = PromptBuilder(loaded.tokenizer, prompt or PromptConfig())
     rows = score_inputs(builder, sizes, max_pixels)
     with on_fake_tensors(loaded):
         return count_launch(Scorer(loaded, builder, forward_kind), rows)
@@ -152,6 +154,44 @@ def test_no_host_sync_and_no_op_per_image_in_the_lean_forward(fake_2b):
     mixed_few, mixed_many = counts(fake_2b, "lean", two_grids * 2), counts(fake_2b, "lean", two_grids * 8)
     assert mixed_few.host_syncs == mixed_many.host_syncs == 0
     assert mixed_few.vision_ops == mixed_many.vision_ops, "mixed grids: one attention call per block too"
+
+
+FOUR_QUESTIONS = PromptConfig(
+    questions={
+        "text": 'Is the image related to "{text}"? Y or N',
+        "cat": "Is there a cat? Y or N",
+        "kind": {"question": "A photo (A), a drawing (B) or a chart (C)?", "answers": ["A", "B", "C"]},
+        "count": {"question": "How many people: 0, 1, 2 or 3?", "answers": ["0", "1", "2", "3"]},
+    }
+)
+
+
+def test_several_questions_add_no_host_sync_and_no_op(fake_2b):
+    """The multi-question forward is the same graph: no sync, and no op per question or per image."""
+    seed_sized = [(756, 476)]
+    one = counts(fake_2b, "lean", seed_sized * 4)
+    few = counts(fake_2b, "lean", seed_sized * 4, prompt=FOUR_QUESTIONS)
+    many = counts(fake_2b, "lean", seed_sized * 16, prompt=FOUR_QUESTIONS)
+    assert few.host_syncs == many.host_syncs == 0
+    assert few.forward_ops == many.forward_ops == one.forward_ops, "questions cost no ops: one graph for any number"
+    assert few.vision_ops == many.vision_ops == one.vision_ops
+    two_grids = [(756, 476), (640, 480)] * 4
+    mixed = counts(fake_2b, "lean", two_grids, prompt=FOUR_QUESTIONS)
+    assert mixed.host_syncs == 0 and mixed.forward_ops == counts(fake_2b, "lean", two_grids).forward_ops
+
+
+def test_one_question_mask_is_the_causal_mask():
+    """With one question after the prefix, `question_mask` sees exactly what `causal_mask` sees: today's forward."""
+    valid = torch.tensor([[False, False, True, True, True, True], [True] * 6])
+    segments = torch.where(valid, 0, -1)
+    segments[:, 4:] = 1
+    torch.testing.assert_close(
+        forward.question_mask(segments, torch.float32), forward.causal_mask(valid, torch.float32), atol=0, rtol=0
+    )
+    segments[1, 5] = 2  # a second question: it sees the prefix and itself, not the first question
+    allowed = forward.question_mask(segments, torch.float32)[1, 0] == 0
+    assert allowed[5].tolist() == [True, True, True, True, False, True]
+    assert allowed[4].tolist() == [True, True, True, True, True, False]
 
 
 def test_the_counter_sees_transformers_syncs_and_per_image_ops(tiny):

@@ -25,18 +25,19 @@ def test_ctrl_c_while_the_model_loads_says_how_to_go_on(tmp_path, mixed_parquet,
     result = runner.invoke(app, ["run", str(recipe), "--no-progress"])
     assert result.exit_code == 2
     message = " ".join(result.output.split())
-    assert "Interrupted while loading the model" in message and "run the same `annotate run` command again" in message
-    assert not (tmp_path / "out" / "manifest.json").exists() and not (tmp_path / "out" / "lock").exists()
+    assert "Interrupted while loading the model" in message and f"annotate resume {tmp_path / 'out'}" in message
+    # The folder was written before the load: it is a run that resume continues.
+    assert (tmp_path / "out" / "manifest.json").exists() and not (tmp_path / "out" / "lock").exists()
 
     monkeypatch.undo()
-    assert runner.invoke(app, ["run", str(recipe), "--no-progress"]).exit_code == 0
+    assert runner.invoke(app, ["resume", str(tmp_path / "out"), "--no-progress"]).exit_code == 0
     (tmp_path / "out" / "summary.json").unlink()
     shutil.rmtree(tmp_path / "out" / "data")
     (tmp_path / "out" / "data").mkdir()
     (tmp_path / "out" / "journal" / "main.jsonl").write_text("")
     monkeypatch.setattr(annotator.models, "load_model", interrupted_load)
     result = runner.invoke(app, ["resume", str(tmp_path / "out"), "--no-progress"])
-    assert result.exit_code == 2 and f"annotate resume {tmp_path / 'out'} again" in " ".join(result.output.split())
+    assert result.exit_code == 2 and f"annotate resume {tmp_path / 'out'}" in " ".join(result.output.split())
     monkeypatch.undo()
     assert runner.invoke(app, ["resume", str(tmp_path / "out"), "--no-progress"]).exit_code == 0
     assert read_output(tmp_path / "out").num_rows == 16

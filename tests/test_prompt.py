@@ -46,7 +46,7 @@ def test_sequence_follows_the_chat_layout(tiny):
 def test_text_is_substituted_literally(tiny):
     builder = PromptBuilder(tiny.tokenizer, PromptConfig())
     braces, empty, blank, null = builder.question_tokens(["{text} {0} {", "", "  \n", None])
-    assert tiny.tokenizer.decode(braces.ids) == SEED_QUESTION.replace("{text}", "{text} {0} {")
+    assert tiny.tokenizer.decode(braces.ids[0]) == SEED_QUESTION.replace("{text}", "{text} {0} {")
     assert not braces.truncated
     assert (empty.error, blank.error, null.error) == ("text: empty", "text: empty", "text: missing (null)")
 
@@ -57,7 +57,7 @@ def test_long_text_is_truncated_to_max_text_tokens(tiny):
     (long,) = builder.question_tokens([text])
     kept = tiny.tokenizer.decode(tiny.tokenizer(text, add_special_tokens=False)["input_ids"][:5])
     assert long.truncated
-    assert tiny.tokenizer.decode(long.ids) == SEED_QUESTION.replace("{text}", kept)
+    assert tiny.tokenizer.decode(long.ids[0]) == SEED_QUESTION.replace("{text}", kept)
 
 
 def test_multi_token_answer_is_rejected_at_start(tiny):
@@ -128,11 +128,12 @@ def old_question_tokens(builder: PromptBuilder, texts: list) -> list:
     questions, truncated = [], []
     for i, ids in zip(usable, encode_many([texts[i] for i in usable]), strict=True):
         text = tokenizer.decode(ids[:limit]) if len(ids) > limit else texts[i]
-        questions.append(builder.question_head + text + builder.question_rest)
+        head, rest = builder.templates[0]
+        questions.append(head + text + rest)
         truncated.append(len(ids) > limit)
     results = [TextTokens(error="text: missing (null)" if t is None else "text: empty") for t in texts]
     for i, ids, cut in zip(usable, encode_many(questions), truncated, strict=True):
-        results[i] = TextTokens(ids=tuple(ids), truncated=cut)
+        results[i] = TextTokens(ids=(tuple(ids),), truncated=cut)
     return results
 
 
@@ -226,3 +227,47 @@ def test_texts_that_normalization_lengthens_are_still_truncated_as_before(any_to
     # NFC turns each U+0958 (3 bytes) into two characters (6 bytes); NFKC turns U+FDFA into 18 characters.
     builder = PromptBuilder(any_tokenizer, PromptConfig(max_text_tokens=16))
     assert builder.question_tokens([text]) == old_question_tokens(builder, [text])
+
+
+def test_several_questions_follow_one_shared_prefix_each_with_its_own_tail(tiny):
+    questions = {"text": 'Is it "{text}"?', "cat": "Is there a cat?", "kind": "{text}: A or B?"}
+    builder = PromptBuilder(tiny.tokenizer, PromptConfig(questions=questions))
+    (text,) = builder.question_tokens(["a cat"])
+    ids = builder.sequence(360, text)
+    tail = "<|im_end|>\n<|im_start|>assistant\n"
+    expected = (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+        f"<|vision_start|>{'<|image_pad|>' * 360}<|vision_end|>"
+        f'Is it "a cat"?{tail}Is there a cat?{tail}a cat: A or B?{tail}'
+    )
+    assert tiny.tokenizer.decode(ids) == expected
+    assert (
+        len(ids) == builder.sequence_length(360, text) == builder.shared_length(360) + sum(builder.suffix_lengths(text))
+    )
+    for q, (name, question) in enumerate(questions.items()):
+        alone = PromptBuilder(tiny.tokenizer, PromptConfig(questions={name: question}))
+        (own,) = alone.question_tokens(["a cat"])
+        assert text.ids[q] == own.ids[0], "each question tokenizes as it would alone"
+        assert builder.sequence(360, text, q) == alone.sequence(360, own), "and its plain sequence is its own run's"
+
+
+def test_questions_without_the_text_need_none(tiny):
+    builder = PromptBuilder(tiny.tokenizer, PromptConfig(questions={"cat": "Is there a cat?", "dog": "A dog?"}))
+    null, empty, some = builder.question_tokens([None, "", "a caption"])
+    assert null == empty == some and null.error is None and len(null.ids) == 2
+    mixed = PromptBuilder(tiny.tokenizer, PromptConfig(questions={"cat": "Is there a cat?", "text": "{text}?"}))
+    null, some = mixed.question_tokens([None, "a caption"])
+    assert null.error == "text: missing (null)", "a question needs the text: without it the row cannot be asked"
+    assert some.ids[0] == builder.question_tokens(["x"])[0].ids[0]
+
+
+def test_answers_are_checked_with_the_tokenizer_per_question(tiny):
+    from annotator.errors import AnnotatorError
+
+    good = PromptConfig(questions={"kind": {"question": "Which?", "answers": ["A", "B", "C"]}, "cat": "A cat?"})
+    builder = PromptBuilder(tiny.tokenizer, good)
+    assert [len(ids) for ids in builder.answer_ids] == [3, 2]
+    with pytest.raises(AnnotatorError, match=r"`prompt.answers` = 'Yes, sure' is \d+ tokens"):
+        PromptBuilder(tiny.tokenizer, PromptConfig(answers=["A", "Yes, sure"]))
+    with pytest.raises(AnnotatorError, match=r"`prompt.questions.cat.negative` = 'No way' is"):
+        PromptBuilder(tiny.tokenizer, PromptConfig(questions={"cat": {"question": "?", "negative": "No way"}}))

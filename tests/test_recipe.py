@@ -93,3 +93,119 @@ def test_exactly_one_input_kind(tmp_path):
 def test_every_bundled_recipe_validates(path):
     recipe = load_recipe(path)
     assert recipe.name == path.stem
+
+
+def test_a_one_question_recipe_keeps_its_fingerprint_so_older_runs_still_resume(recipe_file):
+    # Computed by the code before `prompt.questions` existed (commit 672887c).
+    assert load_recipe(recipe_file).result_fingerprint() == "1f3d41261e8cd1f6"
+    overrides = ["prompt.query=a cat", "prompt.positive=y", "output.threshold=0.3", "batching.max_batch_size=2"]
+    assert load_recipe(recipe_file, overrides).result_fingerprint() == "0ce8a547a70f1c8e"
+
+
+QUESTIONS = {
+    "text": 'Is the image related to "{text}"? Y or N',
+    "cat": "Is there a cat? Y or N",
+    "kind": {"question": "A photo, a drawing or a chart? A, B or C", "answers": ["A", "B", "C"]},
+    "dog": {"question": "A dog? yes or no", "positive": "yes", "negative": "no"},
+}
+
+
+def questions_recipe(tmp_path, prompt=None, output=None) -> Path:
+    path = tmp_path / "q.yaml"
+    recipe = {**BASE, "prompt": {"questions": QUESTIONS} if prompt is None else prompt, "output": output or {}}
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def test_questions_resolve_in_order_with_their_answers_columns_and_thresholds(tmp_path):
+    recipe = load_recipe(questions_recipe(tmp_path, output={"threshold": 0.4, "thresholds": {"cat": 0.7}}))
+    got = [(q.name, q.answers, q.yes_no, q.threshold, q.columns) for q in recipe.questions]
+    assert got == [
+        ("text", ("Y", "N"), True, 0.4, ("prob_text", "label_text", "answer_mass_text")),
+        ("cat", ("Y", "N"), True, 0.7, ("prob_cat", "label_cat", "answer_mass_cat")),
+        ("kind", ("A", "B", "C"), False, 0.4, ("probs_kind", "answer_kind", "answer_mass_kind")),
+        ("dog", ("yes", "no"), True, 0.4, ("prob_dog", "label_dog", "answer_mass_dog")),
+    ]
+    assert recipe.uses_text
+    single = load_recipe(questions_recipe(tmp_path, prompt={"answers": ["A", "B", "C"]}))
+    assert [(q.name, q.columns) for q in single.questions] == [("", ("probs", "answer", "answer_mass"))]
+    shared = load_recipe(
+        questions_recipe(tmp_path, prompt={"questions": {"a": "x?", "b": "y?"}, "answers": ["P", "Q"]})
+    )
+    assert [q.answers for q in shared.questions] == [("P", "Q"), ("P", "Q")]
+    assert not shared.uses_text, "no question puts the row's text in"
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        ["prompt.questions.cat=Is there a dog? Y or N"],
+        ["prompt.questions.new=Is it new?"],
+        ["output.thresholds.cat=0.9"],
+        ["prompt.questions.kind.answers=[A, B, D]"],
+        ["prompt.answers=[Y, N]"],
+        ["prompt.questions.dog.positive=si"],
+    ],
+)
+def test_the_question_set_is_part_of_the_result_fingerprint(tmp_path, change):
+    path = questions_recipe(tmp_path)
+    assert load_recipe(path, change).result_fingerprint() != load_recipe(path).result_fingerprint()
+
+
+def test_reordered_questions_change_the_fingerprint_since_columns_follow_their_order(tmp_path):
+    forward = load_recipe(questions_recipe(tmp_path)).result_fingerprint()
+    backward = {"questions": dict(reversed(list(QUESTIONS.items())))}
+    assert load_recipe(questions_recipe(tmp_path, prompt=backward)).result_fingerprint() != forward
+
+
+@pytest.mark.parametrize(
+    ("prompt", "output", "message"),
+    [
+        ({"questions": {}}, {}, "`prompt.questions` is empty"),
+        ({"questions": {"a cat": "x?"}}, {}, "question name 'a cat' must be letters, digits and `_`"),
+        ({"questions": {"cat-2": "x?"}}, {}, "e.g. `cat_2`"),
+        ({"questions": {"": "x?"}}, {}, "question name ''"),
+        ({"questions": {"Cat": "x?", "cat": "y?"}}, {}, "differ only in case"),
+        ({"questions": {"a": "x?"}, "question": "{text}?"}, {}, "not both"),
+        ({"questions": {"a": "x {txt}?"}}, {}, "did you mean `{text}`"),
+        ({"questions": {"a": "{text} or {text}?"}}, {}, "more than once"),
+        ({"questions": {"a": "  "}}, {}, "`prompt.questions.a` is empty"),
+        ({"questions": {"a": {"question": "x?", "answers": ["A"]}}}, {}, "at least two answers"),
+        ({"questions": {"a": {"question": "x?", "answers": ["A", "A"]}}}, {}, "lists 'A' more than once"),
+        ({"questions": {"a": {"question": "x?", "answers": ["A", "B"], "positive": "Y"}}}, {}, "keep one of them"),
+        ({"questions": {"a": {"question": "x?", "positive": "N"}}}, {}, "must differ"),
+        (
+            {"questions": {"a": {"question": "x?", "answer": ["A", "B"]}}},
+            {},
+            "Did you mean `prompt.questions.a.answers`",
+        ),
+        ({"answers": ["A", "B"], "positive": "y"}, {}, "not both"),
+        ({"questions": {"a": "x?"}}, {"thresholds": {"b": 0.5}}, "`output.thresholds` names 'b'"),
+        ({"questions": {"a": {"question": "x?", "answers": ["A", "B"]}}}, {"thresholds": {"a": 0.5}}, "not a label"),
+        ({"questions": {"a": "x?"}}, {"thresholds": {"a": 1.5}}, "not a probability"),
+        ({}, {"thresholds": {"a": 0.5}}, "this recipe asks one question"),
+        ({"questions": {"x": "x?", "mass_x": "y?"}, "answers": ["A", "B"]}, {}, "both write a column `answer_mass_x`"),
+    ],
+)
+def test_a_malformed_question_set_is_one_paragraph_naming_the_key(tmp_path, prompt, output, message):
+    with pytest.raises(AnnotatorError) as error:
+        load_recipe(questions_recipe(tmp_path, prompt=prompt, output=output))
+    text = str(error.value)
+    assert message in text
+    assert "\n" not in text.strip()
+
+
+def test_a_question_name_given_twice_is_an_error_not_a_silent_overwrite(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text(
+        "name: r\ninput: {parquet: x.parquet}\nprompt:\n  questions:\n    cat: Is there a cat?\n"
+        "    dog: Is there a dog?\n    cat: Is there a cat, really?\n"
+    )
+    with pytest.raises(AnnotatorError, match=r"gives `prompt.questions.cat` twice \(lines 5 and 7\)"):
+        load_recipe(path)
+
+
+def test_question_names_yaml_reads_as_numbers_or_booleans_stay_the_written_text(tmp_path):
+    path = tmp_path / "n.yaml"
+    path.write_text("name: r\ninput: {parquet: x.parquet}\nprompt:\n  questions:\n    1: first?\n    yes: second?\n")
+    assert [q.name for q in load_recipe(path).questions] == ["1", "yes"]

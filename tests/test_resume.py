@@ -25,7 +25,7 @@ ROWS = 120
 
 def annotate(*args: str | Path) -> subprocess.Popen:
     """`annotate ...` in its own process, as a user would start it."""
-    command = [sys.executable, "-c", "from annotator.cli import app; app()", *map(str, args)]
+    command = [sys.executable, "-c", "from annotator.cli import main; main()", *map(str, args)]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -80,30 +80,54 @@ def assert_same_output(output: Path, reference) -> None:
     assert json.loads((output / "summary.json").read_text())["rows"] == ROWS
 
 
-def test_kill_9_at_random_instants_then_resume_is_exact(tmp_path, dataset, reference):
-    rng = random.Random(7)
+def wait_until(condition, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+@pytest.mark.slow
+def test_kill_9_from_the_first_instant_to_the_last_commit_then_resume_is_exact(tmp_path, dataset, reference):
+    """kill -9 in the first 100 ms, while starting up, right after the manifest (the model loading), after some
+    commits and around the last one; each time `annotate resume` (or `run` again when the folder holds no recipe
+    yet) goes on. The result is the uninterrupted run's, row for row and bit for bit."""
+    rng = random.Random(11)
+    limit = 30  # 5 windows of 6
     output = tmp_path / "killed"
-    process = annotate("run", make_recipe(tmp_path, dataset, "killed"), "--no-progress")
-    kills = 0
-    for _ in range(3):
-        # Kill once some windows are committed, at a random moment within the next window or two.
-        target = journal_lines(output) + rng.randint(1, 4)
-        deadline = time.monotonic() + 120
-        while journal_lines(output) < target and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(rng.uniform(0, 0.05))
-        if process.poll() is not None:
-            break
-        process.send_signal(signal.SIGKILL)
-        process.wait()
+    recipe = make_recipe(tmp_path, dataset, "killed")
+    last = limit // 6
+    instants = [
+        ("first 100 ms", lambda: True, rng.uniform(0, 0.1)),
+        ("starting up", lambda: True, rng.uniform(0.3, 2.0)),
+        ("model loading", lambda: (output / "manifest.json").exists(), rng.uniform(0, 0.2)),
+        ("after 2 commits", lambda: journal_lines(output) >= 2, rng.uniform(0, 0.05)),
+        ("around the last commit", lambda: journal_lines(output) >= last - 1, rng.uniform(0, 0.1)),
+    ]
+    killed = []
+    for when, ready, delay in instants:
+        started_with = "resume" if (output / "recipe.yaml").exists() else "run"
+        args = ("resume", output) if started_with == "resume" else ("run", recipe, "--limit", limit)
+        process = annotate(*args, "--no-progress")
+        wait_until(ready, process)
+        time.sleep(delay)
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            killed.append((when, started_with))
+        out, _ = process.communicate(timeout=120)
+        assert process.returncode in (0, -signal.SIGKILL), out
         if (output / "summary.json").exists():
-            break  # the kill came after the run had finished: nothing left to resume
-        kills += 1
-        process = annotate("resume", output, "--no-progress")
-    out, _ = process.communicate(timeout=300)
-    assert process.returncode in (0, -signal.SIGKILL), out
-    assert kills >= 2, "the run finished before it could be killed; make it longer"
-    assert_same_output(output, reference)
+            break
+    assert len(killed) >= 4, killed
+    if not (output / "summary.json").exists():
+        finish = annotate("resume", output, "--no-progress")
+        out, _ = finish.communicate(timeout=300)
+        assert finish.returncode == 0, out
+    table = read_output(output)
+    assert table.column("row_id").to_pylist() == list(range(limit)), "every row once, in order"
+    assert table.column("prob").to_pylist() == reference.column("prob").to_pylist()[:limit], "bit-identical"
+    assert table.column("caption").to_pylist() == reference.column("caption").to_pylist()[:limit]
+    assert not [p for p in (output / "data").iterdir() if p.name.startswith((".", "_"))]
+    assert not (output / ".previous-run").exists() and not (output / "lock").exists()
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
@@ -146,6 +170,26 @@ def test_resume_refuses_changed_input(tmp_path, dataset):
     pq.write_table(table.slice(1).append_column("extra", [list(range(ROWS - 1))]), own)
     result = invoke("resume", output, "--no-progress")
     assert result.exit_code == 1 and "input has changed" in result.output
+
+
+def test_resume_notices_an_edit_in_place_that_keeps_the_size_and_the_footer(tmp_path, dataset):
+    from annotator.sources import _footer_hash
+
+    own = tmp_path / "in.parquet"
+    shutil.copy(dataset, own)
+    assert invoke("run", make_recipe(tmp_path, own, "edited"), "--no-progress", "--limit", "12").exit_code == 0
+    output = interrupted_copy(tmp_path / "edited", tmp_path / "partial", keep_windows=1)
+    footer, size = _footer_hash(own), own.stat().st_size
+    time.sleep(0.01)
+    with open(own, "r+b") as f:  # one byte of a data page, far from the footer
+        f.seek(size // 2)
+        byte = f.read(1)
+        f.seek(size // 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    assert (_footer_hash(own), own.stat().st_size) == (footer, size)
+    result = invoke("resume", output, "--no-progress")
+    message = " ".join(result.output.split())
+    assert result.exit_code == 1 and "was modified (its time changed)" in message and "touch -d @" in message
 
 
 @pytest.mark.parametrize(
@@ -230,23 +274,23 @@ def test_run_into_an_unfinished_folder_points_to_resume(tmp_path, dataset, refer
 
 
 def test_a_live_lock_blocks_a_second_writer(tmp_path, dataset, reference_run):
-    output = interrupted_copy(reference_run, tmp_path / "partial", keep_windows=2)
-    import socket
+    from annotator.lease import HOST, Lease
 
-    (output / "lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
-    result = invoke("resume", output, "--no-progress")
-    assert result.exit_code == 1 and f"being written by process {os.getpid()}" in result.output
-    status = json.loads(invoke("status", output, "--json").output)
-    assert status["state"] == "running" and str(os.getpid()) in status["lock"]
+    output = interrupted_copy(reference_run, tmp_path / "partial", keep_windows=2)
+    with Lease(output / "lock"):
+        result = invoke("resume", output, "--no-progress")
+        message = " ".join(result.output.split())
+        assert result.exit_code == 1 and f"is in use: held by pid {os.getpid()} on {HOST} until" in message
+        status = json.loads(invoke("status", output, "--json").output)
+        assert status["state"] == "running" and f"held by pid {os.getpid()}" in status["lock"]
 
 
 def test_a_stale_lock_from_a_dead_process_is_taken_over(tmp_path, dataset, reference_run, reference):
-    output = interrupted_copy(reference_run, tmp_path / "partial", keep_windows=2)
-    import socket
+    from tests.test_lease import dead_pid, write_holder
 
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    (output / "lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    output = interrupted_copy(reference_run, tmp_path / "partial", keep_windows=2)
+    write_holder(output / "lock", pid=dead_pid())
+    assert json.loads(invoke("status", output, "--json").output)["state"] == "interrupted"
     assert invoke("resume", output, "--no-progress").exit_code == 0
     assert_same_output(output, reference)
 
@@ -272,3 +316,51 @@ def test_a_write_failure_is_resumable_and_leaves_nothing_half_written(tmp_path, 
     monkeypatch.setattr(annotator.sink.pq, "write_table", original)
     assert invoke("resume", output, "--no-progress").exit_code == 0
     assert_same_output(output, reference)
+
+
+QUESTIONS = {"text": "Related to {text}?", "cat": "A cat?", "kind": {"question": "Which?", "answers": ["A", "B"]}}
+
+
+@pytest.fixture(scope="module")
+def questions_run(tmp_path_factory, dataset, tiny_model_cache) -> Path:
+    """A finished run of three questions over the first 12 rows (two windows)."""
+    folder = tmp_path_factory.mktemp("questions")
+    recipe = write_recipe(
+        folder / "q.yaml",
+        dataset,
+        folder / "run",
+        prompt={"questions": QUESTIONS},
+        output={"thresholds": {"cat": 0.4}},
+        batching={"window": 6, "max_batch_size": 4, "workers": 0},
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ANNOTATOR_CACHE", str(tiny_model_cache))
+        assert invoke("run", recipe, "--no-progress", "--limit", "12").exit_code == 0
+    return folder / "run"
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "prompt.questions.cat.question=A dog?",
+        "prompt.questions.dog=A dog?",
+        "prompt.questions.kind.answers=[B, A]",
+        "output.thresholds.cat=0.5",
+        "prompt.questions.text=Related to {text}, really?",
+        "prompt.positive=y",
+    ],
+)
+def test_resume_refuses_a_changed_question_set(tmp_path, questions_run, override):
+    output = interrupted_copy(questions_run, tmp_path / "partial", keep_windows=1)
+    result = invoke("resume", output, "--set", override, "--no-progress")
+    assert result.exit_code == 1 and "change results" in result.output
+    assert len(read_output(output)) == 6, "nothing written"
+
+
+def test_a_resumed_run_of_questions_equals_the_uninterrupted_one(tmp_path, questions_run):
+    output = interrupted_copy(questions_run, tmp_path / "partial", keep_windows=1)
+    result = invoke("resume", output, "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert read_output(output).equals(read_output(questions_run))
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["questions"] == json.loads((questions_run / "summary.json").read_text())["questions"]

@@ -17,6 +17,17 @@ from annotator.sources import RowInput
 from tests.conftest import CAPTIONS, MIXED_SIZES, jpeg_bytes
 
 MIN_PIXELS, MAX_PIXELS = 3136, 56 * 56 * 4
+# Three kinds of question: one about the row's text, one without it, one choosing between three answers.
+QUESTIONS = {
+    "text": 'Is the image related to "{text}"? Answer Y or N.',
+    "cat": "Is there a cat in this image? Answer Y or N.",
+    "kind": {"question": "Is this a photo (A), a drawing (B) or a chart (C)?", "answers": ["A", "B", "C"]},
+}
+COLUMNS = {
+    "text": ("prob_text", "label_text", "answer_mass_text"),
+    "cat": ("prob_cat", "label_cat", "answer_mass_cat"),
+    "kind": ("probs_kind", "answer_kind", "answer_mass_kind"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +54,7 @@ def test_batched_equals_one_at_a_time(tiny, rows):
     batched_p, batched_m, batched_plan = score_rows(tiny, rows, max_batch_tokens=2000, max_batch_size=8)
     assert len(single_plan.batches) == len(rows)
     assert any(len(b) > 1 for b in batched_plan.batches), "the batched run must really batch"
-    assert len({len(r.text.ids) for b in batched_plan.batches for r in b}) > 1, "texts of several lengths"
+    assert len({len(r.text.ids[0]) for b in batched_plan.batches for r in b}) > 1, "texts of several lengths"
     assert len({r.grid for b in batched_plan.batches for r in b}) > 3, "images of several sizes"
     assert single_p.std() > 0.05, "the tiny model's answers must depend on the input, or equality proves nothing"
     np.testing.assert_allclose(batched_p, single_p, atol=1e-5, rtol=0)
@@ -75,13 +86,14 @@ def test_score_equals_the_models_own_processor_and_rope_path(tiny):
             use_cache=False,
         ).logits[0, -1]
     probs = logits.softmax(-1)
-    y, n = probs[builder.positive_id].item(), probs[builder.negative_id].item()
+    y, n = (probs[i].item() for i in builder.answer_ids[0])
     assert ours.prob == pytest.approx(y / (y + n), abs=1e-5)
     assert ours.answer_mass == pytest.approx(y + n, rel=1e-4)
 
 
-def test_out_of_memory_splits_the_batch_and_keeps_every_row(tiny, rows):
-    builder = PromptBuilder(tiny.tokenizer, PromptConfig())
+@pytest.mark.parametrize("prompt", [PromptConfig(), PromptConfig(questions=QUESTIONS)], ids=["one", "several"])
+def test_out_of_memory_splits_the_batch_and_keeps_every_row(tiny, rows, prompt):
+    builder = PromptBuilder(tiny.tokenizer, prompt)
     scorer = Scorer(tiny, builder)
     texts = builder.question_tokens([r.text for r in rows[:6]])
     plan = plan_window(rows[:6], texts, builder, MIN_PIXELS, MAX_PIXELS, 10**9, 10**6, 6)
@@ -97,7 +109,8 @@ def test_out_of_memory_splits_the_batch_and_keeps_every_row(tiny, rows):
     splits = []
     got = launch_splitting_on_oom(scorer, inputs, lambda: splits.append(1))()
     assert len(got) == len(inputs) and splits
-    np.testing.assert_allclose([s.prob for s in got], [s.prob for s in expected], atol=1e-5)
+    for q in range(len(builder.questions)):
+        np.testing.assert_allclose([s.probs[q] for s in got], [s.probs[q] for s in expected], atol=1e-5)
 
 
 def test_a_run_with_out_of_memory_batches_keeps_every_row(tmp_path, mixed_parquet, monkeypatch):
@@ -181,3 +194,86 @@ def test_a_lean_run_equals_a_transformers_run(tmp_path, mixed_parquet):
     for column in ("prob", "answer_mass"):
         np.testing.assert_allclose(lean.column(column).to_pylist(), reference.column(column).to_pylist(), atol=1e-5)
     assert len(fingerprints) == 1
+
+
+def test_each_question_of_a_run_equals_its_own_single_question_run(tmp_path, mixed_parquet):
+    """`annotate run` with three questions, and once per question: mixed image sizes, batched and bucketed."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from annotator.cli import app
+    from tests.conftest import read_output, write_recipe
+
+    def run(name: str, prompt: dict, output: dict | None = None):
+        batching = {"window": 16, "max_batch_size": 5, "max_batch_tokens": 1200}
+        path = write_recipe(
+            tmp_path / f"{name}.yaml",
+            mixed_parquet,
+            tmp_path / name,
+            prompt=prompt,
+            batching=batching,
+            output=output or {},
+        )
+        result = CliRunner().invoke(app, ["run", str(path), "--no-progress"], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        journal = (tmp_path / name / "journal" / "main.jsonl").read_text().splitlines()
+        padded = sum(json.loads(line)["padded_tokens"] > json.loads(line)["real_tokens"] for line in journal)
+        assert padded, "rows of several lengths must share batches"
+        return read_output(tmp_path / name)
+
+    together = run("together", {"questions": QUESTIONS}, {"thresholds": {"cat": 0.7}})
+    assert together.column("error").null_count == 16
+    for name, entry in QUESTIONS.items():
+        alone = run(name, {"questions": {name: entry}}, {"thresholds": {"cat": 0.7}} if name == "cat" else {})
+        first, decided, mass = COLUMNS[name]
+        got, want = np.array(together.column(first).to_pylist()), np.array(alone.column(first).to_pylist())
+        assert got.std() > 0.05, f"{name}: answers must vary, or equality proves nothing"
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(together.column(mass).to_pylist(), alone.column(mass).to_pylist(), rtol=1e-4)
+        assert together.column(decided).to_pylist() == alone.column(decided).to_pylist()
+    labels = np.array(together.column("prob_cat").to_pylist()) >= 0.7
+    assert together.column("label_cat").to_pylist() == labels.tolist(), "each question has its own threshold"
+    answers = np.array(["A", "B", "C"])[np.argmax(together.column("probs_kind").to_pylist(), axis=1)]
+    assert together.column("answer_kind").to_pylist() == answers.tolist()
+
+    # The question about the text, asked alone the way every run asked it before: today's columns, same values.
+    plain = run("plain", {"question": QUESTIONS["text"]})
+    np.testing.assert_allclose(together.column("prob_text").to_pylist(), plain.column("prob").to_pylist(), atol=1e-5)
+    assert plain.column_names[-5:] == ["prob", "label", "answer_mass", "error", "error_kind"]
+
+
+def test_k_answer_probs_are_the_softmax_of_those_tokens_logits_in_a_plain_forward(tiny, rows):
+    """Per question and row: softmax over its answers' logits of transformers' own forward on a plain sequence."""
+    questions = {**QUESTIONS, "digit": {"question": "Pick one: 1, 2, 3 or 4", "answers": ["1", "2", "3", "4"]}}
+    builder = PromptBuilder(tiny.tokenizer, PromptConfig(questions=questions))
+    texts = builder.question_tokens([r.text for r in rows[:5]])
+    inputs = []
+    for row, text in zip(rows[:5], texts, strict=True):
+        grid = grid_thw(*reversed(Image.open(io.BytesIO(row.image.data)).size), MIN_PIXELS, MAX_PIXELS)
+        inputs.append(ScoreInput(decode_resized(row.image, (grid[1] * 14, grid[2] * 14), 10**9), grid, text))
+    lean = Scorer(tiny, builder, "lean").score(inputs)
+    reference = Scorer(tiny, builder, "transformers").score(inputs)
+    from annotator.scoring import patchify
+
+    mean, std = torch.tensor(tiny.image_mean), torch.tensor(tiny.image_std)
+    for row, got, via_scorer in zip(inputs, lean, reference, strict=True):
+        pixels = patchify(torch.from_numpy(row.image), mean, std)
+        for q, answer_ids in enumerate(builder.answer_ids):
+            ids = torch.tensor([builder.sequence(row.grid[1] * row.grid[2] // 4, row.text, q)])
+            with torch.no_grad():
+                logits = tiny.model(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    mm_token_type_ids=(ids == builder.image_pad_id).long(),
+                    pixel_values=pixels,
+                    image_grid_thw=torch.tensor([row.grid]),
+                    use_cache=False,
+                ).logits[0, -1]
+            chosen = logits[list(answer_ids)]
+            np.testing.assert_allclose(got.probs[q], chosen.softmax(-1).numpy(), atol=1e-5)
+            np.testing.assert_allclose(via_scorer.probs[q], chosen.softmax(-1).numpy(), atol=1e-5)
+            mass = logits.softmax(-1)[list(answer_ids)].sum().item()
+            assert got.masses[q] == pytest.approx(mass, rel=1e-4)
+            assert len(got.probs[q]) == len(answer_ids)
+    assert np.std([s.probs[3][0] for s in lean]) > 0.01, "answers must vary, or equality proves nothing"

@@ -7,16 +7,20 @@ import pytest
 from typer.testing import CliRunner
 
 from annotator.cli import app
+from annotator.questions import resolve_questions
+from annotator.recipe import PromptConfig
+from annotator.scoring import Score
 from annotator.sink import output_schema, window_is_whole, window_table
 from tests.conftest import jpeg_bytes, write_dataset, write_recipe
 
 
 def test_error_kind_is_the_error_without_its_detail():
     image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    schema = output_schema(pa.schema([("image", image)]), "image")
+    questions = resolve_questions(PromptConfig())
+    schema = output_schema(pa.schema([("image", image)]), "image", questions)
     table = pa.table({"image": pa.array([None, None, None], image)})
     errors = [None, "decode: truncated image (image file is truncated (3 bytes not processed))", "text: empty"]
-    out = window_table(table, schema, 0, [0.5, None, None], [1.0, None, None], errors, 0.5)
+    out = window_table(table, schema, 0, [Score(((0.5, 0.5),), (1.0,)), None, None], errors, questions)
     assert out.column("error_kind").to_pylist() == [None, "decode: truncated image", "text: empty"]
     assert out.column("error").to_pylist() == errors, "the readable message is kept whole"
     assert b'"error_kind": {"dtype": "string"' in out.schema.metadata[b"huggingface"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 
 import numpy as np
@@ -15,6 +14,7 @@ from annotator.cli import app
 from annotator.fake_run import write_fake_run
 from annotator.status import run_status, session_rate
 from tests.conftest import read_output
+from tests.test_lease import write_holder
 
 runner = CliRunner()
 
@@ -29,8 +29,7 @@ def as_running(folder, keep: int, seconds_ago: float) -> None:
         record["session_started"] = now - seconds_ago
         record["committed_at"] = now - seconds_ago + (i + 1) * seconds_ago / (keep + 1)
     folder.journal_path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    lock = {"pid": os.getpid(), "host": socket.gethostname(), "since": now - seconds_ago - 5}
-    (folder.root / "lock").write_text(json.dumps(lock))
+    write_holder(folder.root / "lock", pid=os.getpid(), since=now - seconds_ago - 5)
 
 
 def test_a_running_job_has_an_eta_from_its_live_rate(tmp_path):
