@@ -77,6 +77,7 @@ class BenchConfig:
     baseline_pairs: int = 32
     attn_implementation: str = "sdpa"
     forward: str = "lean"
+    cuda_graphs: str = "auto"
     count_images: int = 64
     host: bool = True
     questions: int = 1
@@ -418,6 +419,7 @@ def bench_recipe(config: BenchConfig, parquet: Path, output_dir: Path) -> Any:
                 "max_pixels": config.max_pixels,
                 "attn_implementation": config.attn_implementation,
                 "forward": config.forward,
+                "cuda_graphs": config.cuda_graphs,
             },
             "batching": {
                 "max_batch_tokens": config.max_batch_tokens,
@@ -449,6 +451,8 @@ def run_bench(config: BenchConfig, console: Any) -> dict[str, Any]:
         recipe = bench_recipe(config, parquet, Path(tmp) / "out")
         console.print(f"bench: scoring {config.pairs} pairs with {config.model} (the real pipeline)...")
         result, annotator = run_pipeline(recipe, console)
+        graphs = annotator.scorer.graphs
+        result["graph_batches"] = dict(graphs.counts) if graphs is not None else None
         if config.host:
             result.update(host_figures(recipe, Path(tmp), synthetic, annotator.builder, console, config.pairs))
         result["question_cost"] = None
@@ -477,6 +481,7 @@ def run_bench(config: BenchConfig, console: Any) -> dict[str, Any]:
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "attn_implementation": recipe.model.attn_implementation,
         "forward": recipe.model.forward,
+        "cuda_graphs": recipe.model.cuda_graphs,
         "questions": len(recipe.questions),
         "sizes": [f"{i.name}:{i.weight}" for i in synthetic.images],
         "image_format": fmt.lower(),

@@ -172,7 +172,7 @@ class Annotator:
         committed = self.folder.committed()
         write_run_card(self.folder, recipe)
         self.progress.begin(committed.values())
-        self.scorer = Scorer(loaded, self.builder, recipe.model.forward)
+        self.scorer = Scorer(loaded, self.builder, recipe.model.forward, recipe.model.cuda_graphs)
         self.schema = output_schema(self.source.schema, recipe.input.image_column, recipe.questions)
         workers = resolve_workers(recipe.batching.workers)
         lookahead = max(2 * recipe.batching.max_batch_size, 8)
