@@ -1,8 +1,8 @@
 """The lean forward alone on one collated batch of seed-sized pairs: eager vs CUDA graphs, a profile, torch.compile.
 
-    python scripts/gpu_forward.py graphs [--batches 64,16,4]   # ms per batch, eager vs graph replay
-    python scripts/gpu_forward.py profile                      # vision / decoder split, top kernels (batch 64)
-    python scripts/gpu_forward.py compile                      # eager vs torch.compile (inductor), batch 64
+    python -m annotator.bench_forward graphs [--batches 64,16,4]   # ms per batch, eager vs graph replay
+    python -m annotator.bench_forward profile                      # vision / decoder split, top kernels (batch 64)
+    python -m annotator.bench_forward compile                      # eager vs torch.compile (inductor), batch 64
 
 `annotate bench` measures the pipeline; this isolates the model: the batch is collated once and stays on the
 device, so pairs/s here is the forward's own ceiling. qwen2-vl-2b-random in bfloat16 on a GPU, the tiny model
