@@ -77,6 +77,7 @@ class BenchConfig:
     baseline_pairs: int = 32
     attn_implementation: str = "sdpa"
     forward: str = "lean"
+    cuda_graphs: str = "auto"
     count_images: int = 64
     devices: str = ""  # several: the scaling benchmark (`bench_scaling.py`) instead
     window: int = 0  # rows per window of the scaling benchmark; 0: several windows per writer
@@ -421,6 +422,7 @@ def bench_recipe(config: BenchConfig, parquet: Path, output_dir: Path, devices: 
                 "max_pixels": config.max_pixels,
                 "attn_implementation": config.attn_implementation,
                 "forward": config.forward,
+                "cuda_graphs": config.cuda_graphs,
             },
             "batching": {
                 "max_batch_tokens": config.max_batch_tokens,
@@ -460,6 +462,8 @@ def run_bench(config: BenchConfig, console: Any) -> dict[str, Any]:
         console.print(f"bench: scoring {config.pairs} pairs with {config.model} (the real pipeline)...")
         result, annotator = run_pipeline(recipe, console)
         writer = annotator.executor.writer  # one device: the writer ran in this process
+        graphs = writer.scorer.graphs
+        result["graph_batches"] = dict(graphs.counts) if graphs is not None else None
         if config.host:
             result.update(host_figures(recipe, Path(tmp), synthetic, writer.builder, console, config.pairs))
         result["question_cost"] = None
@@ -488,6 +492,7 @@ def run_bench(config: BenchConfig, console: Any) -> dict[str, Any]:
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "attn_implementation": recipe.model.attn_implementation,
         "forward": recipe.model.forward,
+        "cuda_graphs": recipe.model.cuda_graphs,
         "questions": len(recipe.questions),
         "sizes": [f"{i.name}:{i.weight}" for i in synthetic.images],
         "image_format": fmt.lower(),

@@ -63,6 +63,11 @@ class ModelConfig(_Section):
         description="lean: annotator's own forward over the model's modules (no host sync, one attention call per"
         " layer; attn_implementation does not apply); transformers: the model's own forward. Same scores.",
     )
+    cuda_graphs: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Replay the lean forward from a CUDA graph per batch shape (GPU only; no effect on a CPU or with"
+        " forward: transformers). auto: where measured to win (docs/performance.md). Same scores.",
+    )
     min_pixels: int = Field(3136, ge=784)
     max_pixels: int = Field(307200, ge=784)
     jpeg_draft: bool = Field(
@@ -232,7 +237,7 @@ class Recipe(_Section):
         several = self.prompt.questions is not None or self.prompt.answers is not None
         settings = {
             "input": self.input.model_dump(exclude={"limit"}),
-            "model": self.model.model_dump(exclude={"device", "attn_implementation", "forward"}),
+            "model": self.model.model_dump(exclude={"device", "attn_implementation", "forward", "cuda_graphs"}),
             # A recipe of one Y/N question hashes as it did before questions existed, so its runs still resume.
             "prompt": self.prompt.model_dump(exclude=None if several else {"questions", "answers"}),
             "threshold": self.output.threshold,

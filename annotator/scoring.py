@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ import torch
 
 from annotator.batching import MERGE_SIZE, PATCH_SIZE, image_token_count
 from annotator.forward import LeanInputs, VisionLayout, image_token_index, lean_logits
+from annotator.graphs import LENGTH_STEP, GraphedForward, use_graphs
 from annotator.models import LoadedModel
 from annotator.prompt import PromptBuilder, TextTokens, rope_positions
 
@@ -70,10 +72,13 @@ class Scorer:
     `forward` is `lean` (`annotator.forward`: no host sync, one attention call per layer; with several questions,
     one vision pass per image and one pass over the shared prefix, each question after it) or `transformers` (the
     model's own `forward`, over a plain sequence per row and question: the reference); both use the same weights
-    and give the same scores.
+    and give the same scores. `cuda_graphs` (auto, on, off: `annotator.graphs`) replays the lean forward from CUDA
+    graphs on a GPU; then batches are left padded to a multiple of `LENGTH_STEP` tokens, so that their shapes recur.
     """
 
-    def __init__(self, loaded: LoadedModel, builder: PromptBuilder, forward: str = "lean") -> None:
+    def __init__(
+        self, loaded: LoadedModel, builder: PromptBuilder, forward: str = "lean", cuda_graphs: str = "auto"
+    ) -> None:
         if forward not in FORWARDS:
             raise ValueError(f"forward must be one of {FORWARDS}, not {forward!r}")
         self.loaded = loaded
@@ -91,6 +96,10 @@ class Scorer:
         padding = [[i >= len(ids) for i in range(widest)] for ids in answers]
         self.answer_padding = torch.tensor(padding, device=self.device)
         self.forward_hook: Callable[[int], None] | None = None  # tests use it to simulate OOM
+        self.graphs: GraphedForward | None = None
+        if use_graphs(cuda_graphs, forward, self.device):
+            self.graphs = GraphedForward(functools.partial(lean_logits, loaded.model), self.device)
+        self.length_step = LENGTH_STEP if self.graphs is not None else 1
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         return (tensor.pin_memory() if self.pin else tensor).to(self.device, non_blocking=True)
@@ -153,7 +162,7 @@ class Scorer:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Ids, real-token mask and 3-D positions of sequences left padded to the longest; `layouts` gives each
         one's grid and the lengths of its questions (with their tails) after the shared `<|vision_end|>`."""
-        length = max(len(s) for s in sequences)
+        length = -(-max(len(s) for s in sequences) // self.length_step) * self.length_step
         input_ids = np.full((len(sequences), length), self.builder.pad_id, dtype=np.int64)
         valid = np.zeros((len(sequences), length), dtype=bool)
         position_ids = np.zeros((3, len(sequences), length), dtype=np.int64)
@@ -176,7 +185,7 @@ class Scorer:
     def logits(self, batch: LeanInputs | dict[str, torch.Tensor]) -> torch.Tensor:
         """Last-position logits (rows, vocabulary) of a collated batch, by the chosen forward."""
         if isinstance(batch, LeanInputs):
-            return lean_logits(self.loaded.model, batch)
+            return lean_logits(self.loaded.model, batch) if self.graphs is None else self.graphs(batch)
         return self.loaded.model(**batch, use_cache=False, logits_to_keep=1).logits[:, -1, :]
 
     @torch.inference_mode()

@@ -1,0 +1,156 @@
+"""The lean forward alone on one collated batch of seed-sized pairs: eager vs CUDA graphs, a profile, torch.compile.
+
+    python -m annotator.bench_forward graphs [--batches 64,16,4]   # ms per batch, eager vs graph replay
+    python -m annotator.bench_forward profile                      # vision / decoder split, top kernels (batch 64)
+    python -m annotator.bench_forward compile                      # eager vs torch.compile (inductor), batch 64
+
+`annotate bench` measures the pipeline; this isolates the model: the batch is collated once and stays on the
+device, so pairs/s here is the forward's own ceiling. qwen2-vl-2b-random in bfloat16 on a GPU, the tiny model
+in float32 on a CPU (to check the script, not to time anything).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from annotator import forward
+from annotator.batching import grid_thw
+from annotator.graphs import LENGTH_STEP
+from annotator.models import load_model
+from annotator.prompt import PromptBuilder
+from annotator.recipe import PromptConfig
+from annotator.scoring import ScoreInput, Scorer
+
+ON_GPU = torch.cuda.is_available()
+CAPTION = "a photo of a cat sitting on a wooden table near the window"
+
+
+def sync() -> None:
+    if ON_GPU:
+        torch.cuda.synchronize()
+
+
+def seed_rows(builder: PromptBuilder, count: int) -> list[ScoreInput]:
+    """`count` pairs of random 756x476-sized images (grid 1x30x48 at max_pixels 307200) and one caption."""
+    grid = grid_thw(476, 756, 3136, 307200)
+    rng = np.random.default_rng(0)
+    text = builder.question_tokens([CAPTION])[0]
+    shape = (grid[1] * 14, grid[2] * 14, 3)
+    return [ScoreInput(rng.integers(0, 256, shape, dtype=np.uint8), grid, text) for _ in range(count)]
+
+
+def timed(run, repeats: int) -> tuple[float, float, float]:
+    """Median, min and max seconds of `run()` to the end of its device work."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), min(times), max(times)
+
+
+def describe(batch: int, seconds: tuple[float, float, float]) -> str:
+    median, low, high = seconds
+    return f"{1000 * median:.1f} ms/batch ({1000 * low:.1f}-{1000 * high:.1f}), {batch / median:.1f} pairs/s"
+
+
+def graphs(loaded, builder, batches: list[int]) -> None:
+    """Eager vs replayed graphs, both on batches padded to LENGTH_STEP: three warm-up calls, median of 10."""
+    for batch in batches:
+        rows = seed_rows(builder, batch)
+        line = {}
+        for setting in ("off", "on"):
+            scorer = Scorer(loaded, builder, "lean", setting)
+            scorer.length_step = LENGTH_STEP
+            inputs = scorer.collate(rows)
+            for _ in range(3):  # eager, then (graphs on) eager again and capture
+                scorer.logits(inputs)
+            line[setting] = describe(batch, timed(lambda s=scorer, i=inputs: s.logits(i), 10))
+            if scorer.graphs is not None:
+                line[setting] += f" {dict(scorer.graphs.counts)}"
+        print(f"forward alone, batch {batch}: {line}", flush=True)
+
+
+def profile(loaded, builder) -> None:
+    """GPU ms of the vision tower, embeddings + decoder and head (CUDA events), then the top kernels."""
+    model, text_model = loaded.model, loaded.model.model.language_model
+    scorer = Scorer(loaded, builder, "lean", "off")
+    inputs = scorer.collate(seed_rows(builder, 64 if ON_GPU else 2))
+
+    def stages() -> list[float] | None:
+        marks = [torch.cuda.Event(enable_timing=True) for _ in range(4)] if ON_GPU else []
+
+        def mark(stage: int) -> None:
+            if marks:
+                marks[stage].record()
+
+        mark(0)
+        features = forward.vision_features(model.model.visual, inputs.pixel_values, inputs.vision)
+        mark(1)
+        embeds = forward.embed(text_model, inputs.input_ids, inputs.image_index, features)
+        rotary = forward.rotary_tables(text_model, embeds, inputs.position_ids)
+        hidden, _ = forward.decode(text_model, embeds, forward.question_mask(inputs.segments, embeds.dtype), rotary)
+        mark(2)
+        forward.head(model, hidden, inputs.answer_index)
+        mark(3)
+        sync()
+        return [round(marks[i].elapsed_time(marks[i + 1]), 1) for i in range(3)] if marks else None
+
+    for _ in range(3):
+        stages()
+    for _ in range(3):
+        print("GPU ms: vision tower, embeddings + decoder, head:", stages(), flush=True)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if ON_GPU:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        stages()
+    sort = "self_cuda_time_total" if ON_GPU else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=90))
+
+
+def compiled(loaded, builder) -> None:
+    """Eager vs `torch.compile(lean_logits)` (inductor: elementwise ops fused), and how far P(Y) moves."""
+    scorer = Scorer(loaded, builder, "lean", "off")
+    batch = 64 if ON_GPU else 2
+    inputs = scorer.collate(seed_rows(builder, batch))
+    eager = forward.lean_logits(loaded.model, inputs)
+    print("eager:", describe(batch, timed(lambda: forward.lean_logits(loaded.model, inputs), 5)), flush=True)
+    fused = torch.compile(forward.lean_logits, fullgraph=True, dynamic=False)
+    start = time.perf_counter()
+    out = fused(loaded.model, inputs)
+    sync()
+    print(f"compile + first call: {time.perf_counter() - start:.1f} s", flush=True)
+    print("compiled:", describe(batch, timed(lambda: fused(loaded.model, inputs), 10)), flush=True)
+    answers = list(builder.answer_ids[0])  # Y, N
+    p_eager, p_fused = (x.float()[:, answers].softmax(-1)[:, 0] for x in (eager, out))
+    moved = float((p_eager - p_fused).abs().max())
+    print(f"max |P(Y) eager - compiled| {moved:.4f}, P(Y) std {float(p_eager.std()):.4f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["graphs", "profile", "compile"])
+    parser.add_argument("--batches", default="64,16,4", help="batch sizes for `graphs`")
+    args = parser.parse_args()
+    loaded = load_model("qwen2-vl-2b-random" if ON_GPU else "tiny", None, "auto", "auto", "sdpa")
+    builder = PromptBuilder(loaded.tokenizer, PromptConfig())
+    with torch.inference_mode():
+        if args.what == "graphs":
+            graphs(loaded, builder, [int(b) for b in args.batches.split(",")])
+        elif args.what == "profile":
+            profile(loaded, builder)
+        else:
+            compiled(loaded, builder)
+    if ON_GPU:
+        print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GB")
+
+
+if __name__ == "__main__":
+    main()
