@@ -19,7 +19,7 @@ import yaml
 from annotator.images import image_kind
 from annotator.recipe import validate_recipe
 from annotator.scores import JOURNAL_BINS, histogram
-from annotator.sink import RunFolder, output_schema, window_table
+from annotator.sink import RunFolder, answer_counts, output_schema, window_table
 
 ERRORS = ["decode: truncated image (image file is truncated)", "image: missing (null)", "text: empty"]
 WORDS = ["a", "the", "cat", "dog", "photo", "of", "on", "in", "with", "red", "blue", "small", "large", "street"]
@@ -45,8 +45,12 @@ def write_fake_run(
     seed: int = 0,
     threshold: float = 0.5,
     error_share: float = 0.01,
+    prompt: dict[str, Any] | None = None,
+    thresholds: dict[str, float] | None = None,
 ) -> RunFolder:
-    """A finished run of `rows` rows (or one row per entry of `probs`, None meaning an error row)."""
+    """A finished run of `rows` rows (or one row per entry of `probs`, None meaning an error row). `prompt` (e.g.
+    `{"questions": {...}}`) asks other questions than the one Y/N question; `probs` are then its first question's
+    P(first answer), the other answers and questions drawn at random."""
     rng = np.random.default_rng(seed)
     if probs is not None:
         rows = len(probs)
@@ -56,13 +60,15 @@ def write_fake_run(
             "input": {"parquet": str(root / "input-not-kept.parquet")},
             "model": {"name": "tiny"},
             "batching": {"window": window},
-            "output": {"dir": str(root), "threshold": threshold},
+            "output": {"dir": str(root), "threshold": threshold, "thresholds": thresholds or {}},
+            **({"prompt": prompt} if prompt else {}),
         }
     )
+    questions = recipe.questions
     folder = RunFolder(root)
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     source_schema = pa.schema([("image", image_type), ("caption", pa.string())])
-    schema = output_schema(source_schema, "image", recipe.questions)
+    schema = output_schema(source_schema, "image", questions)
     card = {"license": None, "dataset": None, "split": "train"}
     manifest = {"window": window, "total_rows": rows, "limit": None, "result_fingerprint": "synthetic",
                 "input_fingerprint": [], "input_card": card}  # fmt: skip
@@ -86,20 +92,18 @@ def write_fake_run(
                 "caption": [" ".join(rng.choice(WORDS, 6)) for _ in range(n)],
             }
         )
-        # What `scoring.Score` holds (not imported: it would import torch), for the one Y/N question.
-        scores = [
-            None if v is None else SimpleNamespace(probs=((v, 1 - v),), masses=(m,))
-            for v, m in zip(chunk, masses, strict=True)
-        ]
-        out = window_table(table, schema, start, scores, errors, recipe.questions)
+        scores = _scores(chunk, masses, questions, rng)
+        out = window_table(table, schema, start, scores, errors, questions)
         scored = sum(v is not None for v in chunk)
         record = {
             "start": start, "rows": n, "scored": scored, "errors": n - scored,
             "error_kinds": dict(Counter(image_kind(e) for e in errors if e)), "truncated_texts": 0,
             "real_tokens": 400 * n, "padded_tokens": 410 * n, "seconds": 1.0, "committed_at": started + index + 1,
-            "positives": sum(bool(v) for v in out.column("label").to_pylist()),
-            "histograms": {"prob": histogram(out.column("prob"), JOURNAL_BINS)}, "limit": None,
-            "session_started": started,
+            **answer_counts(out, questions),
+            "histograms": {
+                q.column("prob"): histogram(out.column(q.column("prob")), JOURNAL_BINS) for q in questions if q.yes_no
+            },
+            "limit": None, "session_started": started,
         }  # fmt: skip
         folder.write_window(index, out, record)
     from annotator.run import summarize
@@ -110,6 +114,26 @@ def write_fake_run(
     summary.update({"session_seconds": seconds, "rows_per_s": round(rows / seconds, 3)})
     folder.write_summary(summary)
     return folder
+
+
+def _scores(
+    chunk: list[float | None], masses: list[float | None], questions: list, rng: np.random.Generator
+) -> list[SimpleNamespace | None]:
+    """What `scoring.Score` holds (not imported: it would import torch): the first question's P(first answer) is
+    the row's value in `chunk`, every other question's answers are drawn at random."""
+    scores: list[SimpleNamespace | None] = []
+    for value, mass in zip(chunk, masses, strict=True):
+        if value is None:
+            scores.append(None)
+            continue
+        probs = []
+        for q, question in enumerate(questions):
+            first = value if q == 0 else float(np.float32(rng.beta(0.6, 0.6)))
+            others = len(question.answers) - 1
+            rest = [1 - first] if others == 1 else (rng.dirichlet(np.ones(others)) * (1 - first)).tolist()
+            probs.append((first, *rest))
+        scores.append(SimpleNamespace(probs=tuple(probs), masses=(mass,) * len(questions)))
+    return scores
 
 
 def bench_reading(rows: int, console: Any) -> dict[str, Any]:
