@@ -212,9 +212,9 @@ def _scan_question(
     if len(flat) != len(rows) * len(question.answers):
         raise AnnotatorError(
             f"column {first!r} does not hold {len(question.answers)} probabilities in every scored row, as this run "
-            "writes it: the run folder was changed. Re-run with --overwrite to write it again."
+            "writes it: the run folder was changed."
         )
-    confidence = flat.reshape(len(rows), -1)[np.arange(len(rows)), index]
+    confidence = flat.reshape(len(rows), len(question.answers))[np.arange(len(rows)), index]
     for i, answer in enumerate(question.answers):
         mine = rows[index == i]
         qf.answers[answer] += len(mine)
