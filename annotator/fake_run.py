@@ -121,38 +121,53 @@ def _scores(
 ) -> list[SimpleNamespace | None]:
     """What `scoring.Score` holds (not imported: it would import torch): the first question's P(first answer) is
     the row's value in `chunk`, every other question's answers are drawn at random."""
-    scores: list[SimpleNamespace | None] = []
-    for value, mass in zip(chunk, masses, strict=True):
-        if value is None:
-            scores.append(None)
-            continue
-        probs = []
-        for q, question in enumerate(questions):
-            first = value if q == 0 else float(np.float32(rng.beta(0.6, 0.6)))
-            others = len(question.answers) - 1
-            rest = [1 - first] if others == 1 else (rng.dirichlet(np.ones(others)) * (1 - first)).tolist()
-            probs.append((first, *rest))
-        scores.append(SimpleNamespace(probs=tuple(probs), masses=(mass,) * len(questions)))
-    return scores
+    n = len(chunk)
+    per_question = []
+    for q, question in enumerate(questions):
+        first = np.array([0.0 if v is None else v for v in chunk]) if q == 0 else rng.beta(0.6, 0.6, n)
+        first = first.astype(np.float32).astype(np.float64)
+        others = len(question.answers) - 1
+        rest = (1 - first)[:, None] * (rng.dirichlet(np.ones(others), n) if others > 1 else np.ones((n, 1)))
+        per_question.append(np.column_stack([first, rest]).tolist())
+    return [
+        None
+        if value is None
+        else SimpleNamespace(probs=tuple(tuple(p[i]) for p in per_question), masses=(mass,) * len(questions))
+        for i, (value, mass) in enumerate(zip(chunk, masses, strict=True))
+    ]
 
 
-def bench_reading(rows: int, console: Any) -> dict[str, Any]:
-    """Seconds (and seconds per million rows) for status, report and export --top-fraction on `rows` rows."""
+def bench_reading(rows: int, console: Any, questions: int = 1) -> dict[str, Any]:
+    """Seconds (and seconds per million rows) for status, report and export on `rows` rows asked `questions`
+    questions: `export --top-fraction 0.3` of the one Y/N question, else `export --where` over two questions."""
     from annotator.export import export_run
     from annotator.report import write_report
     from annotator.status import run_status
 
+    prompt = None
+    if questions > 1:
+        asked: dict[str, Any] = {f"q{i}": f"Question {i}?" for i in range(1, questions)}
+        prompt = {"questions": {**asked, "kind": {"question": "Which kind?", "answers": ["A", "B", "C"]}}}
     with tempfile.TemporaryDirectory(prefix="annotate-bench-report-") as tmp:
-        console.print(f"bench-report: writing a synthetic run of {rows:,} rows...")
-        folder = write_fake_run(Path(tmp) / "run", rows=rows)
+        console.print(f"bench-report: writing a synthetic run of {rows:,} rows, {questions} question(s)...")
+        folder = write_fake_run(Path(tmp) / "run", rows=rows, prompt=prompt)
         size = sum(f.stat().st_size for f in folder.data_files())
         timings = {}
+        kept = Path(tmp) / "kept"
+        export = (
+            ("export_top_fraction", lambda: export_run(folder.root, kept, None, None, None, "", 10**4, 0.3))
+            if prompt is None
+            else (
+                "export_where",
+                lambda: export_run(
+                    folder.root, kept, None, None, None, "", 10**4, None, "prob_q1 >= 0.7 and answer_kind == 'A'"
+                ),
+            )
+        )
         steps = {
             "status": lambda: run_status(folder.root),
             "report": lambda: write_report(folder.root, Path(tmp) / "report.html"),
-            "export_top_fraction": lambda: export_run(
-                folder.root, Path(tmp) / "kept", None, None, None, "", 10**4, 0.3
-            ),
+            export[0]: export[1],
         }
         for name, step in steps.items():
             console.print(f"bench-report: {name}...")
@@ -160,7 +175,8 @@ def bench_reading(rows: int, console: Any) -> dict[str, Any]:
             step()
             timings[name] = time.perf_counter() - started
         page = (Path(tmp) / "report.html").stat().st_size
-    result: dict[str, Any] = {"rows": rows, "data_mb": round(size / 2**20, 1), "report_kb": round(page / 2**10, 1)}
+    result: dict[str, Any] = {"rows": rows, "questions": questions, "data_mb": round(size / 2**20, 1),
+                              "report_kb": round(page / 2**10, 1)}  # fmt: skip
     for name, seconds in timings.items():
         result[f"{name}_s"] = round(seconds, 2)
         result[f"{name}_s_per_million_rows"] = round(seconds / rows * 1e6, 2)

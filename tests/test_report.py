@@ -196,9 +196,10 @@ def _exported_ids(command: str) -> list[int]:
 
 
 def _splitting_cut(probs: list[float | None]) -> int:
-    """A slider position k (threshold k/100) that keeps some scored rows and drops others."""
+    """A slider position k (threshold k/100) that keeps some scored rows and drops others, with a row in bin k
+    itself (at k/100 or just above), so a slider that counts from the wrong bin is off."""
     scored = [p for p in probs if p is not None]
-    kept = {k: sum(p >= k / 100 for p in scored) for k in range(1, 100)}
+    kept = {int(p * 100): sum(q >= int(p * 100) / 100 for q in scored) for p in scored if 0.01 <= p < 1}
     return min(kept, key=lambda k: abs(kept[k] - len(scored) / 2))
 
 
