@@ -404,7 +404,11 @@ def yes_no_section(
             f'(<span data-positives="{question.name}" data-value="{qf.positives}">{qf.positives:,}</span> rows). '
             "Move the threshold to see what it keeps.</p>"
         )
-        note = f"Combine questions with --where, e.g. <code>--where {esc(_shell(combined))}</code>."
+        note = (
+            f"Combine questions with --where, e.g. <code>--where {esc(_shell(combined))}</code>."
+            if others
+            else "--where also takes <code>and</code>, <code>or</code>, <code>not</code> and the other columns."
+        )
     html_ = "".join(
         [
             head,
