@@ -269,7 +269,7 @@ def export_card(
     split: str,
     rule: str,
     counts: dict[str, int],
-    prob_histogram: list[int] | None,
+    summary: dict[str, Any],
 ) -> Any:
     """An export's README.md: where the rows come from, why they were kept, the histogram, how to load them."""
     from huggingface_hub import DatasetCard
@@ -295,8 +295,12 @@ def export_card(
         f"| errors | {counts['errors']} row(s) could not be scored: never kept, they are among the rejected |",
         f"| this folder | the {counts[which]} {which} rows |",
     ]
-    if prob_histogram is not None:
-        body += ["", "`prob` over every row of the run:", "", *histogram_block(prob_histogram, None)]
+    if summary.get("prob_histogram") is not None:
+        body += ["", "`prob` over every row of the run:", "", *histogram_block(summary["prob_histogram"], None)]
+    for name, question in _per_question(summary) if summary.get("prob_histogram") is None else []:
+        if question.get("prob_histogram") is not None:
+            histogram = histogram_block(question["prob_histogram"], None)
+            body += ["", f"`prob_{name}` over every row of the run:", "", *histogram]
     body += ["", *usage(root.name, split, _first_label(recipe)), ""]
     data = _card_data(recipe, info, counts[which], f"data/{split}-*", split)
     return DatasetCard(f"---\n{data.to_yaml()}\n---\n" + "\n".join(body))

@@ -498,12 +498,16 @@ def report(
 @user_errors
 def bench_report(
     rows: Annotated[int, typer.Option(help="Rows of the synthetic run.")] = 1_000_000,
+    questions: Annotated[
+        int, typer.Option(min=1, max=26, help="Questions per row (K > 1: K-1 yes/no and one of three answers).")
+    ] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Time `report`, `status` and `export --top-fraction` on a synthetic finished run of ROWS rows."""
+    """Time `report`, `status` and `export --top-fraction` (`--where` with several questions) on a synthetic
+    finished run of ROWS rows."""
     from annotator.fake_run import bench_reading
 
-    _print_result(bench_reading(rows, console), as_json, "annotate bench-report")
+    _print_result(bench_reading(rows, console, questions), as_json, "annotate bench-report")
 
 
 def _print_result(result: dict[str, Any], as_json: bool, title: str) -> None:

@@ -255,14 +255,14 @@ def export_run(
         rest = ShardWriter(rejected, out_schema, rows_per_shard, split) if rejected is not None else None
         writers += [rest] if rest is not None else []
         counts = _stream(files, [records[w] for w in sorted(records)], schema, row_filter, drop, kept, rest)
-        histogram = summarize(folder)["prob_histogram"]
+        summary = summarize(folder)
         for which, writer in (("kept", kept), ("rejected", rest)):
             if writer is not None:
                 writer.close()
                 rule = (
                     f"rows with {row_filter.describe()}" if which == "kept" else f"rows without {row_filter.describe()}"
                 )
-                card = export_card(recipe, info, writer.root, which, split, rule, counts, histogram)
+                card = export_card(recipe, info, writer.root, which, split, rule, counts, summary)
                 card.save(writer.root / "README.md")
     except OSError as exc:
         for writer in writers:

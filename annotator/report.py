@@ -1,10 +1,11 @@
 """`annotate report`: one self-contained HTML page of a run, read in two streaming passes of bounded memory.
 
-Pass 1 reads the score columns only (row_id, prob, label, answer_mass, error, error_kind), batch by batch:
+Pass 1 reads the score columns only (row_id, error, error_kind and each question's columns), batch by batch:
 counts, histograms, error kinds with a sample each, and the rows for each thumbnail grid, chosen as the k
-smallest of a key (-prob, prob, |prob - threshold|, a hash of row_id for the random sample) with ties to the
-lower row_id. Pass 2 reads the image and text columns of the files holding a chosen row, and stops in each
-file after its last chosen row. Thumbnails are small JPEGs inlined as base64.
+smallest of a key (-prob, prob, |prob - threshold| of a Y/N question, -P(answer) of the rows choosing each answer
+of a question with answers, a hash of row_id for the random sample) with ties to the lower row_id. Pass 2 reads
+the image and text columns of the files holding a chosen row, and stops in each file after its last chosen row.
+Thumbnails are small JPEGs inlined as base64.
 """
 
 from __future__ import annotations
@@ -25,19 +26,20 @@ import yaml
 
 from annotator.errors import AnnotatorError
 from annotator.images import ImageRef, decode_resized, header_size, image_kind, read_path
+from annotator.questions import Question
+from annotator.recipe import validate_recipe
 from annotator.scores import histogram
 from annotator.sink import RunFolder
 
 THUMBNAIL_PX = 160
 HISTOGRAM_BINS = 100
-SCORE_COLUMNS = ["row_id", "prob", "label", "answer_mass", "error"]
-GRIDS = {
+YES_NO_GRIDS = {
     "positives": "Most confident positives",
     "threshold": "Nearest the threshold",
     "negatives": "Most confident negatives",
-    "random": "Random sample",
-    "errors": "Rows with an error",
 }
+SHARED_GRIDS = {"random": "Random sample", "errors": "Rows with an error"}
+GRIDS = {**YES_NO_GRIDS, **SHARED_GRIDS}  # the grids of a run of the single Y/N question, in page order
 
 
 class BottomK:
@@ -76,62 +78,90 @@ class Pick:
 
     row_id: int
     where: int  # file index << 32 | row offset in the file
-    prob: float | None = None
-    label: bool | None = None
-    answer_mass: float | None = None
+    scores: dict[str, Any] = field(default_factory=dict)  # every question's columns: prob_cat, answer_kind, ...
     error: str | None = None
     text: str | None = None
     thumbnail: str | None = None  # a data: URI, or None when the image cannot be shown
 
 
 @dataclass
-class RunFacts:
-    """Everything the page shows, gathered from the run folder."""
+class QuestionFacts:
+    """What one question's columns hold over the run: a Y/N question's prob histogram and labels, or the rows that
+    chose each answer of a question with answers; the answer_mass histogram of either."""
 
-    rows: int = 0
-    scored: int = 0
-    errors: int = 0
+    question: Question
     positives: int = 0
     ones: int = 0  # rows with prob exactly 1: the last histogram bin alone cannot tell them apart
     prob_histogram: list[int] = field(default_factory=lambda: [0] * HISTOGRAM_BINS)
     mass_histogram: list[int] = field(default_factory=lambda: [0] * HISTOGRAM_BINS)
+    answers: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.question.yes_no:
+            self.answers = dict.fromkeys(self.question.answers, 0)
+
+    def grids(self) -> dict[str, str]:
+        """{grid key: title} of this question's thumbnail grids; keys end in `_<name>` for a named question."""
+        if self.question.yes_no:
+            return {self.question.column(base): title for base, title in YES_NO_GRIDS.items()}
+        return {self.question.column(f"answer{i}"): f"Answered {a!r}" for i, a in enumerate(self.question.answers)}
+
+
+@dataclass
+class RunFacts:
+    """Everything the page shows, gathered from the run folder."""
+
+    questions: list[QuestionFacts]
+    rows: int = 0
+    scored: int = 0
+    errors: int = 0
     error_kinds: Counter = field(default_factory=Counter)
     error_samples: dict[str, Pick] = field(default_factory=dict)
     grids: dict[str, list[Pick]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def single(self) -> QuestionFacts | None:
+        """The question of a run that asks one unnamed Y/N question (`prompt.question`), else None."""
+        first = self.questions[0]
+        return first if len(self.questions) == 1 and first.question.yes_no and not first.question.name else None
+
+    @property
+    def positives(self) -> int:
+        return self.questions[0].positives
+
+    @property
+    def prob_histogram(self) -> list[int]:
+        return self.questions[0].prob_histogram
 
 
 def _where(file_index: int, offsets: np.ndarray) -> np.ndarray:
     return (np.int64(file_index) << np.int64(32)) | offsets.astype(np.int64)
 
 
-def scan_scores(files: list[Path], threshold: float, k: int) -> tuple[RunFacts, dict[str, BottomK]]:
+def score_columns(questions: list[Question]) -> list[str]:
+    """The columns pass 1 reads: row_id, every question's, error (error_kind too when the files have it)."""
+    return ["row_id", *(c for q in questions for c in q.columns), "error"]
+
+
+def scan_scores(files: list[Path], questions: list[Question], k: int) -> tuple[RunFacts, dict[str, BottomK]]:
     """Pass 1: counts, histograms, error kinds and the rows of each grid, from the score columns alone."""
-    facts = RunFacts()
-    picks = {name: BottomK(k) for name in GRIDS}
+    facts = RunFacts([QuestionFacts(q) for q in questions])
+    picks = {key: BottomK(k) for qf in facts.questions for key in qf.grids()}
+    picks.update({name: BottomK(k) for name in SHARED_GRIDS})
     first_error_of: dict[str, tuple[int, int, str]] = {}
     for file_index, path in enumerate(files):
         parquet = pq.ParquetFile(path)
         kind_column = ["error_kind"] if "error_kind" in parquet.schema_arrow.names else []
         offset = 0
-        for batch in parquet.iter_batches(batch_size=1 << 16, columns=SCORE_COLUMNS + kind_column):
+        for batch in parquet.iter_batches(batch_size=1 << 16, columns=score_columns(questions) + kind_column):
             n = batch.num_rows
             ids = batch.column("row_id").to_numpy(zero_copy_only=False).astype(np.int64)
             where = _where(file_index, np.arange(offset, offset + n))
-            prob = batch.column("prob")
-            scored = pc.is_valid(prob).to_numpy(zero_copy_only=False)
-            p = pc.fill_null(prob, 0.0).to_numpy(zero_copy_only=False).astype(np.float64)
-            label = pc.fill_null(batch.column("label"), False).to_numpy(zero_copy_only=False)
             facts.rows += n
-            facts.scored += int(scored.sum())
-            facts.positives += int(label.sum())
-            facts.ones += int((scored & (p >= 1.0)).sum())
-            facts.prob_histogram = _plus(facts.prob_histogram, histogram(prob, HISTOGRAM_BINS))
-            facts.mass_histogram = _plus(facts.mass_histogram, histogram(batch.column("answer_mass"), HISTOGRAM_BINS))
-            positive, negative = scored & label, scored & ~label
-            picks["positives"].offer(-p[positive], ids[positive], where[positive])
-            picks["negatives"].offer(p[negative], ids[negative], where[negative])
-            picks["threshold"].offer(np.abs(p[scored] - threshold), ids[scored], where[scored])
+            facts.scored += n - batch.column(questions[0].columns[0]).null_count
+            for qf in facts.questions:
+                _scan_question(qf, batch, ids, where, picks)
             picks["random"].offer(spread_hash(ids), ids, where)
             failed = np.flatnonzero(pc.is_valid(batch.column("error")).to_numpy(zero_copy_only=False))
             facts.errors += len(failed)
@@ -153,6 +183,44 @@ def scan_scores(files: list[Path], threshold: float, k: int) -> tuple[RunFacts, 
     return facts, picks
 
 
+def _scan_question(
+    qf: QuestionFacts, batch: pa.RecordBatch, ids: np.ndarray, where: np.ndarray, picks: dict[str, BottomK]
+) -> None:
+    """One question's columns of a batch: its histograms and counts, and the rows offered to its grids."""
+    question = qf.question
+    first, decided, mass = question.columns
+    qf.mass_histogram = _plus(qf.mass_histogram, histogram(batch.column(mass), HISTOGRAM_BINS))
+    if question.yes_no:
+        prob = batch.column(first)
+        scored = pc.is_valid(prob).to_numpy(zero_copy_only=False)
+        p = pc.fill_null(prob, 0.0).to_numpy(zero_copy_only=False).astype(np.float64)
+        label = pc.fill_null(batch.column(decided), False).to_numpy(zero_copy_only=False)
+        qf.positives += int(label.sum())
+        qf.ones += int((scored & (p >= 1.0)).sum())
+        qf.prob_histogram = _plus(qf.prob_histogram, histogram(prob, HISTOGRAM_BINS))
+        positive, negative = scored & label, scored & ~label
+        picks[question.column("positives")].offer(-p[positive], ids[positive], where[positive])
+        picks[question.column("negatives")].offer(p[negative], ids[negative], where[negative])
+        picks[question.column("threshold")].offer(np.abs(p[scored] - question.threshold), ids[scored], where[scored])
+        return
+    # The answer the sink chose (the first of equal probs) and its probability: the rows most sure of each answer.
+    chosen = pc.index_in(batch.column(decided), value_set=pa.array(question.answers, pa.string()))
+    rows = np.flatnonzero(pc.is_valid(chosen).to_numpy(zero_copy_only=False))
+    index = pc.drop_null(chosen).to_numpy(zero_copy_only=False).astype(np.int64)
+    probs = pc.take(batch.column(first), pa.array(rows, pa.int64()))
+    flat = pc.list_flatten(probs).to_numpy(zero_copy_only=False).astype(np.float64)
+    if len(flat) != len(rows) * len(question.answers):
+        raise AnnotatorError(
+            f"column {first!r} does not hold {len(question.answers)} probabilities in every scored row, as this run "
+            "writes it: the run folder was changed."
+        )
+    confidence = flat.reshape(len(rows), len(question.answers))[np.arange(len(rows)), index]
+    for i, answer in enumerate(question.answers):
+        mine = rows[index == i]
+        qf.answers[answer] += len(mine)
+        picks[question.column(f"answer{i}")].offer(-confidence[index == i], ids[mine], where[mine])
+
+
 def _plus(total: list[int], counts: list[int]) -> list[int]:
     return [a + b for a, b in zip(total, counts, strict=True)]
 
@@ -166,26 +234,38 @@ def _picks_in_order(name: str, chosen: BottomK, facts: RunFacts) -> list[Pick]:
     return picks
 
 
-def fill_picks(files: list[Path], picks: list[Pick], recipe: dict[str, Any], base_dirs: list[tuple[int, str]]) -> None:
+def fill_picks(
+    files: list[Path],
+    picks: list[Pick],
+    recipe: dict[str, Any],
+    questions: list[Question],
+    base_dirs: list[tuple[int, str]],
+) -> None:
     """Pass 2: scores, text and a thumbnail for each chosen row, reading only files that hold one."""
     image_column = recipe["input"]["image_column"]
-    query = recipe["prompt"].get("query")
-    text_column = None if query else recipe["input"]["text_column"]
+    uses_text = any("{text}" in q.text for q in questions)
+    query = recipe["prompt"].get("query") if uses_text else None
+    scores = score_columns(questions)[1:-1]
     max_pixels = recipe["input"]["max_image_pixels"]
     by_file: dict[int, dict[int, list[Pick]]] = {}
     for pick in picks:
         by_file.setdefault(pick.where >> 32, {}).setdefault(pick.where & 0xFFFFFFFF, []).append(pick)
     for file_index, wanted in sorted(by_file.items()):
-        columns = [image_column, *SCORE_COLUMNS[1:]] + ([text_column] if text_column else [])
+        parquet = pq.ParquetFile(files[file_index])
+        # The row's text: the fixed query, else its text column when the input has one (a question may not use it).
+        text_column = None if query else recipe["input"]["text_column"]
+        text_column = text_column if text_column in parquet.schema_arrow.names else None
+        columns = [image_column, *scores, "error"] + ([text_column] if text_column else [])
         last, offset = max(wanted), 0
-        for batch in pq.ParquetFile(files[file_index]).iter_batches(batch_size=64, columns=columns):
+        for batch in parquet.iter_batches(batch_size=64, columns=columns):
             for row in set(wanted) & set(range(offset, offset + batch.num_rows)):
                 values = {name: batch.column(name)[row - offset].as_py() for name in columns}
+                shown = thumbnail(values[image_column], _base_dir(wanted[row][0].row_id, base_dirs), max_pixels)
                 for pick in wanted[row]:
-                    pick.prob, pick.label = values["prob"], values["label"]
-                    pick.answer_mass, pick.error = values["answer_mass"], values["error"]
-                    pick.text = query if query else values[text_column]
-                    pick.thumbnail = thumbnail(values[image_column], _base_dir(pick.row_id, base_dirs), max_pixels)
+                    pick.scores = {name: values[name] for name in scores}
+                    pick.error = values["error"]
+                    pick.text = query if query else values[text_column] if text_column else None
+                    pick.thumbnail = shown
             offset += batch.num_rows
             if offset > last:
                 break  # the rest of the file holds no chosen row: its images are never read
@@ -268,15 +348,16 @@ def throughput(records: list[dict[str, Any]]) -> dict[str, Any]:
 def gather(folder: RunFolder, k: int) -> tuple[RunFacts, dict[str, Any]]:
     """Both passes over a run folder; returns the facts and the frozen recipe."""
     recipe = yaml.safe_load(folder.recipe_path.read_text(encoding="utf-8"))
+    questions = validate_recipe(recipe, str(folder.recipe_path)).questions
     records = folder.committed()
     files = [folder.window_file(index) for index in sorted(records)]
     started = time.perf_counter()
-    facts, chosen = scan_scores(files, recipe["output"]["threshold"], k)
+    facts, chosen = scan_scores(files, questions, k)
     facts.seconds["scores"] = time.perf_counter() - started
-    facts.grids = {name: _picks_in_order(name, chosen[name], facts) for name in GRIDS}
+    facts.grids = {name: _picks_in_order(name, picked, facts) for name, picked in chosen.items()}
     every_pick = [p for grid in facts.grids.values() for p in grid] + list(facts.error_samples.values())
     started = time.perf_counter()
-    fill_picks(files, every_pick, recipe, input_base_dirs(recipe))
+    fill_picks(files, every_pick, recipe, questions, input_base_dirs(recipe))
     facts.seconds["thumbnails"] = time.perf_counter() - started
     return facts, recipe
 

@@ -243,6 +243,8 @@ def test_where_keeps_the_rows_of_an_expression_over_several_questions(questions_
         "Related to {text}?",
         "`A` / `B` / `C`",
         "`answer_kind` (the most likely)",
+        "`prob_cat` over every row of the run:",
+        "`prob_text` over every row of the run:",
     ):
         assert fact in card, fact
 

@@ -159,3 +159,186 @@ def test_report_of_an_unfinished_run_and_refusals(run_with_errors, tmp_path):
     assert list(RunFolder(partial).committed()) == [0]
     result = invoke("report", tmp_path)
     assert result.exit_code == 1 and "is not a run folder" in result.output
+
+
+BARS = "return [...document.querySelectorAll(arguments[0] + ' .linear .bar')].map(b => Number(b.dataset.count))"
+
+
+def _page_numbers(browser: Chromium, questions) -> dict[str, object]:
+    """What the page draws for each question: bar counts of its histograms, its answer bars, its sections."""
+    shown: dict[str, object] = {}
+    for q in questions:
+        suffix = f"-{q.name}" if q.name else ""
+        shown[q.column("answer_mass")] = browser.run(BARS, f"#mass-histogram{suffix}")
+        if q.yes_no:
+            shown[q.column("prob")] = browser.run(BARS, f"#prob-histogram{suffix}")
+    shown["answers"] = browser.run(
+        "return Object.fromEntries([...document.querySelectorAll('[data-answer]')]"
+        ".map(e => [e.dataset.answer, Number(e.dataset.value)]))"
+    )
+    shown["sections"] = browser.run("return [...document.querySelectorAll('section[id]')].map(s => s.id)")
+    return shown
+
+
+def _move_slider(browser: Chromium, suffix: str, k: int) -> tuple[int, str]:
+    """Set a question's threshold slider to k/100 as a user would; the rows it says it keeps and its command."""
+    return browser.run(
+        "const s = document.getElementById('cut' + arguments[0]); s.value = arguments[1];"
+        "s.dispatchEvent(new Event('input'));"
+        "return [Number(document.getElementById('cut-readout' + arguments[0]).dataset.kept),"
+        " document.getElementById('cut-command' + arguments[0]).textContent]",
+        suffix,
+        k,
+    )
+
+
+def _exported_ids(command: str) -> list[int]:
+    """Run an `annotate export ...` command the page proposes, as written; the row ids it exported."""
+    import shlex
+
+    words = shlex.split(command)
+    assert words[:2] == ["annotate", "export"], command
+    result = invoke(*words[1:])
+    assert result.exit_code == 0, result.output
+    target = Path(words[words.index("--to") + 1])
+    return pq.read_table(target / "data", columns=["row_id"]).column("row_id").to_pylist()
+
+
+def _splitting_cut(probs: list[float | None]) -> int:
+    """A slider position k (threshold k/100) that keeps some scored rows and drops others, with a row in bin k
+    itself (at k/100 or just above), so a slider that counts from the wrong bin is off."""
+    scored = [p for p in probs if p is not None]
+    kept = {int(p * 100): sum(q >= int(p * 100) / 100 for q in scored) for p in scored if 0.01 <= p < 1}
+    return min(kept, key=lambda k: abs(kept[k] - len(scored) / 2))
+
+
+@pytest.mark.skipif(binaries() is None, reason="needs Debian's chromium and chromium-driver")
+def test_report_of_several_questions_speaks_per_question(questions_run, tmp_path):
+    from annotator.recipe import load_recipe
+    from annotator.scores import histogram
+
+    questions = load_recipe(questions_run / "recipe.yaml").questions
+    table = read_output(questions_run)
+    scored = [r for r in table.to_pylist() if r["error"] is None]
+    result = invoke("report", questions_run, "--out", tmp_path / "report.html")
+    assert result.exit_code == 0, result.output
+    moved: dict[str, tuple[int, int, str]] = {}
+    with Chromium(tmp_path / "profile") as browser:
+        browser.open((tmp_path / "report.html").resolve().as_uri())
+        shown = _page_numbers(browser, questions)
+        at_threshold = {q.name: _move_slider(browser, f"-{q.name}", round(q.threshold * 100)) for q in questions[::2]}
+        for q in questions:
+            if q.yes_no:
+                k = _splitting_cut(table.column(q.column("prob")).to_pylist())
+                moved[q.name] = (k, *_move_slider(browser, f"-{q.name}", k))
+        browser.screenshot(tmp_path / "report.png")
+        images = browser.run("return [...document.images].map(i => i.complete && i.naturalWidth > 0)")
+        warning = browser.run("return document.querySelectorAll('.warning').length")
+        log = browser.console()
+    assert [entry for entry in log if entry["level"] in ("SEVERE", "WARNING")] == [], log
+    assert [q.name for q in questions] == ["cat", "kind", "text"] and questions[0].threshold == 0.6
+    sections = shown["sections"]
+    for q in questions:
+        grids = [f"grid-{b}_{q.name}" for b in ("positives", "threshold", "negatives")] if q.yes_no else [
+            f"grid-answer{i}_{q.name}" for i in range(len(q.answers))
+        ]  # fmt: skip
+        assert f"question-{q.name}" in sections and set(grids) <= set(sections), (q.name, sections)
+        assert shown[q.column("answer_mass")] == histogram(table.column(q.column("answer_mass")), 100)
+        if q.yes_no:
+            assert shown[q.column("prob")] == histogram(table.column(q.column("prob")), 100)
+        else:
+            counts = {f"{q.name}:{a}": sum(r[q.column("answer")] == a for r in scored) for a in q.answers}
+            assert shown["answers"] == counts and sum(counts.values()) == len(scored)
+    for shared in ("questions", "grid-random", "grid-errors", "errors", "model", "recipe"):
+        assert sections.count(shared) == 1, shared
+    assert "cut-section" not in sections and warning == 0
+    assert all(images) and len(images) >= 8, "thumbnails of every question's grids"
+    # Each slider starts at its own threshold, where it keeps exactly the rows the run labelled.
+    for name, (kept, command) in at_threshold.items():
+        positives = [r["row_id"] for r in scored if r[f"label_{name}"]]
+        assert kept == len(positives) and command.endswith(
+            f'--where "prob_{name} >= {0.6 if name == "cat" else 0.5:.2f}"'
+        )
+    # The command a moved slider proposes, run as written, exports exactly the rows the page says it keeps.
+    for name, (k, kept, command) in moved.items():
+        expected = [r["row_id"] for r in scored if r[f"prob_{name}"] >= k / 100]
+        assert 0 < len(expected) < len(scored), "the cut must split the rows, or the test proves nothing"
+        assert f'--where "prob_{name} >= {k / 100:.2f}"' in command and kept == len(expected)
+        assert _exported_ids(command) == expected
+
+
+@pytest.mark.skipif(binaries() is None, reason="needs Debian's chromium and chromium-driver")
+def test_report_of_one_question_with_answers_speaks_per_answer(tmp_path):
+    from collections import Counter
+
+    from annotator.recipe import load_recipe
+    from annotator.scores import histogram
+
+    prompt = {"question": "Which of A, B, C or D is {text}?", "answers": ["A", "B", "C", "D"]}
+    folder = write_fake_run(tmp_path / "run", rows=400, window=64, prompt=prompt, seed=5)
+    (question,) = load_recipe(folder.recipe_path).questions
+    table = read_output(folder.root)
+    counts = Counter(a for a in table.column("answer").to_pylist() if a is not None)
+    assert invoke("report", folder.root, "--out", tmp_path / "report.html", "--thumbnails", "4").exit_code == 0
+    with Chromium(tmp_path / "profile") as browser:
+        browser.open((tmp_path / "report.html").resolve().as_uri())
+        shown = _page_numbers(browser, [question])
+        command = browser.run("return document.querySelector('#question-answers code.command').textContent")
+        top = browser.run("return document.querySelector('[data-stat=top_answer]').dataset.value")
+        images = browser.run("return [...document.images].map(i => i.complete && i.naturalWidth > 0)")
+        warning = browser.run("return document.querySelectorAll('.warning').length")
+        log = browser.console()
+    assert [entry for entry in log if entry["level"] in ("SEVERE", "WARNING")] == [], log
+    assert shown["answers"] == {f":{a}": counts[a] for a in "ABCD"} and len(counts) == 4
+    assert shown["answer_mass"] == histogram(table.column("answer_mass"), 100)
+    sections = shown["sections"]
+    assert {"question-answers", *(f"grid-answer{i}" for i in range(4)), "grid-random", "grid-errors"} <= set(sections)
+    assert "questions" not in sections and "cut-section" not in sections and warning == 0
+    errors = len(table) - table.column("error").null_count
+    assert all(images) and len(images) == 4 * 5 + min(errors, 4), "four thumbnails per answer, random sample, errors"
+    most = counts.most_common(1)[0][0]
+    assert top == most and f"""--where "answer == '{most}'\"""" in command
+    rows = table.to_pylist()
+    assert _exported_ids(command) == [r["row_id"] for r in rows if r["error"] is None and r["answer"] == most]
+
+
+def test_grids_of_several_questions_are_exactly_each_questions_rows(tmp_path):
+    from collections import Counter
+
+    rng = np.random.default_rng(4)
+    firsts: list[float | None] = [float(v) for v in rng.choice([0.2, 0.4, 0.4, 0.5, 0.7, 0.7, 1.0], 200)]
+    for i in rng.choice(200, 20, replace=False):
+        firsts[i] = None
+    prompt = {"questions": {"kind": {"question": "Which?", "answers": ["A", "B", "C"]}, "cat": "A cat?", "dog": "Dog?"}}
+    folder = write_fake_run(tmp_path / "run", window=32, probs=firsts, prompt=prompt, thresholds={"cat": 0.3})
+    facts, _ = gather(folder, k=6)
+    rows = read_output(folder.root).to_pylist()
+    scored = [r for r in rows if r["error"] is None]
+
+    def best(rows, key):
+        return [r["row_id"] for r in sorted(rows, key=lambda r: (key(r), r["row_id"]))[:6]]
+
+    assert [qf.question.name for qf in facts.questions] == ["kind", "cat", "dog"]
+    kind, cat, dog = facts.questions
+    for qf, threshold in ((cat, 0.3), (dog, 0.5)):
+        name = qf.question.name
+        assert qf.question.threshold == threshold and qf.positives == sum(r[f"label_{name}"] for r in scored)
+        expected = {
+            "positives": best([r for r in scored if r[f"label_{name}"]], lambda r, c=f"prob_{name}": -r[c]),
+            "negatives": best([r for r in scored if not r[f"label_{name}"]], lambda r, c=f"prob_{name}": r[c]),
+            "threshold": best(scored, lambda r, c=f"prob_{name}", t=threshold: abs(r[c] - t)),
+        }
+        for base, ids in expected.items():
+            assert [p.row_id for p in facts.grids[f"{base}_{name}"]] == ids, (name, base)
+    assert kind.answers == {a: Counter(r["answer_kind"] for r in scored)[a] for a in "ABC"}
+    for i, answer in enumerate("ABC"):
+        chose = [r for r in scored if r["answer_kind"] == answer]
+        ids = best(chose, lambda r, i=i: -r["probs_kind"][i])
+        assert [p.row_id for p in facts.grids[f"answer{i}_kind"]] == ids and ids, answer
+    assert sum(r["probs_kind"][0] == 1.0 for r in scored) > 6, "ties in answer A's grid: the lower row_id wins"
+    for pick in facts.grids["answer0_kind"]:
+        assert pick.scores["answer_kind"] == "A" and pick.thumbnail.startswith("data:image/jpeg;base64,")
+    assert (facts.rows, facts.scored, facts.errors) == (200, 180, 20)
+    assert set(facts.grids) == {f"{b}_{n}" for b in ("positives", "threshold", "negatives") for n in ("cat", "dog")} | {
+        "answer0_kind", "answer1_kind", "answer2_kind", "random", "errors"
+    }  # fmt: skip
