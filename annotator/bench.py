@@ -79,6 +79,9 @@ class BenchConfig:
     forward: str = "lean"
     cuda_graphs: str = "auto"
     count_images: int = 64
+    devices: str = ""  # several: the scaling benchmark (`bench_scaling.py`) instead
+    window: int = 0  # rows per window of the scaling benchmark; 0: several windows per writer
+    ray: bool = False  # the scaling benchmark also on Ray actors
     host: bool = True
     questions: int = 1
 
@@ -404,7 +407,7 @@ def run_baseline(loaded: Any, recipe: Any, synthetic: SyntheticPairs, pairs: int
     return pairs / (time.perf_counter() - start)
 
 
-def bench_recipe(config: BenchConfig, parquet: Path, output_dir: Path) -> Any:
+def bench_recipe(config: BenchConfig, parquet: Path, output_dir: Path, devices: str = "auto") -> Any:
     from annotator.recipe import validate_recipe
 
     workers: int | str = int(config.workers) if config.workers.isdigit() else config.workers
@@ -427,6 +430,7 @@ def bench_recipe(config: BenchConfig, parquet: Path, output_dir: Path) -> Any:
                 "workers": workers,
             },
             "output": {"dir": str(output_dir)},
+            "engine": {"devices": devices},
             **({"prompt": {"questions": dict(BENCH_QUESTIONS[: config.questions])}} if config.questions > 1 else {}),
         },
         source="annotate bench options",
@@ -448,22 +452,29 @@ def run_bench(config: BenchConfig, console: Any) -> dict[str, Any]:
         synthetic = SyntheticPairs(synthetic_images(sizes, fmt), synthetic_captions())
         parquet = Path(tmp) / "pairs.parquet"
         write_pairs(parquet, synthetic, config.pairs)
+        if config.devices:
+            from annotator.bench_scaling import run_scaling
+            from annotator.executors import resolve_devices
+
+            devices = resolve_devices(bench_recipe(config, parquet, Path(tmp) / "out", config.devices))
+            return {"model": config.model, **run_scaling(config, parquet, devices, console)}
         recipe = bench_recipe(config, parquet, Path(tmp) / "out")
         console.print(f"bench: scoring {config.pairs} pairs with {config.model} (the real pipeline)...")
         result, annotator = run_pipeline(recipe, console)
-        graphs = annotator.scorer.graphs
+        writer = annotator.executor.writer  # one device: the writer ran in this process
+        graphs = writer.scorer.graphs
         result["graph_batches"] = dict(graphs.counts) if graphs is not None else None
         if config.host:
-            result.update(host_figures(recipe, Path(tmp), synthetic, annotator.builder, console, config.pairs))
+            result.update(host_figures(recipe, Path(tmp), synthetic, writer.builder, console, config.pairs))
         result["question_cost"] = None
         if config.questions > 1:
             console.print(f"bench: {config.questions} questions against one, on the same images (best of {REPEATS})...")
             one = bench_recipe(replace(config, questions=1), parquet, Path(tmp) / "out")
-            result["question_cost"] = measure_question_cost(annotator.scorer.loaded, one, recipe)
-    loaded, m = annotator.scorer.loaded, recipe.model
+            result["question_cost"] = measure_question_cost(writer.scorer.loaded, one, recipe)
+    loaded, m = writer.scorer.loaded, recipe.model
     console.print("bench: preprocessing rate per core (best of 3)...")
-    mean, std = annotator.scorer.mean.cpu(), annotator.scorer.std.cpu()
-    result.update(measure_preprocessing(synthetic, annotator.builder, mean, std, m.min_pixels, m.max_pixels))
+    mean, std = writer.scorer.mean.cpu(), writer.scorer.std.cpu()
+    result.update(measure_preprocessing(synthetic, writer.builder, mean, std, m.min_pixels, m.max_pixels))
     baseline = None
     if config.baseline:
         console.print(f"bench: naive loop, {config.baseline_pairs} pairs one at a time...")
@@ -536,7 +547,7 @@ def run_pipeline(recipe: Any, console: Any) -> tuple[dict[str, Any], Any]:
 
     from annotator.plan import Architecture, forward_flops
     from annotator.preprocess import resolve_workers
-    from annotator.run import prepare_run
+    from annotator.start import prepare_run
 
     folder, source = prepare_run(recipe, overwrite=True)
     if torch.cuda.is_available():
@@ -544,14 +555,15 @@ def run_pipeline(recipe: Any, console: Any) -> tuple[dict[str, Any], Any]:
     annotator = _timed_annotator()(recipe, folder, source, console, progress=False, fresh=True)
     summary = annotator.run()
     finished = time.perf_counter()
-    loaded = annotator.scorer.loaded
+    writer = annotator.executor.writer
+    loaded = writer.scorer.loaded
     on_gpu = loaded.device.type == "cuda"
     peak_mem = round(torch.cuda.max_memory_allocated(loaded.device) / 2**30, 2) if on_gpu else None
     loop_start = finished - summary["session_seconds"]
 
     arch = Architecture.from_config(loaded.model.config)
     questions = len(recipe.questions)
-    rows = planned_rows(recipe, annotator.builder)
+    rows = planned_rows(recipe, writer.builder)
     flops = [forward_flops(r.grid, r.length, arch, questions)["total"] for r in rows]
     flops_per_pair = statistics.fmean(flops) if flops else None
     real_tokens = sum(r["real_tokens"] for r in folder.committed().values())

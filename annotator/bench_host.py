@@ -39,11 +39,12 @@ def _host_annotator():
     from annotator.images import ImageRef
     from annotator.preprocess import ImageJob
     from annotator.run import Annotator
+    from annotator.writer import WindowScorer
 
-    class HostAnnotator(Annotator):
-        """The real run, counting main-process CPU outside the forward pass, and what its workers spend."""
+    class HostScorer(WindowScorer):
+        """The real writer, counting its process's CPU outside the forward pass, and what its workers spend."""
 
-        def _loop(self, windows, stop, lookahead) -> None:
+        def _loop(self, lookahead) -> None:
             self.forward_cpu_s = 0.0
             self._time_forward()
             self._warm_up()
@@ -51,7 +52,7 @@ def _host_annotator():
             self.workers_before = worker_usage(self.pids)
             self.counts_before = self.preprocessor.counts.copy()
             self.cpu_before = _process_cpu_s()
-            super()._loop(windows, stop, lookahead)
+            super()._loop(lookahead)
             self.main_cpu_s = _process_cpu_s() - self.cpu_before - self.forward_cpu_s
             self.workers_after = worker_usage(self.pids)
             self.counts_after = self.preprocessor.counts.copy()
@@ -93,6 +94,14 @@ def _host_annotator():
                 if cpu == previous:
                     break
 
+    class HostAnnotator(Annotator):
+        """The real run, with its one writer in this process counting what the host spends (`HostScorer`)."""
+
+        def _executor(self) -> Any:
+            executor = super()._executor()
+            executor.scorer_class = HostScorer  # one device: a writer in a thread of this process
+            return executor
+
     return HostAnnotator
 
 
@@ -100,7 +109,7 @@ def host_run(recipe: Any, console: Any) -> dict[str, Any]:
     """One run of the real pipeline, with one torch thread so that the forward's CPU is all on the main thread."""
     import torch
 
-    from annotator.run import prepare_run
+    from annotator.start import prepare_run
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -111,14 +120,15 @@ def host_run(recipe: Any, console: Any) -> dict[str, Any]:
     finally:
         torch.set_num_threads(threads)
     pairs = summary["session_rows"]
-    counts = annotator.counts_after - annotator.counts_before
+    writer = annotator.executor.writer
+    counts = writer.counts_after - writer.counts_before
     images = counts["images_shared"] + counts["images_piped"]
-    worker_cpu = annotator.workers_after[0] - annotator.workers_before[0]
-    piped = annotator.workers_after[1] - annotator.workers_before[1]
+    worker_cpu = writer.workers_after[0] - writer.workers_before[0]
+    piped = writer.workers_after[1] - writer.workers_before[1]
     shared = counts["encoded_bytes_shared"] + counts["decoded_bytes_shared"]
     return {
         "pairs": pairs,
-        "main_cpu_ms_per_pair": round(1000 * annotator.main_cpu_s / pairs, 3) if pairs else None,
+        "main_cpu_ms_per_pair": round(1000 * writer.main_cpu_s / pairs, 3) if pairs else None,
         "worker_cpu_ms_per_image": round(1000 * worker_cpu / images, 2) if images else None,
         "pipe_bytes_per_image": round(piped / images) if images else None,
         "shared_bytes_per_image": round(shared / images) if images else None,

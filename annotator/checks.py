@@ -33,6 +33,7 @@ def check_run(recipe: Recipe, loads_model: bool = True) -> CheckedRun:
     With `loads_model` (run, resume) a Hub model that cannot be had (the Hub unreachable, the cache without it) is
     an error here too, before anything is written; `plan` goes on without it.
     """
+    from annotator.executors import check_engine
     from annotator.folder import check_target
     from annotator.models import check_attention, check_device, check_model_name, hub_access, load_tokenizer
     from annotator.prompt import PromptBuilder
@@ -52,6 +53,9 @@ def check_run(recipe: Recipe, loads_model: bool = True) -> CheckedRun:
     if tokenizer is not None:
         # answers that are not one token, a tokenizer that is not Qwen2-VL's
         PromptBuilder(tokenizer, recipe.prompt, recipe.questions)
+    if loads_model or recipe.engine.devices != "auto":
+        # Last: on Ray this joins or starts it, which only a run whose every other setting holds should do.
+        check_engine(recipe)  # devices that exist, or a Ray that can place the writers
     return CheckedRun(source, schema, tokenizer, why)
 
 

@@ -61,6 +61,23 @@ SetOption = Annotated[
 ]
 
 
+DevicesOption = Annotated[
+    str | None,
+    typer.Option(
+        "--devices",
+        help="One writer per device of this machine, e.g. cuda:0,cuda:1 or cpu,cpu (recipe `engine.devices`; "
+        "runs locally, whatever `engine.kind` says).",
+    ),
+]
+
+
+def device_overrides(devices: str | None) -> list[str]:
+    """`--devices a,b` as recipe overrides: those devices, on this machine, and no single `model.device`."""
+    if devices is None:
+        return []
+    return [f"engine.devices={devices}", "engine.kind=local", "model.device=auto"]
+
+
 class LogFormat(str, Enum):
     text = "text"
     json = "json"
@@ -226,11 +243,12 @@ def run(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run in the output folder.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress (a bar, or log lines when not a terminal).")] = True,
     log_format: LogFormatOption = LogFormat.text,
+    devices: DevicesOption = None,
 ) -> None:
     """Run a recipe into its output folder."""
     from annotator.run import run_recipe
 
-    overrides = [*(set_ or []), *([f"input.limit={limit}"] if limit is not None else [])]
+    overrides = [*(set_ or []), *([f"input.limit={limit}"] if limit is not None else []), *device_overrides(devices)]
     _print_summary(run_recipe(str(recipe), overrides, overwrite, console, progress, log_format.value))
 
 
@@ -242,15 +260,16 @@ def resume(
     set_: SetOption = None,
     progress: Annotated[bool, typer.Option(help="Show progress (a bar, or log lines when not a terminal).")] = True,
     log_format: LogFormatOption = LogFormat.text,
+    devices: DevicesOption = None,
 ) -> None:
-    """Continue an interrupted run exactly where its committed windows end.
+    """Continue an interrupted run exactly where its committed windows end, with any engine or devices.
 
     Grow a finished pilot with --set input.limit=M (or =null for every row): its committed full windows are kept.
     """
     from annotator.run import resume_run
 
     root = str(output_dir) if output_dir else None
-    _print_summary(resume_run(root, set_ or [], console, progress, log_format.value))
+    _print_summary(resume_run(root, [*(set_ or []), *device_overrides(devices)], console, progress, log_format.value))
 
 
 @app.command()
@@ -334,7 +353,23 @@ def status(
     if result["next"]:
         table.add_row("next", escape(result["next"]))
     stdout.print(table)
+    _print_writers(result["writers"])
     _print_scores(result)
+
+
+def _print_writers(writers: list[dict]) -> None:
+    """The latest session's writers: one row each (host, device, windows, rows/s, heartbeat, state)."""
+    if not writers:
+        return
+    table = Table(title="writers (latest session)")
+    columns = ("host", "device", "windows", "rows", "rows_per_s", "heartbeat", "state")
+    for column in columns:
+        table.add_column(column)
+    for w in writers:
+        beat = f"{w['heartbeat_s_ago']:g} s ago" if w["heartbeat_s_ago"] is not None else "-"
+        rate = "-" if w["rows_per_s"] is None else f"{w['rows_per_s']:,.1f}"
+        table.add_row(w["host"], w["device"], str(w["windows"]), str(w["rows"]), rate, beat, w["state"])
+    stdout.print(table)
 
 
 @app.command("make-tiny-model")
@@ -369,9 +404,21 @@ def bench(
     baseline: Annotated[bool, typer.Option(help="Also time the naive one-pair-at-a-time loop.")] = False,
     baseline_pairs: Annotated[int, typer.Option(help="Pairs for the naive loop.")] = 32,
     host: Annotated[bool, typer.Option(help="Also count host CPU per pair and bytes per image (more runs).")] = True,
+    devices: Annotated[
+        str,
+        typer.Option(help="Several devices (cuda:0,cuda:1 or cpu,cpu): scaling efficiency of one writer each vs one."),
+    ] = "",
+    window: Annotated[int, typer.Option(help="Rows per window with --devices (0: several windows per writer).")] = 0,
+    ray: Annotated[
+        bool, typer.Option(help="With --devices: also as many Ray actors, with Ray's start-up cost.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Throughput benchmark on synthetic images: pairs/s, tokens/s, padding, MFU, memory, preprocessing rate."""
+    """Throughput benchmark on synthetic images: pairs/s, tokens/s, padding, MFU, memory, preprocessing rate.
+
+    With --devices: pairs/s of one writer and of one writer per device, their scaling efficiency, the coordinator's
+    CPU per window, and (--ray) Ray's start-up cost.
+    """
     from annotator.bench import BenchConfig, run_bench
 
     result = run_bench(
@@ -394,6 +441,9 @@ def bench(
             baseline=baseline,
             baseline_pairs=baseline_pairs,
             host=host,
+            devices=devices,
+            window=window,
+            ray=ray,
         ),
         console,
     )

@@ -60,6 +60,11 @@ class HFSource:
         else:
             self.total_rows = min(available, config.limit) if config.limit else available
 
+    @property
+    def seekable(self) -> bool:
+        """Whether `windows(size, first)` starts at `first` without reading the rows before it."""
+        return not self.hf.streaming or self._parquet is not None
+
     def fingerprint(self) -> dict[str, Any]:
         """The dataset's identity: settings, the resolved revision (hub commit), and every data file.
 

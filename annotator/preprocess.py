@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
@@ -104,7 +105,8 @@ def _start_worker(ring: RingHandle | MappedRing | None, parent: int, tune_malloc
 def _die_with(parent: int) -> None:
     """Linux: the kernel kills this worker when the main process dies, even by kill -9, so none is left behind.
 
-    The kernel watches the thread that started the worker: the run's main thread, which lives as long as the run.
+    The kernel watches the thread that started the worker: the writer's loop (`Preprocessor`'s user), which closes
+    the pool before it ends.
     """
     # A worker left behind would wait on the job queue forever (each holds the queue's write end too).
     if not sys.platform.startswith("linux"):  # elsewhere: a thread that leaves once the parent is gone
@@ -156,6 +158,7 @@ def _exit_with(parent: int) -> None:
 # A second Ctrl-C kills the pool and exits without its cleanup; multiprocessing's resource tracker then removes
 # the pool's semaphores itself and would print a warning about them. It starts with our -W options: hush that one.
 TRACKER_QUIET = "ignore:resource_tracker:UserWarning"
+CHECK_S = 0.2  # how often a wait that may be long (an image, a window) looks whether the run was told to stop
 
 
 def _new_pool(workers: int, ring: ImageRing | None = None, tune_malloc: bool = True) -> ProcessPoolExecutor:
@@ -260,15 +263,19 @@ class Preprocessor:
     def in_flight(self) -> int:
         return len(self._pending)
 
-    def result(self, ticket: int) -> np.ndarray | str:
-        """The ticket's image or error. Earlier tickets must have been collected: the timeout counts from here."""
+    def result(self, ticket: int, check: Callable[[], None] | None = None) -> np.ndarray | str:
+        """The ticket's image or error. Earlier tickets must have been collected: the timeout counts from here.
+
+        `check` is called every `CHECK_S` while the image is not ready: it may raise to give up waiting (a writer
+        told to stop, in a thread that no signal reaches).
+        """
         if self.workers == 0:
             return prepare_image(self._pending.pop(ticket)[0].job)
         task, chunk = self._pending[ticket]
         if chunk.future is None:  # it never ran; the restart submits it first, being the oldest ticket
             self._restart()
         try:
-            outcome = chunk.future.result(timeout=self.timeout_s)[chunk.tickets.index(ticket)]
+            outcome = self._wait(chunk.future, check)[chunk.tickets.index(ticket)]
         except (FutureTimeout, BrokenProcessPool) as failure:
             if len(chunk.tickets) > 1:  # which of its jobs hung or crashed is unknown: each goes on alone
                 for other in chunk.tickets:
@@ -276,7 +283,7 @@ class Preprocessor:
                         alone = self._pending[other][0]
                         self._pending[other] = (alone, _Chunk([other], [alone]))
                 self._restart()
-                return self.result(ticket)
+                return self.result(ticket, check)
             del self._pending[ticket]
             self._restart()
             # A dead worker fails every job in flight, not only its own: retry this one alone, so that only a
@@ -304,6 +311,19 @@ class Preprocessor:
             slot = self._held.pop(ticket, None)
             if slot is not None:
                 self.ring.free_slot(slot)
+
+    def _wait(self, future: Future, check: Callable[[], None] | None) -> list[np.ndarray | str | _InSlot]:
+        if check is None:
+            return future.result(timeout=self.timeout_s)
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                return future.result(timeout=max(0.0, min(CHECK_S, left)))
+            except FutureTimeout:
+                if left <= CHECK_S:
+                    raise
+                check()
 
     def _retry_alone(self, task: _Task) -> np.ndarray | str | _InSlot:
         if self._alone is None:

@@ -139,6 +139,18 @@ class RunProgress:
             errors=self.errors,
         )
 
+    def writers_started(self, engine: str, count: int, detail: str) -> None:
+        """Several writers (processes or Ray actors) are starting; `detail` says on what."""
+        self._emit("writers", engine=engine, count=count, on=detail)
+
+    def writer_died(self, writer: str, how: str, windows: list[int]) -> None:
+        """A writer (one of several) died: the windows it held go to the others."""
+        self._emit("writer_died", writer=writer, how=how, requeued=",".join(map(str, windows)) or None)
+
+    def note(self, writer: str, message: str) -> None:
+        """Something a writer wants said that changes nothing (images through pipes, not shared memory)."""
+        self._emit("note", writer=writer, message=message)
+
     def stopped(self, reason: str) -> None:
         self._emit("stopped", rows=self._rows_text(), reason=reason)
 
@@ -247,6 +259,13 @@ def _on_terminal(event: str, fields: dict[str, Any]) -> str | None:
         return f"Loading model {fields['model']}{download}..."
     if event == "loaded":
         return f"Model loaded in {fields['seconds']:.1f} s on {fields['device']} ({fields['dtype']})."
+    if event == "writers":
+        return f"Starting {fields['count']} writers ({fields['engine']}): {fields['on']}."
+    if event == "writer_died":
+        again = f"; windows {fields['requeued']} go to the other writers" if fields.get("requeued") else ""
+        return f"The writer on {fields['writer']} died ({fields['how']}){again}."
+    if event == "note":
+        return f"{fields['writer']}: {fields['message']}"
     if event == "scoring":
         done = fields["rows"].split("/")[0]
         return f"Scoring ({done} rows were done before)." if done != "0" else "Scoring."

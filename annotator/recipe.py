@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 import reprlib
 import stat
 from pathlib import Path
@@ -131,6 +132,52 @@ class OutputConfig(_Section):
     )
 
 
+DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+
+
+class RayConfig(_Section):
+    address: str | None = Field(
+        None, description="null starts a Ray on this machine; `auto` joins the cluster this node belongs to."
+    )
+    workers: int | None = Field(
+        None, ge=1, description="Writers (actors): null = one per GPU of the cluster, or as many CPU ones as fit."
+    )
+    cpus_per_worker: float | None = Field(
+        None, gt=0, description="CPUs each writer reserves for decoding; null = the cluster's CPUs shared out."
+    )
+    reserved_cpus: float = Field(
+        1.0, ge=0, description="CPUs no writer may take: left for Ray itself and reads, so it cannot deadlock."
+    )
+
+
+class EngineConfig(_Section):
+    """How windows are scheduled: never changes results, so a run may be resumed by another engine."""
+
+    kind: Literal["local", "ray"] = "local"
+    devices: Literal["auto"] | list[str] = Field(
+        "auto", description="local: auto = every visible GPU, else one cpu; or a list such as [cuda:0, cuda:1]."
+    )
+    ray: RayConfig = RayConfig()
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        if isinstance(value, str) and value != "auto":
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("devices")
+    @classmethod
+    def _known_devices(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("`engine.devices` needs at least one device, e.g. [cuda:0] or auto")
+            wrong = [d for d in value if not DEVICE.fullmatch(d)]
+            if wrong:
+                raise ValueError(f"`engine.devices`: {', '.join(map(repr, wrong))} is not cpu, cuda or cuda:N")
+        return value
+
+
 class Recipe(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     input: InputConfig
@@ -138,6 +185,7 @@ class Recipe(_Section):
     prompt: PromptConfig = PromptConfig()
     batching: BatchingConfig = BatchingConfig()
     output: OutputConfig = OutputConfig()
+    engine: EngineConfig = EngineConfig()
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> Recipe:
@@ -152,6 +200,12 @@ class Recipe(_Section):
             problems.append("`model.min_pixels` must not exceed `model.max_pixels`")
         if self.prompt.positive == self.prompt.negative:
             problems.append("`prompt.positive` and `prompt.negative` must differ")
+        if self.engine.devices != "auto" and self.engine.kind == "ray":
+            problems.append(
+                "`engine.devices` is for `engine.kind: local`; on Ray set `engine.ray.workers` (one GPU each)"
+            )
+        if self.engine.devices != "auto" and self.model.device != "auto":
+            problems.append("set the device in one place: `engine.devices` (several) or `model.device` (one), not both")
         for key, value in (
             ("output.dir", self.output.dir),
             ("input.parquet", self.input.parquet),

@@ -1,64 +1,29 @@
-"""Run: wire source -> plan -> preprocess -> score -> sink, with resume, signals, progress and summary."""
+"""Run: the coordinator of a run folder (signals, progress, summary, the writers' engine); writers do the scoring."""
 
 from __future__ import annotations
 
-import gc
+import contextlib
+import json
 import os
 import signal
 import threading
-import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from annotator.batching import PlannedRow, WindowPlan, plan_recipe_window
 from annotator.card import write_run_card
+from annotator.coordinator import Coordinator, WindowQueue, first_uncommitted
 from annotator.errors import EXIT_RESUMABLE, RunInterrupted
+from annotator.executors import local_executor, resolve_devices
 from annotator.folder import Claim, drop_previous, undo_start
-from annotator.images import image_kind
 from annotator.progress import RunProgress
 from annotator.recipe import Recipe, load_recipe
 from annotator.scores import JOURNAL_BINS, add, histogram
-from annotator.sink import RunFolder, answer_counts, output_schema, window_table
-from annotator.sources import Window
+from annotator.sink import RunFolder
 from annotator.start import find_latest_unfinished, grow, prepare_resume, prepare_run
-
-
-@dataclass
-class WindowState:
-    """A window between planning and commit: results fill in as its batches are scored."""
-
-    window: Window
-    plan: WindowPlan
-    pending: int
-    scores: list[Any] = field(default_factory=list)  # a `scoring.Score` per scored row, else None
-    errors: list[str | None] = field(default_factory=list)
-    started: float = field(default_factory=time.perf_counter)
-
-    def __post_init__(self) -> None:
-        rows = self.window.rows
-        self.scores, self.errors = [None] * rows, [None] * rows
-        for position, error in self.plan.errors.items():
-            self.errors[position] = error
-
-    def record(self) -> dict[str, Any]:
-        scored = sum(s is not None for s in self.scores)
-        kinds = Counter(image_kind(e) for e in self.errors if e is not None)
-        return {
-            "start": self.window.start,
-            "rows": self.window.rows,
-            "scored": scored,
-            "errors": self.window.rows - scored,
-            "error_kinds": dict(kinds),
-            "truncated_texts": self.plan.truncated,
-            "real_tokens": self.plan.real_tokens,
-            "padded_tokens": self.plan.padded_tokens,
-            "seconds": round(time.perf_counter() - self.started, 3),
-            "committed_at": time.time(),
-        }
+from annotator.writer import WriterSpec
 
 
 class StopRequest:
@@ -122,7 +87,12 @@ class StopRequest:
 
 
 class Annotator:
-    """One process annotating a run folder: plans windows, keeps workers busy, scores, commits in order."""
+    """The coordinator of one run folder: prepares it, starts the writers, hands out windows, writes the summary.
+
+    Scoring a window is the writers' (`writer.WindowScorer`); where they run is the executor's (`executors.py`,
+    `ray_engine.py`); the loop that hands out windows is `coordinator.Coordinator`. Signals, progress and the
+    summary are here, the same for every engine.
+    """
 
     def __init__(
         self,
@@ -134,6 +104,7 @@ class Annotator:
         fresh: bool = False,
         log_format: str = "text",
         stop: StopRequest | None = None,
+        devices: list[str] | None = None,
     ) -> None:
         self.fresh = fresh  # a new start: a failed load puts the folder back, a loaded model drops any run replaced
         self.stop = stop
@@ -141,11 +112,14 @@ class Annotator:
         self.folder = folder
         self.source = source
         self.console = console
+        self.devices = devices  # local devices, checked (`check_run`); None: the recipe's
         self.progress = RunProgress(
             recipe.name, console, source.total_rows, folder.root / "run.log", log_format, show=progress
         )
-        self.max_batch_tokens = recipe.batching.max_batch_tokens
         self.rows_done = 0  # rows scored or failed in this session, committed or not
+        self.executor: Any = None
+        self.coordinator: Coordinator | None = None
+        self.wait_for_every_writer = False  # hand out windows only once all have loaded (benchmarks)
 
     def run(self) -> dict[str, Any]:
         try:
@@ -158,203 +132,84 @@ class Annotator:
             self.folder.release_lock()
 
     def _run(self) -> dict[str, Any]:
-        recipe = self.recipe
-        stop = self.stop or StopRequest(self.console)
-        with stop:
-            stop.message = self._load_interrupted_message()
-            loaded, self.builder = self._load()
-        from annotator.preprocess import resolve_workers
-        from annotator.scoring import Scorer
-
-        if not self.fresh and recipe.input.limit != self.folder.manifest().get("limit"):
-            grow(self.folder, recipe, self.source.total_rows)
-        self.folder.clean_leftovers()
-        committed = self.folder.committed()
-        write_run_card(self.folder, recipe)
-        self.progress.begin(committed.values())
-        self.scorer = Scorer(loaded, self.builder, recipe.model.forward, recipe.model.cuda_graphs)
-        self.schema = output_schema(self.source.schema, recipe.input.image_column, recipe.questions)
-        workers = resolve_workers(recipe.batching.workers)
-        lookahead = max(2 * recipe.batching.max_batch_size, 8)
-        with (
-            _settled_memory(),
-            self._preprocessor(workers, lookahead) as self.preprocessor,
-            stop,
-            self.progress,
-        ):
-            stop.on_exit.append(self.preprocessor.kill_workers)
-            stop.message = self._interrupted_message()
-            stop.immediate = False
-            self._loop(self._windows_to_do(committed), stop, lookahead)
-        return self.finish(loaded.device)
-
-    def _load(self):
-        """The model and the prompt builder, saying so (with the Hub's download bars on a terminal).
-
-        A new start whose model cannot load leaves the folder as it was (the run it replaced is back); once it has
-        loaded, the replaced run is deleted. A signal during the load leaves the new run, resumable.
-        """
-        from annotator.models import is_hub_model, load_model
-        from annotator.prompt import PromptBuilder
+        from annotator.models import is_hub_model
 
         m = self.recipe.model
-        self.progress.loading_model(m.name, from_hub=is_hub_model(m.name))
-        started = time.perf_counter()
-        try:
-            loaded = load_model(
-                m.name, m.revision, m.dtype, m.device, m.attn_implementation, progress_bars=self.progress.model_bars
+        stop = self.stop or StopRequest(self.console)
+        self.folder.clean_leftovers()  # before any writer starts: hidden files of writes that were cut short
+        self.executor = self._executor()
+        with stop, contextlib.closing(self.executor):
+            stop.message = self._load_interrupted_message()
+            stop.on_exit.append(self.executor.kill)  # a second Ctrl-C: no writer or worker outlives the process
+            self.coordinator = Coordinator(
+                self.executor, self.progress, stop, m.name, self._advance, self.folder.clean_leftovers
             )
-            builder = PromptBuilder(loaded.tokenizer, self.recipe.prompt, self.recipe.questions)
-        except RunInterrupted:
-            raise
-        except KeyboardInterrupt:  # no signal handler here (not the main thread): the same as a handled signal
-            raise RunInterrupted(self._load_interrupted_message()) from None
+            self.coordinator.describe_window = self._describe_window
+            if self.executor.count > 1 or self.recipe.engine.kind == "ray":
+                self.progress.writers_started(self.recipe.engine.kind, self.executor.count, self.executor.describe())
+            self.progress.loading_model(m.name, from_hub=is_hub_model(m.name))
+            self._start_writers(stop)
+            committed = self._prepare_folder()
+            self.progress.begin(committed.values())
+            self.queue = WindowQueue(self._windows_to_do(committed))
+            self.coordinator.begin(self.queue, self.progress.started_at)
+            stop.message = self._interrupted_message()
+            stop.immediate = False
+            with self.progress:
+                self.coordinator.run(self._interrupted_message())
+        return self.finish()
+
+    def _start_writers(self, stop: StopRequest) -> None:
+        """Start the writers and wait for a loaded model. A new start whose model cannot load (an error, or a writer
+        that dies loading it) leaves the folder as it was (the run it replaced is back); once one has loaded, the
+        replaced run is deleted. A signal meanwhile leaves the new run, resumable."""
+        try:
+            self.coordinator.start_writers(stop.message, every=self.wait_for_every_writer)
         except Exception:
-            if self.fresh:
+            if self.fresh and not stop.requested:
                 undo_start(self.folder, self.folder.claimed or Claim())
             raise
         if self.fresh:
             drop_previous(self.folder)
-        self.progress.model_loaded(m.name, loaded.device, loaded.dtype, time.perf_counter() - started)
-        return loaded, builder
 
-    def _preprocessor(self, workers: int, lookahead: int):
-        """The workers and their shared-memory ring, with a slot for every image that can be in flight or held."""
-        from annotator.preprocess import Preprocessor
+    def _executor(self) -> Any:
+        """The writers' executor: a thread, a process per device, or Ray actors; all get the same `WriterSpec`."""
+        spec = self._writer_spec()
+        if self.recipe.engine.kind == "ray":
+            from annotator.ray_engine import RayExecutor
 
-        batching = self.recipe.batching
-        # Asked for: under `lookahead` plus one batch (`_loop` asks a batch at a time); held: the batch launched.
-        slots = lookahead + 2 * batching.max_batch_size
-        preprocessor = Preprocessor(
-            workers, batching.image_timeout_s, slots, 3 * self.recipe.model.max_pixels, batching.shared_memory
+            return RayExecutor(spec, self.recipe.engine.ray)
+        return local_executor(spec, self.devices if self.devices is not None else resolve_devices(self.recipe))
+
+    def _writer_spec(self) -> WriterSpec:
+        return WriterSpec(
+            recipe=with_absolute_paths(self.recipe),
+            root=str(self.folder.root.resolve()),
+            owner=self.folder.owner_token,
+            input_fingerprint=json.loads(json.dumps(self.source.fingerprint())),
+            total_rows=self.source.total_rows,
+            model_bars=self.progress.model_bars,
         )
-        if preprocessor.note:
-            self.console.print(f"[yellow]{preprocessor.note}[/]")
-        return preprocessor
 
-    def _windows_to_do(self, committed: dict[int, dict]) -> Iterator[Window]:
-        first = 0
-        while first in committed:
-            first += 1
-        for window in self.source.windows(self.recipe.batching.window, first):
-            if window.index not in committed:
-                yield window
+    def _prepare_folder(self) -> dict[int, dict]:
+        """A writer has loaded the model: grow a pilot if asked, read the journals. Writers touch the folder only once
+        they are handed a window, which is after this."""
+        if not self.fresh and self.recipe.input.limit != self.folder.manifest().get("limit"):
+            grow(self.folder, self.recipe, self.source.total_rows)
+        committed = self.folder.committed()
+        write_run_card(self.folder, self.recipe)
+        return committed
 
-    def _plan(self, window: Window) -> WindowState:
-        plan = plan_recipe_window(window, self.recipe, self.builder, self.max_batch_tokens)
-        return WindowState(window, plan, pending=len(plan.batches))
+    def _windows_to_do(self, committed: dict[int, dict]) -> Iterable[int]:
+        total = self.source.total_rows
+        if total is None:
+            return first_uncommitted(committed)  # a stream of unknown length: a writer finds its end
+        return [index for index in range(-(-total // self.recipe.batching.window)) if index not in committed]
 
-    def _plan_next(self, windows: Iterator[Window]) -> WindowState | None:
-        window = next(windows, None)
-        return None if window is None else self._plan(window)
-
-    def _loop(self, windows: Iterator[Window], stop: StopRequest, lookahead: int) -> None:
-        from concurrent.futures import Future, ThreadPoolExecutor
-
-        from annotator.preprocess import ImageJob
-
-        open_windows: deque[WindowState] = deque()  # planned, not yet committed, in input order
-        planned: deque[tuple[WindowState, list[PlannedRow]]] = deque()  # batches whose images are not asked for
-        submitted: deque[tuple[WindowState, list[PlannedRow], list[int]]] = deque()  # ... and those that are
-        max_pixels = self.recipe.input.max_image_pixels
-        draft = self.recipe.model.jpeg_draft
-        in_flight = None
-        # Reading and planning a window and writing one take seconds each (parquet I/O, tokens, fsync):
-        # on their own threads they overlap scoring instead of stalling the GPU. One thread each keeps order.
-        with ThreadPoolExecutor(1, "plan") as planner, ThreadPoolExecutor(1, "sink") as sink:
-            upcoming: Future | None = planner.submit(self._plan_next, windows)
-            writing: Future | None = None
-            try:
-                while True:
-                    if stop.requested:
-                        raise RunInterrupted(self._interrupted_message())
-                    # Commit first: a finished window must not wait on (or be lost to) reading the next one.
-                    while open_windows and open_windows[0].pending == 0:
-                        if writing is not None:
-                            writing.result()  # one write at a time: bounded memory, and its error surfaces here
-                        writing = sink.submit(self._commit, open_windows.popleft())
-                    while self.preprocessor.in_flight < lookahead and (planned or upcoming is not None):
-                        if planned:
-                            state, batch = planned.popleft()
-                            jobs = [ImageJob(r.image, r.resized, max_pixels, draft) for r in batch]
-                            submitted.append((state, batch, self.preprocessor.submit_batch(jobs)))
-                            continue
-                        with stop.interruptible():  # reading a window's headers can stall on a slow disk
-                            state = upcoming.result()
-                        upcoming = planner.submit(self._plan_next, windows) if state is not None else None
-                        if state is None:
-                            break
-                        self._advance(0, len(state.plan.errors))
-                        open_windows.append(state)
-                        planned.extend((state, batch) for batch in state.plan.batches)
-                        if state.pending == 0:
-                            break  # nothing to score (every row failed its checks): commit it before reading on
-                    if not submitted:
-                        if in_flight is not None:
-                            self._finish_and_release(*in_flight)
-                            in_flight = None
-                        elif not open_windows and upcoming is None:
-                            break
-                        continue
-                    state, batch, tickets = submitted.popleft()
-                    with stop.interruptible():  # an image may take up to `image_timeout_s`
-                        images = [self.preprocessor.result(t) for t in tickets]
-                    launched = self._launch_batch(state, batch, images)
-                    # The previous batch's results are read only now, so the GPU ran it while this one was prepared.
-                    if in_flight is not None:
-                        self._finish_and_release(*in_flight)
-                    in_flight = launched, tickets
-            except BaseException as stopped:
-                if writing is not None and writing.exception() is not None:
-                    # A failed write (disk full) is the news, whatever else stopped the loop.
-                    raise writing.exception() from stopped
-                raise
-            if writing is not None:
-                writing.result()
-
-    def _launch_batch(self, state: WindowState, batch: list[PlannedRow], images: list):
-        """Record decode errors, start scoring the rest; returns what `_finish_batch` needs."""
-        from annotator.scoring import ScoreInput, launch_splitting_on_oom
-
-        ready, inputs = [], []
-        for row, image in zip(batch, images, strict=True):
-            if isinstance(image, str):
-                state.errors[row.position] = image
-            else:
-                ready.append(row)
-                inputs.append(ScoreInput(image, row.grid, row.text))
-        if not inputs:
-            return state, batch, ready, lambda: []
-        padded = len(inputs) * max(r.length for r in ready)
-
-        def lower_budget() -> None:
-            self.max_batch_tokens = max(1, min(self.max_batch_tokens, padded // 2))
-
-        return state, batch, ready, launch_splitting_on_oom(self.scorer, inputs, lower_budget)
-
-    def _finish_and_release(self, launched: tuple, tickets: list[int]) -> None:
-        """Read a batch's scores, then free its images' shared-memory slots: the device has read them by now."""
-        self._finish_batch(*launched)
-        self.preprocessor.release(tickets)
-
-    def _finish_batch(self, state: WindowState, batch: list[PlannedRow], ready: list[PlannedRow], wait) -> None:
-        for row, score in zip(ready, wait(), strict=True):
-            state.scores[row.position] = score
-        state.pending -= 1
-        self._advance(len(ready), len(batch) - len(ready))
-
-    def _commit(self, state: WindowState) -> None:
-        window = state.window
-        questions = self.recipe.questions
-        table = window_table(window.table, self.schema, window.start, state.scores, state.errors, questions)
-        record = {**state.record(), **answer_counts(table, questions)}
-        record["histograms"] = {
-            q.column("prob"): histogram(table.column(q.column("prob")), JOURNAL_BINS) for q in questions if q.yes_no
-        }
-        record["limit"] = self.recipe.input.limit  # a window cut short by it is redone if the limit grows
-        record["session_started"] = self.progress.started_at
-        self.folder.write_window(window.index, table, record)
-        self.progress.window_committed({**record, "window": window.index})
+    def _describe_window(self, index: int) -> str:
+        size, total = self.recipe.batching.window, self.source.total_rows
+        last = (index + 1) * size if total is None else min((index + 1) * size, total)
+        return f"Window {index} (rows {index * size} to {last - 1})"
 
     def _load_interrupted_message(self) -> str:
         return (
@@ -372,7 +227,22 @@ class Annotator:
         self.rows_done += scored + errors
         self.progress.rows_advanced(scored, errors)
 
-    def finish(self, device: Any) -> dict[str, Any]:
+    def _check_every_window(self, committed: dict[int, dict]) -> None:
+        """The summary is written only when every window of the input has its journal record and its file."""
+        total = self.source.total_rows
+        count = -(-total // self.recipe.batching.window) if total is not None else self.queue.end
+        missing = [index for index in range(count or 0) if index not in committed]
+        if missing:
+            shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+            raise RunInterrupted(
+                f"{len(missing)} window(s) of {self.folder.root} are not committed ({shown}); run "
+                f"`annotate resume {self.folder.root}` to do them."
+            )
+
+    def finish(self) -> dict[str, Any]:
+        self.folder.clean_leftovers()  # no writer runs any more
+        self._check_every_window(self.folder.committed())
+        self.folder.lease.check()  # the summary only from the process that still holds the folder
         summary = summarize(self.folder)
         seconds = self.progress.seconds
         summary.update(
@@ -380,7 +250,9 @@ class Annotator:
                 "finished": True,
                 "output_dir": str(self.folder.root),
                 "model": self.recipe.model.name,
-                "device": str(device),
+                "device": ",".join(self.executor.label(i) for i in range(self.executor.count)),
+                "engine": self.recipe.engine.kind,
+                "writers": self.executor.count,
                 "session_rows": self.progress.session_rows,
                 "session_seconds": round(seconds, 3) if seconds is not None else None,
                 "rows_per_s": self.progress.rows_per_s,
@@ -397,28 +269,22 @@ class Annotator:
         return summary
 
 
-@contextmanager
-def _settled_memory() -> Iterator[None]:
-    """Spare the main process work that is not the run's: it is a feeder for the device (docs/performance.md).
+def with_absolute_paths(recipe: Recipe) -> Recipe:
+    """The recipe as a writer anywhere reads it: input, output and a local model folder by absolute path."""
+    data = recipe.model_dump(mode="json")
+    if data["input"]["parquet"] is not None:
+        data["input"]["parquet"] = os.path.abspath(os.path.expanduser(data["input"]["parquet"]))
+    if data["input"]["hf"] is not None:
+        data["input"]["hf"]["path"] = _absolute_if_local(data["input"]["hf"]["path"])
+    data["model"]["name"] = _absolute_if_local(data["model"]["name"])
+    data["output"]["dir"] = os.path.abspath(recipe.output_dir)
+    return Recipe.model_validate(data)
 
-    The model and libraries live as long as the run, so the garbage collector stops walking them every time the
-    planner allocates a window's rows (that was most of the planner's CPU); garbage is collected first, so that
-    none is frozen with them, and they are collectable again after the run. Arrow's default allocator gives freed
-    memory back to the kernel within milliseconds, so every window's buffers were page-faulted in and zeroed
-    again: jemalloc keeping freed pages for reuse saves that (peak memory is unchanged: a run holds at most two
-    windows).
-    """
-    import pyarrow as pa
 
-    with suppress(NotImplementedError):  # a pyarrow built without jemalloc keeps its allocator
-        pa.set_memory_pool(pa.jemalloc_memory_pool())
-        pa.jemalloc_set_decay_ms(-1)
-    gc.collect()
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
+def _absolute_if_local(name: str) -> str:
+    """A local path (`~` expanded) made absolute; a Hub name as it is."""
+    path = os.path.expanduser(name)
+    return os.path.abspath(path) if os.path.exists(path) else name
 
 
 def summarize(folder: RunFolder) -> dict[str, Any]:

@@ -2,11 +2,13 @@
 
 Layout of OUTPUT_DIR:
     .annotator-run   the marker, written first: a folder is a run folder (ours) only with it
-    lock             the lease of the process writing the folder (annotator/lease.py)
+    lock             the lease of the coordinator: the one process handing out this folder's windows (lease.py)
     recipe.yaml      the frozen, resolved recipe
     manifest.json    input and recipe fingerprints, window size, total rows; written last when a run starts
     data/            part-NNNNNN.parquet, one per window, in input order (hidden while written)
-    journal/         NAME.jsonl, one append-only journal per writer process: a line per committed window
+    journal/         WRITER.jsonl, one append-only journal per writer incarnation (host-pid-token): a line per
+                     committed window; WRITER.heartbeat.json beside it says where that writer runs and when it last
+                     beat (`status` shows them)
     summary.json     written when the run finishes
     run.log          a line per committed window and per session (progress.py)
     README.md        a dataset card whose `configs:` make `load_dataset(OUTPUT_DIR)` read data/ (card.py)
@@ -18,8 +20,10 @@ import contextlib
 import json
 import os
 import re
+import secrets
+import socket
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,8 +41,13 @@ RUN_MARKER = ".annotator-run"
 # README.md counts only when it is the run's card (card.py marks it); report.html is `annotate report`'s default.
 RUN_ENTRIES = ("manifest.json", "recipe.yaml", "summary.json", "README.md", "run.log", "report.html", "data", "journal")
 PART_FILE = re.compile(r"part-(\d{6,})\.parquet")
-PART_LEFTOVER = re.compile(r"\.part-\d{6,}\.parquet\.\d+\.tmp")
-JOURNAL_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\.jsonl")
+# A window's file while its writer writes it, named after the writer (`writer_name`; a pid in older runs).
+PART_LEFTOVER = re.compile(r"\.part-\d{6,}\.parquet\.[A-Za-z0-9][A-Za-z0-9-]*\.tmp")
+# In journal/: a writer's heartbeat's hidden file while it is replaced; and all a run writes there (its journals too).
+HEARTBEAT_LEFTOVER = re.compile(r"\.[A-Za-z0-9][A-Za-z0-9-]*\.heartbeat\.json\.tmp")
+JOURNAL_FILE = re.compile(
+    rf"[A-Za-z0-9][A-Za-z0-9_.-]*\.jsonl|[A-Za-z0-9][A-Za-z0-9-]*\.heartbeat\.json|{HEARTBEAT_LEFTOVER.pattern}"
+)
 # A journal line counts only with these (integer) fields; anything else is a torn or foreign line.
 RECORD_FIELDS = ("window", "start", "rows", "scored", "errors", "real_tokens", "padded_tokens")
 
@@ -67,6 +76,12 @@ def output_fields(questions: Sequence[Question]) -> list[tuple[str, pa.DataType]
     return [("row_id", pa.int64()), *answer_fields(questions), ("error", pa.string()), ("error_kind", pa.string())]
 
 
+def writer_name() -> str:
+    """A name for one writer incarnation, unique across hosts: `host-pid-token` (journal and temp file names)."""
+    host = re.sub(r"[^A-Za-z0-9-]+", "-", socket.gethostname()).strip("-")[:48] or "host"
+    return f"{host}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -91,6 +106,19 @@ def _is_record(record: object) -> bool:
         and isinstance(kinds, dict)
         and all(isinstance(k, str) and _count(v) for k, v in kinds.items())
     )
+
+
+def read_journal(path: Path) -> list[dict[str, Any]]:
+    """The whole records of one journal, in the order committed; torn, damaged or foreign lines are skipped."""
+    records = []
+    for line in path.read_bytes().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if _is_record(record):
+            records.append(record)
+    return records
 
 
 def hf_features(schema: pa.Schema, image_column: str, questions: Sequence[Question]) -> dict[str, Any]:
@@ -152,8 +180,11 @@ class RunFolder:
         self.manifest_path = self.root / "manifest.json"
         self.summary_path = self.root / "summary.json"
         self.lock_path = self.root / "lock"
+        self.journal_name = journal_name
         self.journal_path = self.journal_dir / f"{journal_name}.jsonl"
         self.lease = Lease(self.lock_path)
+        # Called just before a window's file is published: raises if this writer may no longer write here.
+        self.fence: Callable[[], None] | None = None
         self.claimed: Any = None  # what this process's start created (`annotator.folder.Claim`), to undo it
 
     def is_ours(self) -> bool:
@@ -212,21 +243,29 @@ class RunFolder:
         return self.data_dir / f"part-{index:06d}.parquet"
 
     def journal_records(self) -> dict[int, dict[str, Any]]:
-        """Window index -> its last journal record, over every journal, whether or not its file exists.
+        """Window index -> its journal record, over every journal, whether or not its file exists.
 
-        Lines that are not whole records (a torn append, a damaged file) are skipped: their windows are done again.
+        A window done more than once (by two writers, one thought dead that was only slow; or a pilot's short last
+        window, done again whole once the limit grew) has a record in each journal that did it: of those, one that
+        holds every row the window should (`window_is_whole`) counts, the last committed. Lines that are not whole
+        records (a torn append, a damaged file) are skipped: their windows are done again.
         """
+        manifest = self._manifest_or_empty()
         records: dict[int, dict[str, Any]] = {}
+        ranks: dict[int, tuple[bool, float]] = {}
         journals = sorted(self.journal_dir.glob("*.jsonl")) if self.journal_dir.is_dir() else []
         for journal in journals:
-            for line in journal.read_bytes().splitlines():
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if _is_record(record):
-                    records[record["window"]] = record
+            for record in read_journal(journal):
+                index, rank = record["window"], (window_is_whole(record, manifest), record["committed_at"])
+                if index not in ranks or rank >= ranks[index]:
+                    records[index], ranks[index] = record, rank
         return records
+
+    def _manifest_or_empty(self) -> dict[str, Any]:
+        try:
+            return self.manifest() if self.manifest_path.is_file() else {}
+        except AnnotatorError:
+            return {}  # damaged: `status` says so, resume refuses it
 
     def committed(self) -> dict[int, dict[str, Any]]:
         """Window index -> journal record, for windows whose file exists: what resume skips.
@@ -234,33 +273,38 @@ class RunFolder:
         A window that holds fewer rows than it now should (a pilot's last window, after `input.limit` grew) is not
         committed either: it is done again.
         """
-        try:
-            manifest = self.manifest() if self.manifest_path.is_file() else {}
-        except AnnotatorError:
-            manifest = {}  # damaged: `status` says so, resume refuses it
+        manifest = self._manifest_or_empty()
         return {
             w: r
             for w, r in self.journal_records().items()
             if self.window_file(w).is_file() and window_is_whole(r, manifest)
         }
 
-    def clean_leftovers(self) -> int:
-        """Delete hidden files of writes that never completed and end a torn journal line; returns files deleted."""
+    def clean_leftovers(self, writer: str | None = None) -> int:
+        """Delete the hidden files of writes that never completed (window files, heartbeats); returns files deleted.
+
+        Only the coordinator calls this: for the whole folder when no writer runs (before they start, after they
+        are gone), or for one `writer` it knows is dead. A writer never deletes another's files. A torn journal line
+        needs no repair: every writer incarnation appends to a journal of its own, and nobody appends to it again.
+        """
         self.ensure_dirs()
         leftovers = [p for p in self.data_dir.iterdir() if PART_LEFTOVER.fullmatch(p.name)]
+        leftovers += [p for p in self.journal_dir.iterdir() if HEARTBEAT_LEFTOVER.fullmatch(p.name)]
+        if writer is not None:
+            leftovers = [p for p in leftovers if p.name.endswith(f".{writer}.tmp") or p.name.startswith(f".{writer}.")]
         for path in leftovers:
             path.unlink(missing_ok=True)
-        if self.journal_path.is_file() and self.journal_path.stat().st_size:
-            with open(self.journal_path, "rb+") as journal:
-                journal.seek(-1, os.SEEK_END)
-                if journal.read(1) != b"\n":
-                    journal.write(b"\n")  # a killed append: the torn line stays unparseable, the next one is whole
         return len(leftovers)
 
     def write_window(self, index: int, table: pa.Table, record: dict[str, Any]) -> None:
-        """Write hidden, fsync, rename into place, then append the journal line that commits it."""
+        """Write hidden, fsync, rename into place, then append the journal line that commits it.
+
+        The hidden name carries this writer's name, so writers on any host never write the same temporary file;
+        two writers that did the same window rename identical content onto the same final name, atomically.
+        """
         final = self.window_file(index)
-        hidden = self.data_dir / f".{final.name}.{os.getpid()}.tmp"
+        tag = self.journal_name if self.journal_name != "main" else str(os.getpid())
+        hidden = self.data_dir / f".{final.name}.{tag}.tmp"
         try:
             with open(hidden, "wb") as f:
                 pq.write_table(table, f)  # snappy: encoded images do not compress, and zstd on them halved write speed
@@ -269,6 +313,8 @@ class RunFolder:
                 size = os.fstat(f.fileno()).st_size
             if self.lease.holder is not None:
                 self.lease.check()  # never publish a window from a process whose lease was taken over
+            if self.fence is not None:
+                self.fence()  # a writer: never publish into a folder its coordinator no longer holds
             os.replace(hidden, final)
             _fsync_dir(self.data_dir)
             line = json.dumps({**record, "window": index, "file": final.name, "bytes": size}) + "\n"
@@ -323,6 +369,16 @@ class RunFolder:
         """The holder of the folder's lease while it is live, else None."""
         holder = self.lease.current()
         return holder if holder is not None and not holder.stale() else None
+
+    @property
+    def owner_token(self) -> str | None:
+        """This process's lease token while it holds the folder: what its writers check before they publish."""
+        return self.lease.holder.token if self.lease.holder is not None else None
+
+    def lock_token(self) -> str | None:
+        """The token of whoever holds the lease now (live or not, a successor that claimed it included), or None."""
+        holder = self.lease.current()
+        return holder.token if holder is not None else None
 
 
 def window_is_whole(record: dict[str, Any], manifest: dict[str, Any]) -> bool:

@@ -1,7 +1,9 @@
-"""`annotate status`: progress, ETA, counts, label split, prob histogram, errors, lease and integrity of a run."""
+"""`annotate status`: progress, ETA, counts, label split, prob histogram, errors, lease, integrity and writers of a
+run."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -14,7 +16,7 @@ from annotator.progress import format_duration
 from annotator.recipe import read_recipe_file
 from annotator.run import summarize
 from annotator.scores import kept_shares
-from annotator.sink import RUN_MARKER, RunFolder, latest_run
+from annotator.sink import RUN_MARKER, RunFolder, latest_run, read_journal
 
 
 def session_rate(records: list[dict[str, Any]], running_since: float | None) -> tuple[float | None, bool]:
@@ -33,6 +35,76 @@ def session_rate(records: list[dict[str, Any]], running_since: float | None) -> 
     mine = [r for r in records if r.get("session_started") == started]
     end = time.time() if live else max(r["committed_at"] for r in mine)
     return (round(sum(r["rows"] for r in mine) / (end - started), 3) if end > started else None), live
+
+
+def writers_status(folder: RunFolder, live: bool, now: float | None = None) -> list[dict[str, Any]]:
+    """Each writer of the latest session (host, device, windows, rows, rows/s, last heartbeat), from its journal and
+    heartbeat file; oldest first. `live`: the run is running, so a writer with a recent heartbeat is `scoring`."""
+    from annotator.writer import HEARTBEAT_S
+
+    now = time.time() if now is None else now
+    found: dict[str, dict[str, Any]] = {}
+    for path in folder.journal_dir.glob("*.heartbeat.json"):
+        found[path.name.removesuffix(".heartbeat.json")] = {"beat": _heartbeat(path), "records": []}
+    for path in folder.journal_dir.glob("*.jsonl"):
+        entry = found.setdefault(path.stem, {"beat": {}, "records": []})
+        with contextlib.suppress(OSError):
+            entry["records"] = read_journal(path)
+    sessions = [_session_of(entry) for entry in found.values()]
+    latest = max(sessions, default=0)
+    writers = []
+    for (name, entry), session in zip(found.items(), sessions, strict=True):
+        if session != latest:
+            continue
+        beat, records = entry["beat"], entry["records"]
+        rows = sum(r.get("rows", 0) for r in records)
+        start = max(filter(None, [beat.get("loaded_at"), session]), default=None)
+        last_beat = beat.get("beat")
+        fresh = live and last_beat is not None and now - last_beat < 3 * HEARTBEAT_S
+        end = now if fresh else max((r["committed_at"] for r in records), default=None)
+        state = beat.get("state", "-")
+        writers.append(
+            {
+                "writer": name,
+                "host": beat.get("host") or name.rsplit("-", 2)[0],
+                "device": beat.get("device") or (str(records[-1].get("device") or "") if records else "") or "-",
+                "windows": len(records),
+                "rows": rows,
+                "rows_per_s": round(rows / (end - start), 3) if start and end and end > start and rows else None,
+                "heartbeat_s_ago": round(now - last_beat, 1) if last_beat else None,
+                "state": state if fresh or state not in ("scoring", "ready") else "gone",
+                "started": beat.get("started") or start or 0,
+            }
+        )
+    return sorted(writers, key=lambda w: w["started"])
+
+
+# The fields of a heartbeat file `status` reads, by type: anything else (a damaged file) is left out.
+HEARTBEAT_TEXT = ("host", "device", "state")
+HEARTBEAT_TIMES = ("beat", "started", "loaded_at", "session_started")
+
+
+def _time(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _heartbeat(path: Path) -> dict[str, Any]:
+    """A writer's heartbeat file, its fields of the right types only; {} when it cannot be read."""
+    try:
+        beat = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(beat, dict):
+        return {}
+    kept = {key: beat[key] for key in HEARTBEAT_TEXT if isinstance(beat.get(key), str)}
+    kept.update({key: _time(beat.get(key)) for key in HEARTBEAT_TIMES if _time(beat.get(key)) is not None})
+    return kept
+
+
+def _session_of(entry: dict[str, Any]) -> float:
+    """The session a writer worked for: its heartbeat says, else its journal records do."""
+    recorded = (_time(r.get("session_started")) or 0 for r in entry["records"])
+    return entry["beat"].get("session_started") or max(recorded, default=0)
 
 
 def run_status(output_dir: Path | None) -> dict[str, Any]:
@@ -99,6 +171,7 @@ def run_status(output_dir: Path | None) -> dict[str, Any]:
         "lock": lease["describe"] if lease else "free",
         "problems": notes,
         "next": next_step,
+        "writers": writers_status(folder, live=state == "running"),
     }
 
 

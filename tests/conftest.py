@@ -117,6 +117,24 @@ def mixed_parquet(tmp_path) -> Path:
     return write_dataset(tmp_path / "in" / "mixed.parquet", images, captions, idx=list(range(16)))
 
 
+def journals(output_dir: Path) -> list[Path]:
+    """The run folder's journals: one per writer incarnation."""
+    return sorted((Path(output_dir) / "journal").glob("*.jsonl"))
+
+
+def journal_lines(output_dir: Path) -> int:
+    """Journal lines over every writer of a run folder: the windows committed so far (and any torn line)."""
+    return sum(len(path.read_text().splitlines()) for path in journals(output_dir))
+
+
+def keep_first_windows(output_dir: Path, keep: int) -> None:
+    """Make a finished one-writer run look interrupted after its first `keep` windows (journal lines and files)."""
+    (journal,) = journals(output_dir)
+    journal.write_text("".join(journal.read_text().splitlines(keepends=True)[:keep]))
+    for path in sorted((Path(output_dir) / "data").glob("part-*.parquet"))[keep:]:
+        path.unlink()
+
+
 def run_once(root: Path, recipe: Path, tiny_model_cache: Path, *args: str) -> Path:
     """`annotate run RECIPE --no-progress ARGS` from `root`, for a module-scoped fixture; returns `root`."""
     from typer.testing import CliRunner
@@ -129,6 +147,37 @@ def run_once(root: Path, recipe: Path, tiny_model_cache: Path, *args: str) -> Pa
         result = CliRunner().invoke(app, ["run", str(recipe), "--no-progress", *args], catch_exceptions=False)
         assert result.exit_code == 0, result.output
     return root
+
+
+SCALEOUT_ROWS, SCALEOUT_WINDOW = 72, 6
+
+
+def scaleout_recipe(folder: Path, parquet: Path, name: str, **sections) -> Path:
+    """The recipe of the scale-out tests: windows of 6 rows, large enough images that a window can be killed in."""
+    return write_recipe(
+        folder / f"{name}.yaml",
+        parquet,
+        folder / name,
+        model={"max_pixels": 28 * 28 * 64},
+        batching={"window": SCALEOUT_WINDOW, "max_batch_size": 4, "workers": 0},
+        **sections,
+    )
+
+
+@pytest.fixture(scope="session")
+def scaleout_input(tmp_path_factory) -> Path:
+    """72 rows for the scale-out tests (tests/test_scaleout.py, tests/test_ray_engine.py)."""
+    sizes = [(320, 240), (240, 320), (400, 120), (280, 280)]
+    images = [jpeg_bytes(*sizes[i % len(sizes)], seed=i) for i in range(SCALEOUT_ROWS)]
+    captions = [f"caption {i} " + "word " * (i % 5) for i in range(SCALEOUT_ROWS)]
+    return write_dataset(tmp_path_factory.mktemp("scaleout-input") / "in.parquet", images, captions)
+
+
+@pytest.fixture(scope="session")
+def scaleout_reference(tmp_path_factory, scaleout_input, tiny_model_cache) -> Path:
+    """The scale-out input annotated by one writer in one process, uninterrupted: what every engine must write."""
+    folder = tmp_path_factory.mktemp("scaleout-reference")
+    return run_once(folder, scaleout_recipe(folder, scaleout_input, "reference"), tiny_model_cache) / "reference"
 
 
 @pytest.fixture(scope="session")

@@ -77,6 +77,22 @@ def test_bench_tiny_prints_every_field_as_json():
     assert lean["vision_ops_per_image"] == lean["vision_ops"] / 2
 
 
+@pytest.mark.slow
+def test_bench_devices_prints_the_scaling_of_one_writer_per_device():
+    result = invoke(
+        "bench", "--devices", "cpu,cpu", "--pairs", 24, "--sizes", "320x240", "--workers", 0, "--window", 4, "--json"
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["devices"] == "cpu,cpu" and out["window"] == 4 and "coordination" in out["note"]
+    assert out["one_writer"]["writers"] == 1 and out["n_writers"]["writers"] == 2
+    for run in (out["one_writer"], out["n_writers"]):
+        assert run["windows"] == 6 and run["pairs_per_s"] > 0 and run["coordinator_ms_per_window"] > 0
+        assert run["writers_ready_s"] > 0
+    one, two = out["one_writer"]["pairs_per_s"], out["n_writers"]["pairs_per_s"]
+    assert out["scaling_efficiency"] == pytest.approx(two / (2 * one), abs=0.001)
+
+
 def test_bench_without_baseline_has_no_ratio():
     result = invoke(
         "bench",

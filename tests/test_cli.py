@@ -193,13 +193,13 @@ def test_a_damaged_parquet_file_is_a_clear_error(tmp_path):
 
 def test_windows_of_failed_rows_are_committed_as_they_come(tmp_path, monkeypatch):
     """A long run of rows that all fail their checks is committed window by window, not read into memory."""
-    from annotator.run import Annotator
     from annotator.sink import RunFolder
+    from annotator.writer import WindowScorer
     from tests.conftest import write_dataset
 
     path = write_dataset(tmp_path / "in.parquet", [None] * 60, ["c"] * 60)
     planned_at_commit: list[int] = []
-    plan, write = Annotator._plan, RunFolder.write_window
+    plan, write = WindowScorer._plan, RunFolder.write_window
 
     def counting_plan(self, window):
         planned_at_commit.append(-1)
@@ -209,7 +209,7 @@ def test_windows_of_failed_rows_are_committed_as_they_come(tmp_path, monkeypatch
         planned_at_commit.append(index)
         return write(self, index, table, record)
 
-    monkeypatch.setattr(Annotator, "_plan", counting_plan)
+    monkeypatch.setattr(WindowScorer, "_plan", counting_plan)
     monkeypatch.setattr(RunFolder, "write_window", recording_write)
     result = invoke("run", write_recipe(tmp_path / "r.yaml", path, tmp_path / "out", batching={"window": 6}))
     assert result.exit_code == 0, result.output

@@ -23,7 +23,16 @@ from annotator.cli import app
 from annotator.errors import AnnotatorError
 from annotator.hf_source import HFSource
 from annotator.recipe import HFInput, InputConfig, PromptConfig
-from tests.conftest import CAPTIONS, MIXED_SIZES, REPO, jpeg_bytes, read_output, write_dataset, write_recipe
+from tests.conftest import (
+    CAPTIONS,
+    MIXED_SIZES,
+    REPO,
+    journal_lines,
+    jpeg_bytes,
+    read_output,
+    write_dataset,
+    write_recipe,
+)
 
 runner = CliRunner()
 
@@ -262,9 +271,8 @@ def test_streamed_run_killed_with_sigkill_resumes_exactly(tmp_path, tiny_model_c
     command = [sys.executable, "-c", "from annotator.cli import app; app()", "run", str(recipe), "--no-progress"]
     env = {**os.environ, "ANNOTATOR_CACHE": str(tiny_model_cache)}
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    journal = killed / "journal" / "main.jsonl"
     deadline = time.monotonic() + 120
-    while not (journal.exists() and len(journal.read_text().splitlines()) >= 3):
+    while journal_lines(killed) < 3:
         assert process.poll() is None, process.stderr.read().decode()
         assert time.monotonic() < deadline, "no window committed in time"
         time.sleep(0.02)

@@ -1306,6 +1306,19 @@ def ctrl_c_twice_during_a_forward_pass_with_workers_stuck(w):
 
 
 @case("signals", slow=True)
+def one_ctrl_c_with_a_decoder_stuck(w):
+    """A stop must not wait for an image's timeout (`batching.image_timeout_s`, 30 s here): the writer that waits on
+    it is told to stop, and a wait it cannot finish is given up within a second."""
+
+    def send(process, flags):
+        wait_for(flags, "decoding-*")
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=10)
+
+    return signalled(w, send, {"HOSTILE_STUCK_AFTER": "0"}, workers=2)
+
+
+@case("signals", slow=True)
 def kill_9_with_workers_busy(w):
     """Nothing can stop the workers of a process killed with -9: they leave by themselves when they see it gone."""
 

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from annotator.cli import app
-from tests.conftest import read_output, write_recipe
+from tests.conftest import journals, read_output, write_recipe
 
 runner = CliRunner()
 
@@ -34,7 +34,8 @@ def test_ctrl_c_while_the_model_loads_says_how_to_go_on(tmp_path, mixed_parquet,
     (tmp_path / "out" / "summary.json").unlink()
     shutil.rmtree(tmp_path / "out" / "data")
     (tmp_path / "out" / "data").mkdir()
-    (tmp_path / "out" / "journal" / "main.jsonl").write_text("")
+    for journal in journals(tmp_path / "out"):
+        journal.write_text("")
     monkeypatch.setattr(annotator.models, "load_model", interrupted_load)
     result = runner.invoke(app, ["resume", str(tmp_path / "out"), "--no-progress"])
     assert result.exit_code == 2 and f"annotate resume {tmp_path / 'out'}" in " ".join(result.output.split())

@@ -16,7 +16,16 @@ from annotator.fake_run import write_fake_run
 from annotator.report import gather, spread_hash
 from annotator.sink import RunFolder
 from tests.chromium import Chromium, binaries
-from tests.conftest import CAPTIONS, MIXED_SIZES, jpeg_bytes, read_output, run_once, write_dataset, write_recipe
+from tests.conftest import (
+    CAPTIONS,
+    MIXED_SIZES,
+    journals,
+    jpeg_bytes,
+    read_output,
+    run_once,
+    write_dataset,
+    write_recipe,
+)
 
 runner = CliRunner()
 HOSTILE = '<img src=x onerror="console.error(1)"></div><script>console.error("injected")</script>'
@@ -142,7 +151,7 @@ def test_report_of_an_unfinished_run_and_refusals(run_with_errors, tmp_path):
     partial = tmp_path / "partial"
     shutil.copytree(run_with_errors, partial)
     (partial / "summary.json").unlink()
-    journal = partial / "journal" / "main.jsonl"
+    (journal,) = journals(partial)
     journal.write_text(journal.read_text().splitlines(keepends=True)[0])
     assert invoke("report", partial).exit_code == 0
     page = (partial / "report.html").read_text()

@@ -17,7 +17,15 @@ import pytest
 from typer.testing import CliRunner
 
 from annotator.cli import app
-from tests.conftest import jpeg_bytes, read_output, write_dataset, write_recipe
+from tests.conftest import (
+    journal_lines,
+    journals,
+    jpeg_bytes,
+    keep_first_windows,
+    read_output,
+    write_dataset,
+    write_recipe,
+)
 
 runner = CliRunner()
 ROWS = 120
@@ -64,11 +72,6 @@ def reference_run(tmp_path_factory, dataset, tiny_model_cache) -> Path:
 @pytest.fixture(scope="module")
 def reference(reference_run):
     return read_output(reference_run)
-
-
-def journal_lines(output: Path) -> int:
-    journal = output / "journal" / "main.jsonl"
-    return len(journal.read_text().splitlines()) if journal.exists() else 0
 
 
 def assert_same_output(output: Path, reference) -> None:
@@ -153,10 +156,7 @@ def interrupted_copy(run: Path, destination: Path, keep_windows: int) -> Path:
     """A copy of a finished run turned into one that stopped after `keep_windows` windows."""
     shutil.copytree(run, destination)
     (destination / "summary.json").unlink()
-    journal = destination / "journal" / "main.jsonl"
-    journal.write_text("".join(journal.read_text().splitlines(keepends=True)[:keep_windows]))
-    for path in sorted((destination / "data").glob("part-*.parquet"))[keep_windows:]:
-        path.unlink()
+    keep_first_windows(destination, keep_windows)
     return destination
 
 
@@ -230,7 +230,8 @@ def test_hidden_leftovers_and_torn_journal_lines_are_cleaned(tmp_path, dataset, 
     output = interrupted_copy(reference_run, tmp_path / "partial", keep_windows=4)
     leftover = output / "data" / ".part-000004.parquet.999.tmp"
     leftover.write_bytes(b"PAR1 half a file")
-    with open(output / "journal" / "main.jsonl", "a") as journal:
+    (journal_path,) = journals(output)
+    with open(journal_path, "a") as journal:
         journal.write('{"window": 4, "rows"')  # killed mid-append
     assert invoke("resume", output, "--no-progress").exit_code == 0
     assert not leftover.exists()

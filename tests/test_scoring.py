@@ -203,7 +203,7 @@ def test_each_question_of_a_run_equals_its_own_single_question_run(tmp_path, mix
     from typer.testing import CliRunner
 
     from annotator.cli import app
-    from tests.conftest import read_output, write_recipe
+    from tests.conftest import journals, read_output, write_recipe
 
     def run(name: str, prompt: dict, output: dict | None = None):
         batching = {"window": 16, "max_batch_size": 5, "max_batch_tokens": 1200}
@@ -217,7 +217,7 @@ def test_each_question_of_a_run_equals_its_own_single_question_run(tmp_path, mix
         )
         result = CliRunner().invoke(app, ["run", str(path), "--no-progress"], catch_exceptions=False)
         assert result.exit_code == 0, result.output
-        journal = (tmp_path / name / "journal" / "main.jsonl").read_text().splitlines()
+        journal = [line for path in journals(tmp_path / name) for line in path.read_text().splitlines()]
         padded = sum(json.loads(line)["padded_tokens"] > json.loads(line)["real_tokens"] for line in journal)
         assert padded, "rows of several lengths must share batches"
         return read_output(tmp_path / name)

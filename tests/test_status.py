@@ -71,3 +71,44 @@ def test_journals_from_before_histograms_were_recorded_still_give_the_histogram(
     records = [json.loads(line) for line in folder.journal_path.read_text().splitlines()]
     folder.journal_path.write_text("".join(json.dumps({**r, "histograms": {}}) + "\n" for r in records))
     assert run_status(folder.root)["prob_histogram"] == expected and sum(expected) > 250
+
+
+def test_status_shows_each_writer_of_the_live_session(tmp_path):
+    """Host, device, windows, rows/s and heartbeat of each writer; one that stopped beating is `gone`."""
+    folder = write_fake_run(tmp_path / "run", rows=1000, window=100)
+    as_running(folder, keep=2, seconds_ago=60.0)  # an earlier session's journal: not this session's writers
+    now = time.time()
+    session = now - 20
+    records = [json.loads(line) for line in folder.journal_path.read_text().splitlines()]
+    for name, device, windows, beat_ago in (("vm-1-aa", "cuda:0", [2, 3, 4], 1.0), ("vm-2-bb", "cuda:1", [5], 40.0)):
+        lines = [{**records[0], "window": w, "start": w * 100, "session_started": session, "committed_at": now - 5}
+                 for w in windows]  # fmt: skip
+        (folder.journal_dir / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+        beat = {"host": "vm", "pid": 1, "device": device, "state": "scoring", "started": session - 10,
+                "loaded_at": session - 1, "session_started": session, "beat": now - beat_ago}  # fmt: skip
+        (folder.journal_dir / f"{name}.heartbeat.json").write_text(json.dumps(beat))
+    status = run_status(folder.root)
+    assert status["state"] == "running" and status["rows_done"] == 600
+    writers = {w["device"]: w for w in status["writers"]}
+    assert sorted(writers) == ["cuda:0", "cuda:1"], "the earlier session's writer is not listed"
+    assert writers["cuda:0"]["windows"] == 3 and writers["cuda:0"]["rows"] == 300
+    assert writers["cuda:0"]["state"] == "scoring" and writers["cuda:0"]["heartbeat_s_ago"] == pytest.approx(1, abs=1)
+    assert writers["cuda:0"]["rows_per_s"] == pytest.approx(300 / 20, rel=0.1), "rows since the session began"
+    assert writers["cuda:1"]["state"] == "gone", "no heartbeat for 40 s"
+    table = runner.invoke(app, ["status", str(folder.root)]).output
+    assert "writers" in table and "cuda:1" in table and "gone" in table
+
+
+def test_damaged_heartbeats_and_journal_lines_are_left_out_of_the_writers(tmp_path):
+    """A heartbeat that is not an object, fields of other types, bytes that are not UTF-8: status still answers."""
+    folder = write_fake_run(tmp_path / "run", rows=300, window=100)
+    (folder.journal_dir / "vm-1-aa.heartbeat.json").write_text("[1, 2]")
+    (folder.journal_dir / "vm-2-bb.heartbeat.json").write_text(
+        json.dumps({"host": 7, "device": ["cuda:0"], "beat": "now", "session_started": True, "state": None})
+    )
+    (folder.journal_dir / "vm-2-bb.jsonl").write_bytes(b'\xff\xfe\n{"window": "0"}\n[]\n{"session_started": "x"}\n')
+    status = run_status(folder.root)
+    assert status["rows_done"] == 300
+    assert all(isinstance(w["host"], str) and isinstance(w["device"], str) for w in status["writers"])
+    result = runner.invoke(app, ["status", str(folder.root)])
+    assert result.exit_code == 0 and "Traceback" not in result.output
