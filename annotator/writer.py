@@ -466,8 +466,8 @@ def _settled_memory() -> Iterator[None]:
     planner allocates a window's rows (that was most of the planner's CPU); garbage is collected first, so that
     none is frozen with them, and they are collectable again after the run. Arrow's default allocator gives freed
     memory back to the kernel within milliseconds, so every window's buffers were page-faulted in and zeroed
-    again: jemalloc keeping freed pages for reuse saves that (peak memory is unchanged: a run holds at most two
-    windows).
+    again: jemalloc keeping freed pages for reuse saves that (peak memory is unchanged: the pages kept are those of
+    the windows a writer holds at once anyway).
     """
     import pyarrow as pa
 
