@@ -328,6 +328,21 @@ def check_model_name(name: str) -> None:
         )
 
 
+def random_model(config, dtype, device):
+    """A Qwen2-VL of `config` with random weights, the same in every process on one kind of device: the writers of
+    one run and a resumed run score with the same weights. The caller's random state is left as it was."""
+    import torch
+    from transformers import Qwen2VLForConditionalGeneration
+
+    device = torch.device(device)
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda), torch.device(device):
+        torch.manual_seed(0)
+        if cuda:
+            torch.cuda.manual_seed(0)
+        return Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype)
+
+
 def resolve_dtype(dtype: str, device):
     import torch
 
@@ -385,7 +400,6 @@ def load_model(
     """
     name = str(Path(name).expanduser()) if name.startswith("~") else name
     local_only, unreachable = hub_access(name, revision)  # before torch is imported: an offline error at once
-    import torch
     from huggingface_hub.utils import enable_progress_bars
     from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
     from transformers.utils import logging as hf_logging
@@ -402,8 +416,7 @@ def load_model(
             tokenizer = build_tiny_tokenizer()
             config = _qwen2_vl_config(tokenizer, QWEN2_VL_2B_TEXT, QWEN2_VL_2B_VISION)
             config._attn_implementation = attn_implementation
-            with torch.device(torch_device):
-                model = Qwen2VLForConditionalGeneration._from_config(config, dtype=torch_dtype)
+            model = random_model(config, torch_dtype, torch_device)
         else:
             source = str(tiny_model_dir()) if name == TINY else name
             tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, local_files_only=local_only)

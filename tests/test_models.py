@@ -51,3 +51,22 @@ def test_the_model_being_loaded_is_named_before_it_loads(tmp_path, mixed_parquet
     assert result.exit_code == 0
     first = result.stderr.splitlines()[0]
     assert ("loading model=tiny" in first) if log_format == "text" else ('"model": "tiny"' in first)
+
+
+def test_the_random_model_has_the_same_weights_in_every_process_and_leaves_the_random_state_alone(tiny):
+    """Writers of one run, and a resumed run, load `qwen2-vl-2b-random` separately: they must score with the same
+    weights. Checked on the tiny model's config (the 2B one costs 9 GB a copy)."""
+    import torch
+
+    from annotator.models import random_model
+
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    first = random_model(tiny.model.config, torch.float32, "cpu")
+    after = torch.rand(3)
+    second = random_model(tiny.model.config, torch.float32, "cpu")
+    assert torch.equal(before, after), "the caller's random state is untouched"
+    one, two = first.state_dict(), second.state_dict()
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    assert any(v.std() > 0 for v in one.values() if v.is_floating_point() and v.numel() > 1), "weights are random"
