@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import base64
 import io
+import os
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -364,7 +366,7 @@ def gather(folder: RunFolder, k: int) -> tuple[RunFacts, dict[str, Any]]:
 
 def write_report(output_dir: Path, out: Path | None, k: int = 12) -> Path:
     """Write the run's report page; returns its path."""
-    from annotator.report_page import render
+    from annotator.report_page import REPORT_MARKER, render
 
     folder = RunFolder(output_dir)
     if not folder.exists():
@@ -376,9 +378,36 @@ def write_report(output_dir: Path, out: Path | None, k: int = 12) -> Path:
         raise AnnotatorError(
             f"--out {str(out)!r} is not a file name in an existing folder; give one such as {folder.root}/report.html."
         )
+    _check_replaceable(out, REPORT_MARKER)
     facts, recipe = gather(folder, k)
     page = render(folder, recipe, facts, throughput(list(folder.committed().values())))
-    hidden = out.with_name(f".{out.name}.tmp")
-    hidden.write_text(page, encoding="utf-8")
-    hidden.replace(out)
+    # A hidden file of a name of its own, renamed over the target: a failed write leaves nothing half-written.
+    fd, hidden = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(page)
+        _check_replaceable(out, REPORT_MARKER)  # nothing took its place meanwhile
+        os.replace(hidden, out)
+    except BaseException:
+        Path(hidden).unlink(missing_ok=True)
+        raise
     return out
+
+
+def _check_replaceable(out: Path, marker: str) -> None:
+    """A file already at `out` is replaced only if it is a report this command wrote (never a user's file)."""
+    if not os.path.lexists(out):
+        return
+    head = b""
+    if out.is_file():  # stat first: a FIFO or device is never opened
+        try:
+            with open(out, "rb") as file:
+                head = file.read(4096)
+        except OSError as exc:
+            why = exc.strerror or exc
+            raise AnnotatorError(f"--out {str(out)!r} cannot be read ({why}); give another file name.") from None
+    if marker.encode() not in head:
+        raise AnnotatorError(
+            f"--out {str(out)!r} already exists and is not a report that `annotate report` wrote, so it is left as it "
+            "is. Give a new file name, or move that file away first."
+        )

@@ -15,6 +15,9 @@ from annotator.questions import Question
 from annotator.report import GRIDS, HISTOGRAM_BINS, SHARED_GRIDS, Pick, QuestionFacts, RunFacts
 from annotator.sink import RunFolder
 
+# Marks a page as `annotate report`'s: only such a file is ever replaced by another report.
+REPORT_MARKER = '<meta name="generator" content="annotator report">'
+
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 STYLE = """
 :root { color-scheme: light; --ink: #0f172a; --muted: #64748b; --line: #e2e8f0; --kept: #0f766e;
@@ -635,7 +638,7 @@ def render(folder: RunFolder, recipe: dict[str, Any], facts: RunFacts, speed: di
     made = time.strftime("%Y-%m-%d %H:%M")
     return "".join(
         [
-            '<!doctype html><html lang="en"><head><meta charset="utf-8">',
+            f'<!doctype html><html lang="en"><head><meta charset="utf-8">{REPORT_MARKER}',
             f'<meta http-equiv="Content-Security-Policy" content="{CSP}">',
             '<meta name="viewport" content="width=device-width, initial-scale=1"><link rel="icon" href="data:,">',
             f"<title>{esc(recipe['name'])}: annotator report</title><style>{STYLE}</style></head><body><main>",

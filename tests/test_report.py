@@ -161,6 +161,26 @@ def test_report_of_an_unfinished_run_and_refusals(run_with_errors, tmp_path):
     assert result.exit_code == 1 and "is not a run folder" in result.output
 
 
+def test_report_replaces_only_a_report_it_wrote(run_with_errors, tmp_path):
+    """--out never overwrites a user's file (or opens a FIFO); a report it wrote is replaced, with no temp left."""
+    import os
+
+    mine = tmp_path / "notes.html"
+    mine.write_text("<p>years of work</p>")
+    result = invoke("report", run_with_errors, "--out", mine)
+    assert result.exit_code == 1 and "is not a report that `annotate report` wrote" in " ".join(result.output.split())
+    assert mine.read_text() == "<p>years of work</p>"
+    fifo = tmp_path / "pipe.html"
+    os.mkfifo(fifo)
+    assert invoke("report", run_with_errors, "--out", fifo).exit_code == 1, "refused from stat, never opened"
+    out = tmp_path / "report.html"
+    assert invoke("report", run_with_errors, "--out", out).exit_code == 0
+    first = out.stat().st_mtime_ns
+    assert invoke("report", run_with_errors, "--out", out).exit_code == 0, "its own report is replaced"
+    assert out.stat().st_mtime_ns >= first and "annotator report" in out.read_text()[:400]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.html", "pipe.html", "report.html"], "no temp left"
+
+
 BARS = "return [...document.querySelectorAll(arguments[0] + ' .linear .bar')].map(b => Number(b.dataset.count))"
 
 
