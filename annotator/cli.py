@@ -169,22 +169,27 @@ def _print_scores(status: dict) -> None:
     for a run of several."""
     from annotator.scores import kept_shares
 
+    lines = []
     if status["prob_histogram"] is not None:
-        _score_lines(
-            "prob", status["prob_histogram"], status["kept_share_at"], status["kept_share"], status["threshold"]
+        lines.append(
+            ("prob", status["prob_histogram"], status["kept_share_at"], status["kept_share"], status["threshold"])
         )
     for name, counts in (status.get("questions") or {}).items():
         if counts.get("prob_histogram") is not None:
             shares = kept_shares(counts["prob_histogram"], status["rows_done"])
-            _score_lines(f"prob_{name}", counts["prob_histogram"], shares, None, None)
+            lines.append((f"prob_{name}", counts["prob_histogram"], shares, None, None))
+    width = max((len(line[0]) for line in lines), default=0)
+    for line in lines:
+        _score_lines(*line, width=width)
 
 
-def _score_lines(column: str, counts: list, kept_at: dict, kept_share: float | None, threshold: float | None) -> None:
+def _score_lines(
+    column: str, counts: list, kept_at: dict, kept_share: float | None, threshold: float | None, width: int
+) -> None:
     if not any(counts):
         return
     from annotator.scores import bars
 
-    width = max(len(column), len("kept"))
     stdout.print(
         f"{column:<{width}}    0 [cyan]{bars(counts)}[/] 1   ({len(counts)} bins of {1 / len(counts):g})",
         highlight=False,

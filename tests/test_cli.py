@@ -1,6 +1,7 @@
 """The command line end to end with the tiny model, and the user errors it reports (exit 1, no traceback)."""
 
 import json
+import re
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -309,7 +310,10 @@ def test_summary_and_status_count_each_question(questions_run):
     assert summary["scored"] == 8 and summary["errors"] == 1
     shown = invoke("status", questions_run).output
     assert "label_cat" in shown and "answer_kind" in shown and "A: " in shown
-    assert "prob_cat    0 " in shown and "prob_text    0 " in shown, "a histogram line per Y/N question"
+    histograms = [line.split()[0] for line in shown.splitlines() if re.match(r"prob_\w+ +0 ", line)]
+    assert histograms == ["prob_cat", "prob_text"], "a histogram line per Y/N question"
+    starts = {line.index(" 0 ") for line in shown.splitlines() if re.match(r"prob_\w+ +0 ", line)}
+    assert len(starts) == 1, "the questions' histograms line up"
 
 
 def test_plan_counts_flops_with_sharing_per_question(tmp_path, mixed_parquet, monkeypatch):
