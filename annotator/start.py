@@ -138,7 +138,13 @@ def _frozen_recipe(folder: RunFolder, overrides: list[str]) -> Recipe:
         section = frozen.setdefault("input", {})
         if isinstance(section, dict):
             section["limit"] = limit
-    recipe = validate_recipe(merge(frozen, parse_overrides(overrides)), source=str(folder.recipe_path))
+    changes = parse_overrides(overrides)
+    engine, ran_on = changes.get("engine"), frozen.get("engine")
+    if isinstance(engine, dict) and "kind" in engine and isinstance(ran_on, dict):
+        # Another engine finishes the run (engines never change results): the devices or Ray settings of the one
+        # it ran on do not apply to it; what this resume sets does.
+        frozen["engine"] = {k: v for k, v in ran_on.items() if k not in ("devices", "ray")}
+    recipe = validate_recipe(merge(frozen, changes), source=str(folder.recipe_path))
     recipe.output.dir = str(folder.root)  # the folder may have been moved since: it is where it is now
     return recipe
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from annotator.errors import AnnotatorError
 from annotator.ray_engine import plan_writers
@@ -57,8 +58,11 @@ def test_ray_writers_with_one_killed_write_the_local_output(tmp_path, scaleout_i
 def test_a_run_resumed_by_the_other_engine_is_exact(tmp_path, scaleout_input, scaleout_reference, ray_session):
     output = tmp_path / "partial"
     shutil.copytree(scaleout_reference, output)
-    cut_back(output, keep=3)  # started by one local process
-    result = invoke("resume", output, "--no-progress", *ON_RAY)
+    cut_back(output, keep=3)  # started by local processes, as `--devices cpu,cpu` writes it in the frozen recipe:
+    frozen = yaml.safe_load((output / "recipe.yaml").read_text())
+    frozen.setdefault("engine", {})["devices"] = ["cpu", "cpu"]
+    (output / "recipe.yaml").write_text(yaml.safe_dump(frozen, sort_keys=False))
+    result = invoke("resume", output, "--no-progress", *ON_RAY)  # the local devices do not apply on Ray
     assert result.exit_code == 0, result.output
     assert_same_output(output, scaleout_reference)
     cut_back(output, keep=5)  # windows 3 and 4 now come from Ray actors' journals
