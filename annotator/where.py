@@ -61,7 +61,12 @@ class WhereFilter:
         self.text = text
         self.schema = schema
         self.tokens = tokenize(text)
+        if len(self.tokens) > MAX_TOKENS:
+            raise AnnotatorError(
+                _message(text, self.tokens[MAX_TOKENS].position, f"the expression is longer than {MAX_TOKENS} words")
+            )
         self.index = 0
+        self.depth = 0  # `not` and `(` open so far: bounded, so that neither parsing nor evaluating can recurse deep
         self.root = self._expression()
         if self._peek().kind != "end":
             self._fail(self._peek(), "expected `and`, `or` or the end of the expression")
@@ -97,10 +102,17 @@ class WhereFilter:
             node = self._logical(op, node, operand(), token)
         return node
 
+    def _nested(self, token: Token) -> None:
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            self._fail(token, f"the expression nests `not` and parentheses more than {MAX_DEPTH} deep")
+
     def _not(self) -> Node:
         if self._peek().text == "not" and self._peek().kind == "keyword":
             token = self._next()
+            self._nested(token)
             operand = self._not()
+            self.depth -= 1
             self._need_bool(operand, "`not`")
             return Node("bool", "not", (operand,), token.position)
         return self._comparison()
@@ -126,7 +138,9 @@ class WhereFilter:
     def _atom(self) -> Node:
         token = self._next()
         if token.kind == "op" and token.text == "(":
+            self._nested(token)
             node = self._expression()
+            self.depth -= 1
             closing = self._next()
             if closing.text != ")" or closing.kind != "op":
                 self._fail(closing, f"expected `)` to close the `(` at character {token.position}")
@@ -186,6 +200,10 @@ class WhereFilter:
         raise AnnotatorError(_message(self.text, position, problem, hint))
 
 
+MAX_TOKENS = 400  # words of an expression: far beyond any filter a person writes, and a tree evaluated shallowly
+MAX_DEPTH = 64
+
+
 def tokenize(text: str) -> list[Token]:
     tokens, position = [], 0
     while position < len(text):
@@ -206,7 +224,7 @@ def tokenize(text: str) -> list[Token]:
 
 def _message(text: str, position: int, problem: str, hint: str = "") -> str:
     return (
-        f"--where {text!r}: {problem} (at character {position}). "
+        f"--where {text if len(text) <= 200 else text[:197] + '...'!r}: {problem} (at character {position}). "
         + (f"{hint[0].upper()}{hint[1:]}. " if hint else "")
         + f'An expression may use {GRAMMAR}; e.g. --where "label_cat and not label_text".'
     )

@@ -70,6 +70,9 @@ def test_expressions_keep_exactly_those_rows(expression, kept):
         ("label_cat; import os", "unexpected character ';'", 10),
         ("__import__('os').system('true')", "unexpected character '.'", 17),
         ("__import__('os')", "'__import__' is not a column", 1),
+        ("not " * 65 + "label_cat", "nests `not` and parentheses more than 64 deep", 257),
+        ("(" * 65 + "label_cat" + ")" * 65, "nests `not` and parentheses more than 64 deep", 65),
+        ("label_cat and " * 201 + "label_cat", "longer than 400 words", 2801),
     ],
 )
 def test_a_bad_expression_is_one_paragraph_naming_its_position(expression, message, position, monkeypatch):
@@ -78,4 +81,5 @@ def test_a_bad_expression_is_one_paragraph_naming_its_position(expression, messa
         WhereFilter(expression, TABLE.schema)
     text = str(error.value)
     assert message in text and f"(at character {position})" in text
-    assert text.startswith(f"--where {expression!r}: ") and "\n" not in text
+    shown = expression if len(expression) <= 200 else expression[:197] + "..."
+    assert text.startswith(f"--where {shown!r}: ") and "\n" not in text and len(text) < 1000
