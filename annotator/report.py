@@ -378,6 +378,7 @@ def write_report(output_dir: Path, out: Path | None, k: int = 12) -> Path:
         raise AnnotatorError(
             f"--out {str(out)!r} is not a file name in an existing folder; give one such as {folder.root}/report.html."
         )
+    _check_outside_runs(out, folder)
     _check_replaceable(out, REPORT_MARKER)
     facts, recipe = gather(folder, k)
     page = render(folder, recipe, facts, throughput(list(folder.committed().values())))
@@ -392,6 +393,22 @@ def write_report(output_dir: Path, out: Path | None, k: int = 12) -> Path:
         Path(hidden).unlink(missing_ok=True)
         raise
     return out
+
+
+def _check_outside_runs(out: Path, folder: RunFolder) -> None:
+    """A report goes beside runs, or as a run's own `report.html`: never among a run's data or journals, where it
+    would be a stray file that makes the run damaged (any run folder: this one or another)."""
+    from annotator.sink import RUN_MARKER
+
+    target = Path(os.path.realpath(out))
+    for parent in target.parents:
+        if (parent / RUN_MARKER).exists():
+            if target != parent / "report.html" or parent != Path(os.path.realpath(folder.root)):
+                raise AnnotatorError(
+                    f"--out {str(out)!r} is inside the run folder {str(parent)!r}, which holds only what a run "
+                    "writes. Write the report outside it (a run's own report is its report.html, the default)."
+                )
+            return
 
 
 def _check_replaceable(out: Path, marker: str) -> None:

@@ -179,6 +179,13 @@ def test_report_replaces_only_a_report_it_wrote(run_with_errors, tmp_path):
     assert invoke("report", run_with_errors, "--out", out).exit_code == 0, "its own report is replaced"
     assert out.stat().st_mtime_ns >= first and "annotator report" in out.read_text()[:400]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.html", "pipe.html", "report.html"], "no temp left"
+    # Never into a run folder's data or journal (a stray file there makes the run damaged), this run's or another's.
+    before = sorted(p.name for p in run_with_errors.rglob("*"))
+    for inside in ("data/new.html", "journal/x.html", "notes.html"):
+        result = invoke("report", run_with_errors, "--out", run_with_errors / inside)
+        assert result.exit_code == 1 and "is inside the run folder" in " ".join(result.output.split()), inside
+    assert sorted(p.name for p in run_with_errors.rglob("*")) == before
+    assert invoke("report", run_with_errors).exit_code == 0, "its own report.html, the default"
 
 
 BARS = "return [...document.querySelectorAll(arguments[0] + ' .linear .bar')].map(b => Number(b.dataset.count))"
