@@ -17,7 +17,8 @@ import pyarrow.parquet as pq
 from annotator.card import export_card, split_name
 from annotator.errors import AnnotatorError
 from annotator.folder import problems
-from annotator.recipe import read_recipe_file
+from annotator.questions import Question
+from annotator.recipe import read_recipe_file, validate_recipe
 from annotator.run import summarize
 from annotator.sink import HF_METADATA_KEY, RUN_MARKER, RunFolder
 from annotator.where import WhereFilter
@@ -240,12 +241,12 @@ def export_run(
         raise AnnotatorError(f"The run in {str(output_dir)!r} has no rows, so there is nothing to export.")
     schema = pq.read_schema(files[0])
     row_filter = row_filter or WhereFilter(where, schema)
-    _check_filter_columns(row_filter, schema)
+    recipe = read_recipe_file(folder.recipe_path)
+    _check_filter_columns(row_filter, validate_recipe(recipe).questions)
     drop = _columns_to_drop(drop_columns, schema)
     out_schema = _schema_without(schema, drop)
     if isinstance(row_filter, TopFraction):
         row_filter.prepare(files)
-    recipe = read_recipe_file(folder.recipe_path)
     info = folder.manifest().get("input_card") or {}
     split = info.get("split") or split_name(recipe)
     writers: list[ShardWriter] = []
@@ -299,15 +300,14 @@ def _stream(files, records, schema, row_filter, drop, kept, rest) -> dict[str, i
     return counts
 
 
-def _check_filter_columns(row_filter: RowFilter | TopFraction | WhereFilter, schema: pa.Schema) -> None:
-    """--label, --min-prob and --top-fraction read `label` and `prob`: a run of several questions (or of answers)
-    has others."""
-    if isinstance(row_filter, WhereFilter) or {"label", "prob"} <= set(schema.names):
+def _check_filter_columns(row_filter: RowFilter | TopFraction | WhereFilter, questions: list[Question]) -> None:
+    """--label, --min-prob and --top-fraction read `label` and `prob`, which only a run of the one Y/N question
+    writes (an input column of that name in a run of several questions is not the run's)."""
+    if isinstance(row_filter, WhereFilter) or (len(questions) == 1 and not questions[0].name and questions[0].yes_no):
         return
-    decided = [n for n in schema.names if n.startswith(("label_", "answer_")) and not n.startswith("answer_mass")]
-    decided += [n for n in ("answer",) if n in schema.names]
-    labels = [n for n in decided if n.startswith("label_")]
-    example = " and not ".join(labels[:2]) if labels else f"{decided[0]} == '...'" if decided else "..."
+    decided = [q.columns[1] for q in questions]
+    labels = [q.columns[1] for q in questions if q.yes_no]
+    example = " and not ".join(labels[:2]) if labels else f"{decided[0]} == '{questions[0].answers[0]}'"
     raise AnnotatorError(
         "This run asked several questions or chose between answers, so it has no `label` column (nor `prob`) for "
         f"--label, --min-prob or --top-fraction; its columns are {', '.join(decided)}. Say which rows to keep with "

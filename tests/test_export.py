@@ -265,3 +265,19 @@ def test_where_on_a_single_question_run_equals_min_prob(finished_run, tmp_path):
     assert invoke("export", finished_run, "--to", tmp_path / "a", "--min-prob", "0.6").exit_code == 0
     assert invoke("export", finished_run, "--to", tmp_path / "b", "--where", "prob >= 0.6").exit_code == 0
     assert rows_of(tmp_path / "a")["row_id"] == rows_of(tmp_path / "b")["row_id"]
+
+
+def test_label_filters_never_read_an_input_column_of_that_name_in_a_run_of_answers(tmp_path, tiny_model_cache):
+    """A run of `prompt.answers` writes no `label`/`prob`: the input's own `label` and `prob` columns are not its."""
+    images = [jpeg_bytes(w, h, seed=i) for i, (w, h) in enumerate(MIXED_SIZES)]
+    n = len(images)
+    parquet = write_dataset(tmp_path / "in.parquet", images, CAPTIONS[:n], label=[True] * n, prob=[0.9] * n)
+    recipe = write_recipe(tmp_path / "r.yaml", parquet, tmp_path / "run", prompt={"answers": ["A", "B"]})
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("ANNOTATOR_CACHE", str(tiny_model_cache))
+        assert invoke("run", recipe, "--no-progress").exit_code == 0
+    for args in ([], ["--min-prob", "0.5"], ["--top-fraction", "0.5"]):
+        result = invoke("export", tmp_path / "run", "--to", tmp_path / "kept", *args)
+        said = " ".join(result.output.split())
+        assert result.exit_code == 1 and "its columns are answer." in said and "--where \"answer == 'A'\"" in said
+    assert not (tmp_path / "kept").exists()
