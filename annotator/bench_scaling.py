@@ -68,6 +68,12 @@ def run_scaling(config: Any, parquet: Path, devices: list[str], console: Any) ->
         raise AnnotatorError("--devices for a scaling benchmark names at least two devices, e.g. cpu,cpu.")
     writers = len(devices)
     window = config.window or max(8, config.pairs // (8 * writers))  # several windows per writer
+    if -(-config.pairs // window) < 2 * writers:
+        raise AnnotatorError(
+            f"--pairs {config.pairs} makes {-(-config.pairs // window)} window(s) of {window} rows for {writers} "
+            f"writers: a scaling figure needs at least two windows per writer, or some writers never work. Give "
+            f"--pairs {2 * writers * window} or more, or a smaller --window."
+        )
     cores = available_cores()
     results: dict[str, Any] = {"devices": ",".join(devices), "cores": cores, "pairs": config.pairs, "window": window}
     with tempfile.TemporaryDirectory(prefix="annotate-bench-scaling-") as tmp:

@@ -93,6 +93,12 @@ def test_bench_devices_prints_the_scaling_of_one_writer_per_device():
     assert out["scaling_efficiency"] == pytest.approx(two / (2 * one), abs=0.001)
 
 
+def test_bench_devices_refuses_too_few_windows_for_its_writers():
+    result = invoke("bench", "--devices", "cpu,cpu", "--pairs", 8, "--sizes", "320x240", "--workers", 0, "--json")
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1 and "1 window(s) of 8 rows for 2 writers" in said and "--pairs 32" in said
+
+
 def test_bench_without_baseline_has_no_ratio():
     result = invoke(
         "bench",
