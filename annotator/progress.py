@@ -72,6 +72,7 @@ class RunProgress:
         self._bar = None
         self._task = None
         self.rows_done = self.scored = self.errors = self.positives = 0
+        self.labelled = False  # the one Y/N question's labels: a run of several questions or of answers has none
         self.session_rows = 0
         self.live_rows = self.live_errors = 0  # rows scored or failed so far, committed or not (the bar)
         self.started_at: float | None = None  # wall clock, for the journal and `status`
@@ -135,7 +136,7 @@ class RunProgress:
             rows=self._rows_text(),
             rows_per_s=summary.get("rows_per_s"),
             seconds=summary.get("session_seconds"),
-            kept=f"{self.positives / self.rows_done:.1%}" if self.rows_done else None,
+            kept=f"{self.positives / self.rows_done:.1%}" if self.rows_done and self.labelled else None,
             errors=self.errors,
         )
 
@@ -182,8 +183,8 @@ class RunProgress:
             "done_share": round(self.rows_done / self.total_rows, 4) if self.total_rows else None,
             "scored": self.scored,
             "errors": self.errors,
-            "kept": self.positives,
-            "kept_share": round(self.positives / self.rows_done, 4) if self.rows_done else None,
+            "kept": self.positives if self.labelled else None,
+            "kept_share": round(self.positives / self.rows_done, 4) if self.rows_done and self.labelled else None,
             "rows_per_s": rate,
             "eta_s": round(left / rate, 1) if rate and left is not None else None,
         }
@@ -193,6 +194,7 @@ class RunProgress:
         self.scored += record["scored"]
         self.errors += record["errors"]
         self.positives += record.get("positives", 0)
+        self.labelled = self.labelled or "positives" in record
 
     def _rows_left(self) -> int | None:
         return None if self.total_rows is None else max(0, self.total_rows - self.rows_done)

@@ -314,6 +314,8 @@ def test_summary_and_status_count_each_question(questions_run):
     assert histograms == ["prob_cat", "prob_text"], "a histogram line per Y/N question"
     starts = {line.index(" 0 ") for line in shown.splitlines() if re.match(r"prob_\w+ +0 ", line)}
     assert len(starts) == 1, "the questions' histograms line up"
+    log = (questions_run / "run.log").read_text()
+    assert "window window=0" in log and "kept=" not in log, "no single kept share for several questions"
 
 
 def test_plan_counts_flops_with_sharing_per_question(tmp_path, mixed_parquet, monkeypatch):
