@@ -16,7 +16,7 @@ GRAMMAR = (
 )
 TOKEN = re.compile(
     r"""(?P<space>\s+)
-    |(?P<number>(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)
+    |(?P<number>-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)
     |(?P<string>'[^']*'|"[^"]*")
     |(?P<name>[A-Za-z_][A-Za-z0-9_]*)
     |(?P<op>==|!=|<=|>=|<|>|\(|\))

@@ -39,6 +39,7 @@ TABLE = pa.table(
         ("answer_kind >= 'd'", [1, 2, 0]),  # strings compare in order: drawing, photo
         ("row_id >= 3", [4]),  # row 3 has an error: never kept, whatever the expression
         ("true", [0, 1, 2, 4]),
+        ("row_id > -1 and row_id != -2.5e0", [0, 1, 2, 4]),  # negative numbers
         ("false", []),
         ("not not label_cat", [0, 2, 4]),
         ("(((label_cat)))", [0, 2, 4]),
