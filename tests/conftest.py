@@ -194,3 +194,18 @@ def questions_run(tmp_path_factory, tiny_model_cache) -> Path:
     recipe = write_recipe(root / "r.yaml", parquet, root / "run", prompt=prompt, output={"thresholds": {"cat": 0.6}})
     run_once(root, recipe, tiny_model_cache)
     return root / "run"
+
+
+def counting_planned_rows(monkeypatch) -> list[int]:
+    """The number of rows of every window planned from now on (a list that grows as windows are planned)."""
+    import annotator.batching
+
+    seen: list[int] = []
+    original = annotator.batching.plan_window
+
+    def counting(rows, *args, **kwargs):
+        seen.append(len(rows))
+        return original(rows, *args, **kwargs)
+
+    monkeypatch.setattr(annotator.batching, "plan_window", counting)
+    return seen

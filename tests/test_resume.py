@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from annotator.cli import app
 from tests.conftest import (
+    counting_planned_rows,
     journal_lines,
     journals,
     jpeg_bytes,
@@ -241,17 +242,8 @@ def test_hidden_leftovers_and_torn_journal_lines_are_cleaned(tmp_path, dataset, 
 def test_resume_skips_committed_windows_without_reading_their_images(
     tmp_path, dataset, reference_run, monkeypatch, reference
 ):
-    import annotator.batching
-
     output = interrupted_copy(reference_run, tmp_path / "partial", keep_windows=15)
-    seen: list[int] = []
-    original = annotator.batching.plan_window
-
-    def counting(rows, *args, **kwargs):
-        seen.append(len(rows))
-        return original(rows, *args, **kwargs)
-
-    monkeypatch.setattr(annotator.batching, "plan_window", counting)
+    seen = counting_planned_rows(monkeypatch)
     assert invoke("resume", output, "--no-progress").exit_code == 0
     assert sum(seen) == ROWS - 15 * 6
     assert_same_output(output, reference)

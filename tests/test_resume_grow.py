@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from annotator.cli import app
 from annotator.sink import RunFolder
-from tests.conftest import jpeg_bytes, run_once, write_dataset, write_recipe
+from tests.conftest import counting_planned_rows, jpeg_bytes, run_once, write_dataset, write_recipe
 
 runner = CliRunner()
 ROWS, WINDOW = 40, 6
@@ -51,20 +51,6 @@ def assert_equals_whole(run: Path, whole: Path) -> None:
     summary = json.loads((run / "summary.json").read_text())
     assert summary["rows"] == ROWS and summary["finished"]
     assert json.loads(invoke("status", run, "--json").output)["rows"] == f"{ROWS} / {ROWS}"
-
-
-def counting_planned_rows(monkeypatch) -> list[int]:
-    import annotator.batching
-
-    seen: list[int] = []
-    original = annotator.batching.plan_window
-
-    def counting(rows, *args, **kwargs):
-        seen.append(len(rows))
-        return original(rows, *args, **kwargs)
-
-    monkeypatch.setattr(annotator.batching, "plan_window", counting)
-    return seen
 
 
 def test_a_pilot_grown_in_steps_to_every_row_equals_a_run_of_every_row(tmp_path, dataset, whole, monkeypatch):
