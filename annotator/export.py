@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from annotator.card import export_card, split_name
 from annotator.errors import AnnotatorError
-from annotator.folder import problems
+from annotator.folder import enclosing_run, problems
 from annotator.questions import Question
 from annotator.recipe import read_recipe_file, validate_recipe
 from annotator.run import summarize
@@ -324,6 +324,12 @@ def _check_targets(folder: RunFolder, to: Path, rejected: Path | None) -> None:
         if where == run or where.startswith(run + os.sep) or run.startswith(where + os.sep):
             raise AnnotatorError(
                 f"{option} {str(target)!r} is the run folder, inside it, or holds it. Export into a separate folder."
+            )
+        holder = enclosing_run(target)
+        if holder is not None:
+            raise AnnotatorError(
+                f"{option} {str(target)!r} is inside the run folder {str(holder)!r}, which holds only what a run "
+                "writes. Export into a separate folder."
             )
         if target.exists() and (not target.is_dir() or any(target.iterdir())):
             raise AnnotatorError(

@@ -56,6 +56,12 @@ def check_target(folder: RunFolder) -> None:
     """Refuse an output path a run may not write into, before anything is written: a file, a path under a file,
     or an existing folder that is neither empty nor a run folder."""
     root = folder.root
+    holder = enclosing_run(root)
+    if holder is not None:
+        raise AnnotatorError(
+            f"`output.dir` {str(root)!r} is inside the run folder {str(holder)!r}, which holds only what that run "
+            "writes (a folder there would make it damaged). Set `output.dir` to a folder outside any run folder."
+        )
     try:
         info = os.stat(root)
     except FileNotFoundError:
@@ -84,6 +90,14 @@ def check_target(folder: RunFolder) -> None:
             f"(marked by {RUN_MARKER}), so that it never changes files it did not write. Set `output.dir` to a new "
             "folder."
         )
+
+
+def enclosing_run(path: Path) -> Path | None:
+    """The run folder that holds `path` (strictly inside it, symbolic links resolved), or None."""
+    for parent in Path(os.path.realpath(path)).parents:
+        if (parent / RUN_MARKER).exists():
+            return parent
+    return None
 
 
 def _check_parents(root: Path) -> None:

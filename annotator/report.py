@@ -398,17 +398,16 @@ def write_report(output_dir: Path, out: Path | None, k: int = 12) -> Path:
 def _check_outside_runs(out: Path, folder: RunFolder) -> None:
     """A report goes beside runs, or as a run's own `report.html`: never among a run's data or journals, where it
     would be a stray file that makes the run damaged (any run folder: this one or another)."""
-    from annotator.sink import RUN_MARKER
+    from annotator.folder import enclosing_run
 
-    target = Path(os.path.realpath(out))
-    for parent in target.parents:
-        if (parent / RUN_MARKER).exists():
-            if target != parent / "report.html" or parent != Path(os.path.realpath(folder.root)):
-                raise AnnotatorError(
-                    f"--out {str(out)!r} is inside the run folder {str(parent)!r}, which holds only what a run "
-                    "writes. Write the report outside it (a run's own report is its report.html, the default)."
-                )
-            return
+    holder = enclosing_run(out)
+    if holder is None:
+        return
+    if Path(os.path.realpath(out)) != holder / "report.html" or holder != Path(os.path.realpath(folder.root)):
+        raise AnnotatorError(
+            f"--out {str(out)!r} is inside the run folder {str(holder)!r}, which holds only what a run writes. "
+            "Write the report outside it (a run's own report is its report.html, the default)."
+        )
 
 
 def _check_replaceable(out: Path, marker: str) -> None:

@@ -911,6 +911,20 @@ def run_into_a_finished_run_without_overwrite(w):
     return unchanged_after(w, run_args(r), "already holds a finished run")
 
 
+@case("damaged")
+def a_new_run_inside_another_runs_data(w):
+    run = copy_of_run(w)
+    r = recipe(w / "r.yaml", parquet(w / "in" / "a.parquet"), run / "data" / "nested")
+    return unchanged_after(w, run_args(r), "is inside the run folder")
+
+
+@case("damaged")
+def an_export_into_another_runs_journal(w):
+    run, other = copy_of_run(w), w / "other"
+    shutil.copytree(run, other)
+    return unchanged_after(w, ["export", str(run), "--to", str(other / "journal" / "kept")], "is inside the run folder")
+
+
 def resume_of(run: Path, exit: int = 0, *says: str, rows: int | None = ROWS) -> Expect:
     return Expect(["resume", str(run), "--no-progress"], exit, says, rows=rows if exit == 0 else None, run=run)
 
