@@ -78,6 +78,7 @@ class BenchConfig:
     attn_implementation: str = "sdpa"
     forward: str = "lean"
     cuda_graphs: str = "auto"
+    compile: str = "auto"
     count_images: int = 64
     devices: str = ""  # several: the scaling benchmark (`bench_scaling.py`) instead
     window: int = 0  # rows per window of the scaling benchmark; 0: several windows per writer
@@ -423,6 +424,7 @@ def bench_recipe(config: BenchConfig, parquet: Path, output_dir: Path, devices: 
                 "attn_implementation": config.attn_implementation,
                 "forward": config.forward,
                 "cuda_graphs": config.cuda_graphs,
+                "compile": config.compile,
             },
             "batching": {
                 "max_batch_tokens": config.max_batch_tokens,
@@ -493,6 +495,7 @@ def run_bench(config: BenchConfig, console: Any) -> dict[str, Any]:
         "attn_implementation": recipe.model.attn_implementation,
         "forward": recipe.model.forward,
         "cuda_graphs": recipe.model.cuda_graphs,
+        "compile": recipe.model.compile,
         "questions": len(recipe.questions),
         "sizes": [f"{i.name}:{i.weight}" for i in synthetic.images],
         "image_format": fmt.lower(),
@@ -577,6 +580,8 @@ def run_pipeline(recipe: Any, console: Any) -> tuple[dict[str, Any], Any]:
         "pairs_per_s": pairs_per_s,
         "steady_pairs_per_s": round(steady, 3) if steady else None,
         "first_batch_s": round(annotator.marks[0][0] - loop_start, 2) if annotator.marks else None,
+        # Start to a loaded model: with `model.compile: on`, its compile (the warm-up) too.
+        "model_load_s": round(annotator.coordinator.loaded_at[0] - annotator.coordinator.started_at, 2),
         "tokens_per_s": round(pairs_per_s * real_tokens / pairs, 1) if pairs else None,
         "padding_efficiency": summary["padding_efficiency"],
         "mean_tokens_per_pair": round(real_tokens / pairs, 1) if pairs else None,
@@ -624,7 +629,7 @@ def measure_question_cost(loaded: Any, one: Any, many: Any) -> dict[str, Any]:
                     tokens += row.length
                 batches.append(inputs)
         runs[key] = {
-            "scorer": Scorer(loaded, builder, recipe.model.forward),
+            "scorer": Scorer(loaded, builder, recipe.model.forward, compile=recipe.model.compile),
             "batches": batches,
             "flops": flops,
             "tokens": tokens,

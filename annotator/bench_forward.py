@@ -2,7 +2,7 @@
 
     python -m annotator.bench_forward graphs [--batches 64,16,4]   # ms per batch, eager vs graph replay
     python -m annotator.bench_forward profile                      # vision / decoder split, top kernels (batch 64)
-    python -m annotator.bench_forward compile                      # eager vs torch.compile (inductor), batch 64
+    python -m annotator.bench_forward compile [--dtype float32]    # eager vs model.compile vs a whole-graph compile
 
 `annotate bench` measures the pipeline; this isolates the model: the batch is collated once and stays on the
 device, so pairs/s here is the forward's own ceiling. qwen2-vl-2b-random in bfloat16 on a GPU, the tiny model
@@ -116,30 +116,43 @@ def profile(loaded, builder) -> None:
 
 
 def compiled(loaded, builder) -> None:
-    """Eager vs `torch.compile(lean_logits)` (inductor: elementwise ops fused), and how far P(Y) moves."""
-    scorer = Scorer(loaded, builder, "lean", "off")
+    """Eager vs `model.compile: on` (each vision block and decoder layer through torch.compile, dynamic shapes,
+    compiled at load) vs one static compile of the whole forward; and how far P(Y) moves from eager."""
+    scorer = Scorer(loaded, builder, "lean", "off", "off")
     batch = 64 if ON_GPU else 2
     inputs = scorer.collate(seed_rows(builder, batch))
-    eager = forward.lean_logits(loaded.model, inputs)
-    print("eager:", describe(batch, timed(lambda: forward.lean_logits(loaded.model, inputs), 5)), flush=True)
-    fused = torch.compile(forward.lean_logits, fullgraph=True, dynamic=False)
-    start = time.perf_counter()
-    out = fused(loaded.model, inputs)
-    sync()
-    print(f"compile + first call: {time.perf_counter() - start:.1f} s", flush=True)
-    print("compiled:", describe(batch, timed(lambda: fused(loaded.model, inputs), 10)), flush=True)
     answers = list(builder.answer_ids[0])  # Y, N
-    p_eager, p_fused = (x.float()[:, answers].softmax(-1)[:, 0] for x in (eager, out))
-    moved = float((p_eager - p_fused).abs().max())
-    print(f"max |P(Y) eager - compiled| {moved:.4f}, P(Y) std {float(p_eager.std()):.4f}")
+    eager = forward.lean_logits(loaded.model, inputs)
+    p_eager = eager.float()[:, answers].softmax(-1)[:, 0]
+    print("eager:", describe(batch, timed(lambda: forward.lean_logits(loaded.model, inputs), 5)), flush=True)
+
+    start = time.perf_counter()
+    regions = Scorer(loaded, builder, "lean", "off", "on").regions  # its warm-up compiles
+    print(f"model.compile: on, warm-up at load: {time.perf_counter() - start:.1f} s", flush=True)
+    variants = {
+        "model.compile: on (per block/layer, dynamic shapes)": lambda: forward.lean_logits(
+            loaded.model, inputs, regions
+        )
+    }
+    whole = torch.compile(forward.lean_logits, fullgraph=True, dynamic=False)
+    variants["whole forward, static shapes"] = lambda: whole(loaded.model, inputs)
+    for name, run in variants.items():
+        start = time.perf_counter()
+        out = run()
+        sync()
+        print(f"{name}: first call {time.perf_counter() - start:.1f} s", flush=True)
+        print(f"{name}:", describe(batch, timed(run, 10)), flush=True)
+        moved = float((p_eager - out.float()[:, answers].softmax(-1)[:, 0]).abs().max())
+        print(f"{name}: max |P(Y) eager - compiled| {moved:.2e}, P(Y) std {float(p_eager.std()):.4f}", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["graphs", "profile", "compile"])
     parser.add_argument("--batches", default="64,16,4", help="batch sizes for `graphs`")
+    parser.add_argument("--dtype", default="auto", help="model dtype (auto: bfloat16 on a GPU, float32 on a CPU)")
     args = parser.parse_args()
-    loaded = load_model("qwen2-vl-2b-random" if ON_GPU else "tiny", None, "auto", "auto", "sdpa")
+    loaded = load_model("qwen2-vl-2b-random" if ON_GPU else "tiny", None, args.dtype, "auto", "sdpa")
     builder = PromptBuilder(loaded.tokenizer, PromptConfig())
     with torch.inference_mode():
         if args.what == "graphs":

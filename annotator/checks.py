@@ -43,6 +43,7 @@ def check_run(recipe: Recipe, loads_model: bool = True) -> CheckedRun:
     check_target(RunFolder(recipe.output_dir))
     check_device(recipe.model.device)
     check_attention(recipe.model.attn_implementation, recipe.model.device)
+    check_compile_setting(recipe)
     check_model_name(recipe.model.name)
     if loads_model:
         hub_access(recipe.model.name, recipe.model.revision)
@@ -57,6 +58,19 @@ def check_run(recipe: Recipe, loads_model: bool = True) -> CheckedRun:
         # Last: on Ray this joins or starts it, which only a run whose every other setting holds should do.
         check_engine(recipe)  # devices that exist, or a Ray that can place the writers
     return CheckedRun(source, schema, tokenizer, why)
+
+
+def check_compile_setting(recipe: Recipe) -> None:
+    """`model.compile: on` and what it needs on the devices this machine's writers use (Ray's are elsewhere)."""
+    from annotator.compiling import check_compile
+    from annotator.executors import resolve_devices
+
+    m = recipe.model
+    if m.compile != "on":
+        return
+    local = recipe.engine.kind == "local"
+    types = {device.split(":")[0] for device in resolve_devices(recipe)} if local else set()
+    check_compile(m.compile, m.forward, m.cuda_graphs, types)
 
 
 def _within(path: str, folder: str) -> bool:

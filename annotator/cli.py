@@ -402,6 +402,7 @@ def bench(
     attn_implementation: Annotated[str, typer.Option(help="sdpa, eager or flash_attention_2")] = "sdpa",
     forward: Annotated[str, typer.Option(help="model.forward: lean or transformers")] = "lean",
     cuda_graphs: Annotated[str, typer.Option(help="model.cuda_graphs: auto, on or off")] = "auto",
+    compile: Annotated[str, typer.Option(help="model.compile: auto, on or off")] = "auto",
     count_images: Annotated[int, typer.Option(help="Images per batch for the op/sync counts (0: skip).")] = 64,
     questions: Annotated[
         int, typer.Option(help="Ask K questions of every image, and time K against one on the same images.")
@@ -441,6 +442,7 @@ def bench(
             attn_implementation=attn_implementation,
             forward=forward,
             cuda_graphs=cuda_graphs,
+            compile=compile,
             count_images=count_images,
             questions=questions,
             baseline=baseline,

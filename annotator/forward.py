@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -104,27 +104,47 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torc
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed
 
 
-def vision_features(visual: torch.nn.Module, pixel_values: torch.Tensor, layout: VisionLayout) -> torch.Tensor:
+def vision_features(
+    visual: torch.nn.Module, pixel_values: torch.Tensor, layout: VisionLayout, regions: Regions | None = None
+) -> torch.Tensor:
     """The vision tower on a batch of packed patches: merged image tokens (patches / 4, hidden), in patch order."""
+    block_forward = (regions or EAGER).vision_block
     hidden = visual.patch_embed(pixel_values)
-    frames, length = layout.frames, layout.length
+    length = layout.length
     cos, sin = visual.rotary_pos_emb(hidden, layout.positions)  # (length or frames * length, head dim)
     cos, sin = cos.view(-1, 1, length, cos.shape[-1]), signed_sin(sin).view(-1, 1, length, sin.shape[-1])
     for block in visual.blocks:
-        attn = block.attn
-        qkv = attn.qkv(block.norm1(hidden))
-        if layout.gather is not None:
-            qkv = qkv.index_select(0, layout.gather)
-        qkv = qkv.view(frames, length, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        # transformers rotates in float32 whatever the model's dtype, then casts back.
-        query, key = rotate(qkv[:2].float(), cos, sin).to(qkv.dtype).unbind(0)
-        out = scaled_dot_product_attention(query, key, qkv[2], attn_mask=layout.key_mask, scale=attn.scaling)
-        out = out.transpose(1, 2).reshape(frames * length, -1)
-        if layout.scatter is not None:
-            out = out.index_select(0, layout.scatter)
-        hidden = hidden + attn.proj(out)
-        hidden = hidden + block.mlp(block.norm2(hidden))
+        hidden = block_forward(block, hidden, cos, sin, layout.gather, layout.scatter, layout.key_mask)
     return visual.merger(hidden)
+
+
+def vision_block(
+    block: torch.nn.Module,
+    hidden: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    gather: torch.Tensor | None,
+    scatter: torch.Tensor | None,
+    key_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """One block of the vision tower: every frame's attention in one call (`VisionLayout`), then the MLP.
+
+    Sizes come from the tensors' shapes, never from Python ints, so that a compiled block treats them as dynamic.
+    """
+    attn = block.attn
+    length = cos.shape[2]
+    qkv = attn.qkv(block.norm1(hidden))
+    if gather is not None:
+        qkv = qkv.index_select(0, gather)
+    qkv = qkv.view(-1, length, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    # transformers rotates in float32 whatever the model's dtype, then casts back.
+    query, key = rotate(qkv[:2].float(), cos, sin).to(qkv.dtype).unbind(0)
+    out = scaled_dot_product_attention(query, key, qkv[2], attn_mask=key_mask, scale=attn.scaling)
+    out = out.transpose(1, 2).reshape(-1, attn.num_heads * attn.head_dim)
+    if scatter is not None:
+        out = out.index_select(0, scatter)
+    hidden = hidden + attn.proj(out)
+    return hidden + block.mlp(block.norm2(hidden))
 
 
 def embed(
@@ -182,6 +202,7 @@ def decode(
     rotary: tuple[torch.Tensor, torch.Tensor],
     past: KeyValues | None = None,
     keep_key_values: bool = False,
+    regions: Regions | None = None,
 ) -> tuple[torch.Tensor, KeyValues]:
     """The decoder layers over `hidden` (rows, length, width): the hidden states, and with `keep_key_values` each
     layer's keys/values (past ones included) for later tokens to attend to; else none are kept (`use_cache=False`).
@@ -189,27 +210,72 @@ def decode(
     `past` holds keys/values of earlier tokens to attend to (rows, kv heads, past length, dim); `mask` covers
     past + current keys.
     """
-    cos, sin = rotary
-    rows, length, _ = hidden.shape
+    layer_forward = (regions or EAGER).decoder_layer
     present: KeyValues = []
     for index, layer in enumerate(text_model.layers):
-        attn = layer.self_attn
-        x = layer.input_layernorm(hidden)
-        query = rotate(attn.q_proj(x).view(rows, length, -1, attn.head_dim).transpose(1, 2), cos, sin)
-        key = rotate(attn.k_proj(x).view(rows, length, -1, attn.head_dim).transpose(1, 2), cos, sin)
-        value = attn.v_proj(x).view(rows, length, -1, attn.head_dim).transpose(1, 2)
-        if past is not None:
-            key, value = torch.cat((past[index][0], key), dim=2), torch.cat((past[index][1], value), dim=2)
+        hidden, key_values = layer_forward(layer, hidden, mask, rotary, None if past is None else past[index])
         if keep_key_values:
-            present.append((key, value))
-        # Key/value heads repeated, as transformers does whenever a mask is given (a masked GQA call would
-        # fall back to the slow kernel on a GPU).
-        groups = attn.num_key_value_groups
-        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-        out = scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=attn.scaling)
-        hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(rows, length, -1))
-        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            present.append(key_values)
     return hidden, present
+
+
+def decoder_layer(
+    layer: torch.nn.Module,
+    hidden: torch.Tensor,
+    mask: torch.Tensor,
+    rotary: tuple[torch.Tensor, torch.Tensor],
+    past: tuple[torch.Tensor, torch.Tensor] | None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """One decoder layer: the hidden states, and its keys/values (past ones first) for later tokens to attend to."""
+    cos, sin = rotary
+    rows, length, _ = hidden.shape
+    attn = layer.self_attn
+    x = layer.input_layernorm(hidden)
+    query = rotate(attn.q_proj(x).view(rows, length, -1, attn.head_dim).transpose(1, 2), cos, sin)
+    key = rotate(attn.k_proj(x).view(rows, length, -1, attn.head_dim).transpose(1, 2), cos, sin)
+    value = attn.v_proj(x).view(rows, length, -1, attn.head_dim).transpose(1, 2)
+    if past is not None:
+        key, value = torch.cat((past[0], key), dim=2), torch.cat((past[1], value), dim=2)
+    # Key/value heads repeated, as transformers does whenever a mask is given (a masked GQA call would fall back
+    # to the slow kernel on a GPU).
+    groups = attn.num_key_value_groups
+    out = scaled_dot_product_attention(
+        query, repeat_kv(key, groups), repeat_kv(value, groups), attn_mask=mask, scale=attn.scaling
+    )
+    hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(rows, length, -1))
+    return hidden + layer.mlp(layer.post_attention_layernorm(hidden)), (key, value)
+
+
+@dataclass(frozen=True, slots=True)
+class Regions:
+    """The two pieces the forward repeats (a vision block, a decoder layer), each run eagerly or compiled."""
+
+    vision_block: Callable[..., torch.Tensor]
+    decoder_layer: Callable[..., tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]
+
+
+EAGER = Regions(vision_block, decoder_layer)
+
+
+@lru_cache(maxsize=1)
+def compiled_regions() -> Regions:
+    """Both pieces through torch.compile (inductor: Triton kernels on a GPU, C++ on a CPU), which fuses the
+    elementwise work between the matrix products (rotary in float32, QuickGELU, residual adds, norms).
+
+    PyTorch's regional compilation: each piece is compiled once and reused by every block or layer (the modules'
+    weights are inputs, not constants), so compiling costs one block and one layer, not the whole model. Shapes
+    are dynamic, so a new batch shape reuses the compiled code; a handful of variants (one frame or several, one
+    grid or several, one row or several) are compiled as they first occur (`Scorer.warm_up` does it at load).
+    """
+    from torch.fx.experimental import _config as fx_config
+
+    # Sizes that happen to be equal when a variant is compiled (a batch's length and a head's width, say) are not
+    # assumed equal ever after ("duck" shapes): that would recompile whenever they differ.
+    fx_config.use_duck_shape = False
+    return Regions(
+        torch.compile(vision_block, dynamic=True, fullgraph=True),
+        torch.compile(decoder_layer, dynamic=True, fullgraph=True),
+    )
 
 
 def head(model: torch.nn.Module, hidden: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
@@ -232,12 +298,14 @@ class LeanInputs:
     answer_index: torch.Tensor  # (rows * questions,) flat position of each question's last token, row by row
 
 
-def lean_logits(model: torch.nn.Module, inputs: LeanInputs) -> torch.Tensor:
+def lean_logits(model: torch.nn.Module, inputs: LeanInputs, regions: Regions | None = None) -> torch.Tensor:
     """Logits (rows * questions, vocabulary) at each question's last token: vision once per image, the shared
-    prefix once per row, each question once; embeddings, decoder, head; `use_cache=False`."""
+    prefix once per row, each question once; embeddings, decoder, head; `use_cache=False`. `regions`: the
+    blocks and layers eager (the default) or compiled (`compiled_regions`)."""
     text_model = model.model.language_model
-    features = vision_features(model.model.visual, inputs.pixel_values, inputs.vision)
+    features = vision_features(model.model.visual, inputs.pixel_values, inputs.vision, regions)
     embeds = embed(text_model, inputs.input_ids, inputs.image_index, features)
     mask = question_mask(inputs.segments, embeds.dtype)
-    hidden, _ = decode(text_model, embeds, mask, rotary_tables(text_model, embeds, inputs.position_ids))
+    rotary = rotary_tables(text_model, embeds, inputs.position_ids)
+    hidden, _ = decode(text_model, embeds, mask, rotary, regions=regions)
     return head(model, hidden, inputs.answer_index)

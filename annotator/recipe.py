@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from annotator.errors import AnnotatorError
 from annotator.questions import Question, question_problems, resolve_questions, uses_text
@@ -52,6 +52,14 @@ class InputConfig(_Section):
     )
 
 
+def _switch(value: Any) -> Any:
+    """YAML reads a bare on/off (`cuda_graphs: on`, `--set model.compile=off`) as true/false: the switch meant."""
+    return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+
+Switch = Annotated[Literal["auto", "on", "off"], BeforeValidator(_switch)]
+
+
 class ModelConfig(_Section):
     name: str = "Qwen/Qwen2-VL-2B-Instruct"
     revision: str | None = None
@@ -63,10 +71,16 @@ class ModelConfig(_Section):
         description="lean: annotator's own forward over the model's modules (no host sync, one attention call per"
         " layer; attn_implementation does not apply); transformers: the model's own forward. Same scores.",
     )
-    cuda_graphs: Literal["auto", "on", "off"] = Field(
+    cuda_graphs: Switch = Field(
         "auto",
         description="Replay the lean forward from a CUDA graph per batch shape (GPU only; no effect on a CPU or with"
         " forward: transformers). auto: where measured to win (docs/performance.md). Same scores.",
+    )
+    compile: Switch = Field(
+        "auto",
+        description="Run the lean forward's vision blocks and decoder layers through torch.compile, which fuses the"
+        " elementwise work between matrix products (compiled once, at load: tens of seconds). auto: where measured"
+        " to win (docs/performance.md). Same scores (float32: <= 1e-5).",
     )
     min_pixels: int = Field(3136, ge=784)
     max_pixels: int = Field(307200, ge=784)
@@ -237,7 +251,9 @@ class Recipe(_Section):
         several = self.prompt.questions is not None or self.prompt.answers is not None
         settings = {
             "input": self.input.model_dump(exclude={"limit"}),
-            "model": self.model.model_dump(exclude={"device", "attn_implementation", "forward", "cuda_graphs"}),
+            "model": self.model.model_dump(
+                exclude={"device", "attn_implementation", "forward", "cuda_graphs", "compile"}
+            ),
             # A recipe of one Y/N question hashes as it did before questions existed, so its runs still resume.
             "prompt": self.prompt.model_dump(exclude=None if several else {"questions", "answers"}),
             "threshold": self.output.threshold,

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from annotator.batching import MERGE_SIZE, PATCH_SIZE, image_token_count
-from annotator.forward import LeanInputs, VisionLayout, image_token_index, lean_logits
+from annotator.compiling import use_compile
+from annotator.forward import LeanInputs, Regions, VisionLayout, compiled_regions, image_token_index, lean_logits
 from annotator.graphs import LENGTH_STEP, GraphedForward, use_graphs
 from annotator.models import LoadedModel
 from annotator.prompt import PromptBuilder, TextTokens, rope_positions
@@ -77,7 +78,12 @@ class Scorer:
     """
 
     def __init__(
-        self, loaded: LoadedModel, builder: PromptBuilder, forward: str = "lean", cuda_graphs: str = "auto"
+        self,
+        loaded: LoadedModel,
+        builder: PromptBuilder,
+        forward: str = "lean",
+        cuda_graphs: str = "auto",
+        compile: str = "auto",
     ) -> None:
         if forward not in FORWARDS:
             raise ValueError(f"forward must be one of {FORWARDS}, not {forward!r}")
@@ -96,10 +102,29 @@ class Scorer:
         padding = [[i >= len(ids) for i in range(widest)] for ids in answers]
         self.answer_padding = torch.tensor(padding, device=self.device)
         self.forward_hook: Callable[[int], None] | None = None  # tests use it to simulate OOM
+        self.regions: Regions | None = None  # the lean forward's blocks and layers compiled, or eager (None)
         self.graphs: GraphedForward | None = None
-        if use_graphs(cuda_graphs, forward, self.device):
+        self.length_step = 1
+        if use_compile(compile, forward, self.device.type):
+            self.regions = compiled_regions()
+            self.warm_up()
+        elif use_graphs(cuda_graphs, forward, self.device):
             self.graphs = GraphedForward(functools.partial(lean_logits, loaded.model), self.device)
-        self.length_step = LENGTH_STEP if self.graphs is not None else 1
+            self.length_step = LENGTH_STEP
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Compile now, not in the first window: a forward of each variant the compiled code specialises on (one
+        row and frame; several rows of one grid; several grids), on small blank images. Sizes are dynamic, so
+        the run's batches reuse what these compile."""
+        text = self.builder.question_tokens(["warm up"])[0]
+        small, wide = (1, 4, 4), (1, 4, 6)
+        for grids in ([small], [small, small], [small, wide]):
+            rows = [
+                ScoreInput(np.zeros((h * PATCH_SIZE, w * PATCH_SIZE, 3), np.uint8), (t, h, w), text)
+                for t, h, w in grids
+            ]
+            self.logits(self.collate(rows)).float().cpu()
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         return (tensor.pin_memory() if self.pin else tensor).to(self.device, non_blocking=True)
@@ -185,7 +210,7 @@ class Scorer:
     def logits(self, batch: LeanInputs | dict[str, torch.Tensor]) -> torch.Tensor:
         """Last-position logits (rows, vocabulary) of a collated batch, by the chosen forward."""
         if isinstance(batch, LeanInputs):
-            return lean_logits(self.loaded.model, batch) if self.graphs is None else self.graphs(batch)
+            return lean_logits(self.loaded.model, batch, self.regions) if self.graphs is None else self.graphs(batch)
         return self.loaded.model(**batch, use_cache=False, logits_to_keep=1).logits[:, -1, :]
 
     @torch.inference_mode()

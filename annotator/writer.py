@@ -204,7 +204,7 @@ class WindowScorer:
         from annotator.scoring import Scorer
 
         self.builder = PromptBuilder(loaded.tokenizer, self.recipe.prompt, self.recipe.questions)
-        self.scorer = Scorer(loaded, self.builder, m.forward, m.cuda_graphs)
+        self.scorer = Scorer(loaded, self.builder, m.forward, m.cuda_graphs, m.compile)
         self.schema = output_schema(source.schema, self.recipe.input.image_column, self.recipe.questions)
         self.reader = WindowReader(source, self.recipe.batching.window)
         self.loaded_at = time.time()

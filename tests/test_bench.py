@@ -67,7 +67,8 @@ def test_bench_tiny_prints_every_field_as_json():
     assert out["peak_rss_gb"] > 0
     if not ON_GPU:
         assert out["mfu"] is None and out["peak_gpu_mem_gb"] is None
-    assert out["forward"] == "lean"
+    assert out["forward"] == "lean" and out["compile"] == "auto"
+    assert 0 < out["model_load_s"] < 60
     counts = out["op_counts"]
     assert counts["images"] == 2 and counts["grid"] == [1, 30, 48], "seed-sized: 756x476 at max_pixels 307200"
     lean, reference = counts["lean"], counts["transformers"]

@@ -39,6 +39,12 @@ def test_defaults_are_the_contracts(recipe_file):
         (["prompt.query=a=b"], lambda r: r.prompt.query == "a=b"),
         (["input.id_column=null"], lambda r: r.input.id_column is None),
         (["prompt.query="], lambda r: r.prompt.query == ""),
+        # YAML reads a bare on/off as a boolean: the switch meant, not a type error
+        (
+            ["model.cuda_graphs=on", "model.compile=off"],
+            lambda r: (r.model.cuda_graphs, r.model.compile) == ("on", "off"),
+        ),
+        (["model.compile=auto"], lambda r: r.model.compile == "auto"),
     ],
 )
 def test_set_overrides(recipe_file, overrides, check):
@@ -71,7 +77,8 @@ def test_parse_overrides_nests_dotted_keys():
 
 def test_result_fingerprint_ignores_batching_and_devices_only(recipe_file):
     base = load_recipe(recipe_file).result_fingerprint()
-    for neutral in ["batching.max_batch_size=2", "batching.max_batch_tokens=100", "model.device=cpu", "input.limit=5"]:
+    neutrals = ["batching.max_batch_size=2", "batching.max_batch_tokens=100", "model.device=cpu", "input.limit=5"]
+    for neutral in [*neutrals, "model.compile=on", "model.cuda_graphs=off", "model.forward=transformers"]:
         assert load_recipe(recipe_file, [neutral]).result_fingerprint() == base, neutral
     for changing in [
         "model.max_pixels=100000",

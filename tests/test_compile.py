@@ -1,0 +1,147 @@
+"""`model.compile: on`: the lean forward's blocks and layers through torch.compile give transformers' scores, compile
+once at load for every batch shape a run meets, and a setting that cannot work is a user error before any load."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch._dynamo.utils import counters
+from typer.testing import CliRunner
+
+from annotator import compiling
+from annotator.cli import app
+from annotator.prompt import PromptBuilder
+from annotator.recipe import PromptConfig
+from annotator.scoring import Scorer
+from tests.conftest import read_output, write_recipe
+from tests.test_forward import FOUR_QUESTIONS, SIZES, logits, score_inputs
+
+runner = CliRunner()
+needs_compiler = pytest.mark.skipif(compiling.cpp_compiler() is None, reason="inductor needs a C++ compiler on a CPU")
+
+
+@pytest.fixture(scope="module")
+def compiled(tiny):
+    """A compiling scorer (its warm-up compiles here, once per test process) and an eager one, Y/N."""
+    builder = PromptBuilder(tiny.tokenizer, PromptConfig())
+    return Scorer(tiny, builder, "lean", compile="on"), Scorer(tiny, builder, "lean", compile="off"), builder
+
+
+@needs_compiler
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        pytest.param([(756, 476)] * 5, id="one-grid"),
+        pytest.param(SIZES + [(756, 476), (500, 500)], id="mixed-grids"),
+        pytest.param([(500, 500)], id="one-row"),
+    ],
+)
+def test_the_compiled_forward_equals_transformers_forward(tiny, compiled, sizes):
+    scorer, eager, builder = compiled
+    assert scorer.regions is not None and eager.regions is None
+    rows = score_inputs(builder, sizes)
+    got, reference = logits(scorer, rows), logits(Scorer(tiny, builder, "transformers"), rows)
+    if len(rows) > 1:
+        assert reference[:, builder.answer_ids[0][0]].std() > 1, "answers must depend on the input"
+    torch.testing.assert_close(got, reference, atol=5e-5, rtol=0)
+    torch.testing.assert_close(got.softmax(-1), reference.softmax(-1), atol=1e-5, rtol=0)
+    np.testing.assert_allclose([s.prob for s in scorer.score(rows)], [s.prob for s in eager.score(rows)], atol=1e-5)
+
+
+@needs_compiler
+def test_several_questions_and_answers_compiled_equal_eager(tiny, compiled):
+    builder = PromptBuilder(tiny.tokenizer, FOUR_QUESTIONS)
+    scorer, eager = Scorer(tiny, builder, "lean", compile="on"), Scorer(tiny, builder, "lean", compile="off")
+    rows = score_inputs(builder, SIZES)
+    torch.testing.assert_close(logits(scorer, rows).softmax(-1), logits(eager, rows).softmax(-1), atol=1e-5, rtol=0)
+
+
+@needs_compiler
+def test_the_warm_up_compiles_every_variant_a_run_meets(compiled):
+    """After load, batches of any rows, grids and lengths reuse what the warm-up compiled: no compile mid-run."""
+    scorer, eager, builder = compiled
+    graphs = counters["stats"]["unique_graphs"]
+    rng = random.Random(0)
+    for seed in range(12):
+        count = rng.randint(1, 9)
+        one_grid = rng.random() < 0.5
+        sizes = [rng.choice(SIZES)] * count if one_grid else [rng.choice(SIZES) for _ in range(count)]
+        rows = score_inputs(builder, sizes, seed=seed)
+        torch.testing.assert_close(logits(scorer, rows).softmax(-1), logits(eager, rows).softmax(-1), atol=1e-5, rtol=0)
+    assert counters["stats"]["unique_graphs"] == graphs, "a batch shape recompiled"
+
+
+@needs_compiler
+def test_a_compiled_run_equals_one_not_compiled(tmp_path, mixed_parquet):
+    probs = {}
+    for setting in ("on", "off"):
+        out = tmp_path / setting
+        recipe = write_recipe(tmp_path / f"{setting}.yaml", mixed_parquet, out, model={"compile": setting})
+        result = runner.invoke(app, ["run", str(recipe), "--no-progress"], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        table = read_output(out)
+        probs[setting] = np.array(table.column("prob").to_pylist(), dtype=np.float64)
+        assert table.column("error").null_count == len(table), "every row scored"
+    np.testing.assert_allclose(probs["on"], probs["off"], atol=1e-5)
+    assert np.ptp(probs["off"]) > 0.01, "rows differ, so must probs"
+
+
+@pytest.mark.parametrize(
+    ("settings", "says"),
+    [
+        (["model.forward=transformers"], "`model.forward: lean`"),
+        (["model.cuda_graphs=on"], "cannot be combined"),
+        (["model.device=cpu"], "C++ compiler"),
+    ],
+    ids=["transformers-forward", "with-cuda-graphs", "no-compiler"],
+)
+def test_compile_on_that_cannot_work_is_refused_before_anything_loads(
+    tmp_path, mixed_parquet, monkeypatch, settings, says
+):
+    if says == "C++ compiler":
+        monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", mixed_parquet, out)
+    sets = [arg for setting in ["model.compile=on", *settings] for arg in ("--set", setting)]
+    for command in ("plan", "run"):
+        quiet = ["--no-progress"] if command == "run" else []
+        result = runner.invoke(app, [command, str(recipe), *sets, *quiet])
+        assert result.exit_code == 1, result.output
+        assert says in result.output and "Traceback" not in result.output
+        assert "model.compile: off" in " ".join(result.output.split())
+    assert not out.exists(), "nothing written"
+
+
+def test_compile_auto_compiles_only_where_measured_to_win(monkeypatch):
+    assert not compiling.use_compile("auto", "lean", "cpu") and compiling.use_compile("on", "lean", "cpu")
+    assert not compiling.use_compile("on", "transformers", "cuda") and not compiling.use_compile("off", "lean", "cuda")
+    monkeypatch.setitem(compiling.COMPILE_WINS, "cuda", True)
+    assert compiling.use_compile("auto", "lean", "cuda") and not compiling.use_compile("auto", "lean", "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_compiled_forward_on_a_gpu_equals_eager_and_never_syncs(dtype):
+    from annotator.models import load_model
+
+    loaded = load_model("tiny", None, dtype, "cuda", "sdpa")  # the session's tiny model (ANNOTATOR_CACHE)
+    builder = PromptBuilder(loaded.tokenizer, PromptConfig())
+    scorer, eager = Scorer(loaded, builder, "lean", compile="on"), Scorer(loaded, builder, "lean", compile="off")
+    batches = [
+        score_inputs(builder, sizes, seed=seed) for seed, sizes in enumerate([SIZES, [(756, 476)] * 6, SIZES[:1]])
+    ]
+    expected = [[s.prob for s in eager.score(rows)] for rows in batches]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        waits = [scorer.launch(rows) for rows in batches]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    got = [[s.prob for s in wait()] for wait in waits]
+    for ours, reference in zip(got, expected, strict=True):
+        if dtype == "float32":
+            np.testing.assert_allclose(ours, reference, atol=1e-5)
+        else:  # fused kernels round to bfloat16 less often than eager ops do
+            assert np.abs(np.subtract(ours, reference)).mean() < 0.02
