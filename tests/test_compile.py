@@ -34,6 +34,7 @@ def compiled(tiny):
     [
         pytest.param([(756, 476)] * 5, id="one-grid"),
         pytest.param(SIZES + [(756, 476), (500, 500)], id="mixed-grids"),
+        pytest.param([(756, 476), (476, 756)] * 3, id="one-area-two-grids"),
         pytest.param([(500, 500)], id="one-row"),
     ],
 )
