@@ -13,6 +13,7 @@ cluster that works is never refused.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import socket
 import sys
@@ -62,6 +63,12 @@ def check_address(address: str | None) -> None:
         host, port = host_port(rest, named, fix)
         with reach(host, port, named, f"{CLIENT} {fix}") as sock:
             check_grpc(sock, host, port, named, f"{CLIENT} {fix}")
+        if importlib.util.find_spec("grpc") is None:  # what Ray Client needs beyond Ray itself
+            raise AnnotatorError(
+                f"{named} is a Ray Client address, and Ray Client needs grpcio, which this environment lacks: "
+                "`pip install 'ray[client]'` (the same Ray version), or run `annotate` on a node of the cluster with "
+                "`engine.ray.address: auto`."
+            )
     # Other schemes name a Ray Client builder module of their own (such as `anyscale://`): Ray resolves those.
 
 

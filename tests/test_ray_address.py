@@ -4,6 +4,7 @@ paragraph naming the address and the fix, exit 1, nothing written, and none of R
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import socket
 import threading
 import time
@@ -18,6 +19,7 @@ from tests.test_scaleout import invoke
 
 ray = pytest.importorskip("ray")
 FOREIGN = ("rpc_client", "gcs_client", "Failed to connect", "Traceback")  # Ray's C++ warnings, Python's tracebacks
+START_FIRST = "Start the cluster first (`ray start --head"
 BOUND_S = 10  # a generous bound on "within seconds": each check's steps wait at most 4 s
 
 
@@ -113,9 +115,11 @@ def dropping() -> Iterator[str]:
     yield from serve(None, backlog=0)
 
 
-def fails_fast(tmp_path, scaleout_input, capfd, command: str, address: str | None, *expected: str) -> str:
-    """`annotate COMMAND` with `engine.ray.address`: exit 1 within seconds, one paragraph holding `expected`, no
-    traceback, none of Ray's own log lines, and no output folder. Returns the message."""
+def fails_fast(
+    tmp_path, scaleout_input, capfd, command: str, address: str | None, *expected: str, fix: str = START_FIRST
+) -> str:
+    """`annotate COMMAND` with `engine.ray.address`: exit 1 within seconds, one paragraph holding `expected` and the
+    fix, no traceback, none of Ray's own log lines, and no output folder. Returns the message."""
     recipe = scaleout_recipe(tmp_path, scaleout_input, "out")
     setting = f"engine.ray.address={address}" if address is not None else "engine.ray.address=null"
     start = time.monotonic()
@@ -126,7 +130,7 @@ def fails_fast(tmp_path, scaleout_input, capfd, command: str, address: str | Non
     assert elapsed < BOUND_S, f"{elapsed:.1f} s"
     for text in expected:
         assert text in message, message
-    assert "Start the cluster first (`ray start --head" in message, "the fix"
+    assert fix in message, message
     foreign = capfd.readouterr().err
     assert not any(line in message or line in foreign for line in FOREIGN), foreign
     assert not (tmp_path / "out").exists()
@@ -168,6 +172,14 @@ def test_a_server_that_speaks_http2_but_serves_no_ray(tmp_path, scaleout_input, 
     """What a proxy in front of nothing says (some networks answer every address so), or a gRPC server that is not
     the GCS: Ray's own client asked once, with a deadline; its warning kept out of the terminal."""
     fails_fast(tmp_path, scaleout_input, capfd, "run", http2_not_found, http2_not_found, "not a Ray cluster's GCS")
+
+
+def test_ray_client_without_its_package_says_which(tmp_path, scaleout_input, capfd, http2_not_found, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "grpc" else real(name, *a))
+    client = f"ray://{http2_not_found}"
+    fix = "`pip install 'ray[client]'` (the same Ray version), or run `annotate` on a node of the cluster"
+    fails_fast(tmp_path, scaleout_input, capfd, "plan", client, client, "needs grpcio", fix=fix)
 
 
 @pytest.mark.slow
