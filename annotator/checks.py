@@ -57,6 +57,12 @@ def check_run(recipe: Recipe, loads_model: bool = True) -> CheckedRun:
     if loads_model or recipe.engine.devices != "auto":
         # Last: on Ray this joins or starts it, which only a run whose every other setting holds should do.
         check_engine(recipe)  # devices that exist, or a Ray that can place the writers
+    elif recipe.engine.kind == "ray":  # `plan`: Ray there, and the cluster it names answering; only a run joins it
+        from annotator.ray_address import check_address
+        from annotator.ray_engine import check_ray
+
+        check_ray()
+        check_address(recipe.engine.ray.address)
     return CheckedRun(source, schema, tokenizer, why)
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from annotator.errors import AnnotatorError
 from annotator.executors import SlotExecutor, drain, host_writer
+from annotator.ray_address import check_address
 from annotator.recipe import RayConfig
 from annotator.writer import WindowScorer, WriterSpec
 
@@ -40,12 +41,14 @@ def connect(config: RayConfig) -> tuple[int, float, bool]:
 
     if not ray.is_initialized():
         # A Ray of our own when `address` is null (Ray still honours RAY_ADDRESS); `auto` joins this node's cluster.
+        check_address(config.address)  # one that is not there: an error in seconds, not minutes of Ray's retries
         try:
             ray.init(address=config.address, include_dashboard=False, logging_level=logging.WARNING)
         except Exception as exc:  # Ray raises plain exceptions too (a node that timed out starting)
             where = "a new local Ray" if config.address is None else f"the Ray cluster at {config.address!r}"
+            reason = str(exc).strip().splitlines()[0].rstrip(".")
             raise AnnotatorError(
-                f"Could not start or join {where}: {str(exc).strip().splitlines()[0]}. Start the cluster first "
+                f"Could not start or join {where}: {reason}. Start the cluster first "
                 "(`ray start --head` on one node, `ray start --address=HEAD:6379` on the others), run `annotate` on a "
                 "node of it, or set `engine.ray.address: null` to start a Ray on this machine."
             ) from None

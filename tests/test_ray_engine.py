@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from annotator.errors import AnnotatorError
+from annotator.ray_address import check_address
 from annotator.ray_engine import plan_writers
 from annotator.recipe import RayConfig
 from tests.conftest import journals, scaleout_recipe
@@ -30,6 +32,19 @@ def ray_session(tiny_model_cache):
         ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         yield ray
         ray.shutdown()
+
+
+def test_a_live_cluster_passes_the_address_check_and_a_server_that_is_not_its_gcs_does_not(ray_session, capfd):
+    """The check before `ray.init` lets the real GCS through and stops at a gRPC server that is not one (the raylet's
+    port here; a proxy's in some networks), quietly: Ray's client logs its failure, the error says it once."""
+    gcs = ray_session.get_runtime_context().gcs_address
+    start = time.monotonic()
+    check_address(gcs)
+    assert time.monotonic() - start < 2
+    raylet = f"{gcs.rsplit(':', 1)[0]}:{ray_session._private.worker.global_worker.node.node_manager_port}"
+    with pytest.raises(AnnotatorError, match=f"'{raylet}', but it is not a Ray cluster's GCS"):
+        check_address(raylet)
+    assert "gcs_client" not in capfd.readouterr().err
 
 
 def cut_back(output: Path, keep: int) -> None:
