@@ -1,6 +1,7 @@
 """`model.compile: on`: the lean forward's blocks and layers through torch.compile give transformers' scores, compile
 once at load for every batch shape a run meets, and a setting that cannot work is a user error before any load."""
 
+import copy
 import random
 
 import numpy as np
@@ -9,11 +10,11 @@ import torch
 from torch._dynamo.utils import counters
 from typer.testing import CliRunner
 
-from annotator import compiling
+from annotator import compiling, forward
 from annotator.cli import app
 from annotator.prompt import PromptBuilder
 from annotator.recipe import PromptConfig
-from annotator.scoring import Scorer
+from annotator.scoring import Scorer, patchify
 from tests.conftest import read_output, write_recipe
 from tests.test_forward import FOUR_QUESTIONS, SIZES, logits, score_inputs
 
@@ -85,6 +86,31 @@ def test_a_compiled_run_equals_one_not_compiled(tmp_path, mixed_parquet):
         assert table.column("error").null_count == len(table), "every row scored"
     np.testing.assert_allclose(probs["on"], probs["off"], atol=1e-5)
     assert np.ptp(probs["off"]) > 0.01, "rows differ, so must probs"
+
+
+@needs_compiler
+def test_compiling_leaves_torch_settings_as_they_were_and_compiles_another_dtype(tiny, compiled):
+    """The settings compiling needs (no duck shapes, room for variants) hold only while the pieces run: none is left
+    changed for the rest of the process. And a process that already compiled float32 (three vision-block variants)
+    compiles bfloat16 too, even where PyTorch's own limit is used up (its default 8 with fullgraph raised an error
+    at the third dtype or device)."""
+    from torch._dynamo import config as dynamo_config
+    from torch.fx.experimental import _config as fx_config
+
+    scorer, _, builder = compiled
+    assert fx_config.use_duck_shape, "compiling must not leave duck shapes off for every later compile"
+    assert dynamo_config.recompile_limit == 8
+    visual = copy.deepcopy(tiny.model.model.visual).to(torch.bfloat16)
+    (row,) = score_inputs(builder, [(500, 500)])
+    pixels = patchify(torch.from_numpy(row.image), scorer.mean, scorer.std).to(torch.bfloat16)
+    layout = forward.VisionLayout.build([row.grid], torch.bfloat16)
+    with torch.inference_mode(), dynamo_config.patch(recompile_limit=3):  # as if other models had used it up
+        got = forward.vision_features(visual, pixels, layout, scorer.regions)
+        want = forward.vision_features(visual, pixels, layout)
+        assert dynamo_config.recompile_limit == 3
+    got, want = got.float(), want.float()
+    assert float((got - want).norm() / want.norm()) < 0.02, "bfloat16 rounding (0.6%), fused or not"
+    assert fx_config.use_duck_shape and dynamo_config.recompile_limit == 8
 
 
 @pytest.mark.parametrize(
