@@ -3,6 +3,8 @@ once at load for every batch shape a run meets, and a setting that cannot work i
 
 import copy
 import random
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +21,9 @@ from tests.conftest import read_output, write_recipe
 from tests.test_forward import FOUR_QUESTIONS, SIZES, logits, score_inputs
 
 runner = CliRunner()
-needs_compiler = pytest.mark.skipif(compiling.cpp_compiler() is None, reason="inductor needs a C++ compiler on a CPU")
+needs_compiler = pytest.mark.skipif(
+    shutil.which(compiling.cpp_compiler()) is None, reason="inductor needs a C++ compiler on a CPU"
+)
 
 
 @pytest.fixture(scope="module")
@@ -113,36 +117,100 @@ def test_compiling_leaves_torch_settings_as_they_were_and_compiles_another_dtype
     assert fx_config.use_duck_shape and dynamo_config.recompile_limit == 8
 
 
-@pytest.mark.parametrize(
-    ("settings", "says"),
-    [
-        (["model.forward=transformers"], "`model.forward: lean`"),
-        (["model.cuda_graphs=on"], "cannot be combined"),
-        (["model.device=cpu"], "C++ compiler"),
-    ],
-    ids=["transformers-forward", "with-cuda-graphs", "no-compiler"],
-)
-def test_compile_on_that_cannot_work_is_refused_before_anything_loads(
-    tmp_path, mixed_parquet, monkeypatch, settings, says
-):
-    if says == "C++ compiler":
-        monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
+def script(path: Path, body: str) -> str:
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def on_a_gpu(monkeypatch, triton: bool) -> None:
+    """This machine as one with a GPU (the run's devices resolve to cuda:0), with or without Triton installed."""
+    monkeypatch.setattr("annotator.executors._cuda_count", lambda: 1)
+    monkeypatch.setattr(compiling, "triton_installed", lambda: triton)
+
+
+BROKEN = {  # each: how the machine is broken (tmp_path, monkeypatch), what the error names
+    "transformers-forward": (lambda t, m: None, "`model.forward: lean`"),
+    "with-cuda-graphs": (lambda t, m: None, "cannot be combined"),
+    "no-compiler": (lambda t, m: m.setenv("CXX", str(t / "no-such-c++")), "C++ compiler"),
+    "not-a-compiler": (lambda t, m: m.setenv("CXX", script(t / "true", "exit 0")), "without writing the library"),
+    "failing-compiler": (
+        lambda t, m: m.setenv("CXX", script(t / "g++", 'echo "g++: fatal error: killed" >&2; exit 4')),
+        "g++: fatal error: killed",
+    ),
+    "gpu-without-triton": (lambda t, m: on_a_gpu(m, triton=False), "needs Triton"),
+    "gpu-without-a-c-compiler": (
+        lambda t, m: (on_a_gpu(m, triton=True), m.setenv("CC", str(t / "no-such-cc"))),
+        "C compiler and Python's headers",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN)
+def test_compile_on_that_cannot_work_is_refused_before_anything_loads(tmp_path, mixed_parquet, monkeypatch, case):
+    """From the recipe file or from --set: exit 1, one paragraph, no traceback, no model loaded, nothing written."""
+    breaks, says = BROKEN[case]
+    breaks(tmp_path, monkeypatch)
+    monkeypatch.setattr("annotator.models.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     out = tmp_path / "out"
-    recipe = write_recipe(tmp_path / "r.yaml", mixed_parquet, out)
-    sets = [arg for setting in ["model.compile=on", *settings] for arg in ("--set", setting)]
+    model = {"compile": True}  # as YAML reads a bare `compile: on`
+    if case == "transformers-forward":
+        model["forward"] = "transformers"
+    recipe = write_recipe(tmp_path / "r.yaml", mixed_parquet, out, model=model)
+    sets = ["--set", "model.cuda_graphs=on"] if case == "with-cuda-graphs" else []
     for command in ("plan", "run"):
         quiet = ["--no-progress"] if command == "run" else []
         result = runner.invoke(app, [command, str(recipe), *sets, *quiet])
         assert result.exit_code == 1, result.output
-        assert says in result.output and "Traceback" not in result.output
-        assert "model.compile: off" in " ".join(result.output.split())
+        text = " ".join(result.output.split())
+        assert says in text and "Traceback" not in result.output and "\n\n" not in result.output.strip()
+        assert "model.compile: off" in text
     assert not out.exists(), "nothing written"
 
 
-def test_compile_auto_compiles_only_where_measured_to_win(monkeypatch):
+@pytest.mark.parametrize("compile", ["on", "off"])
+def test_a_torch_cache_folder_that_cannot_be_made_is_refused_before_anything_loads(
+    tmp_path, mixed_parquet, monkeypatch, compile
+):
+    """PyTorch creates $TORCHINDUCTOR_CACHE_DIR when the model's code loads, compiling or not (a traceback before)."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(mixed_parquet / "cache"))  # below a file
+    monkeypatch.setattr("annotator.models.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", mixed_parquet, out, model={"compile": compile})
+    result = runner.invoke(app, ["run", str(recipe), "--no-progress"])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "TORCHINDUCTOR_CACHE_DIR" in result.output and "is a file" in " ".join(result.output.split())
+    assert not out.exists()
+
+
+def test_a_compile_that_fails_as_the_model_loads_is_a_user_error(tmp_path, mixed_parquet, monkeypatch):
+    """What no check foresees (a header missing, a GPU Triton does not support) fails in the warm-up, at load: one
+    paragraph naming the way out, exit 1, nothing written; not PyTorch's traceback."""
+
+    def fails(*args):
+        raise RuntimeError(
+            "CppCompileError: C++ compile error\n\nOutput:\nomp.h: No such file\n\nSet TORCHDYNAMO_VERBOSE=1"
+        )
+
+    monkeypatch.setattr("annotator.scoring.compiled_regions", lambda: forward.Regions(fails, fails))
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", mixed_parquet, out, model={"compile": "on"})
+    result = runner.invoke(app, ["run", str(recipe), "--no-progress"])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    text = " ".join(result.output.split())
+    assert "could not compile the forward on cpu (RuntimeError: CppCompileError: C++ compile error)" in text
+    assert "`model.compile: off`" in text and "\n\n" not in result.output.strip()
+    assert not out.exists(), "nothing written"
+
+
+def test_compile_auto_compiles_only_where_measured_to_win_and_the_machine_can(monkeypatch):
     assert not compiling.use_compile("auto", "lean", "cpu") and compiling.use_compile("on", "lean", "cpu")
     assert not compiling.use_compile("on", "transformers", "cuda") and not compiling.use_compile("off", "lean", "cuda")
     monkeypatch.setitem(compiling.COMPILE_WINS, "cuda", True)
+    on_a_gpu(monkeypatch, triton=False)
+    assert not compiling.use_compile("auto", "lean", "cuda"), "auto never stops a run: no Triton, no compile"
+    on_a_gpu(monkeypatch, triton=True)
+    monkeypatch.setattr(compiling, "_probe", lambda *args: None)  # a C compiler that works
     assert compiling.use_compile("auto", "lean", "cuda") and not compiling.use_compile("auto", "lean", "cpu")
 
 
