@@ -2,8 +2,11 @@
 once at load for every batch shape a run meets, and a setting that cannot work is a user error before any load."""
 
 import copy
+import os
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +20,7 @@ from annotator.cli import app
 from annotator.prompt import PromptBuilder
 from annotator.recipe import PromptConfig
 from annotator.scoring import Scorer, patchify
-from tests.conftest import read_output, write_recipe
+from tests.conftest import REPO, read_output, write_recipe
 from tests.test_forward import FOUR_QUESTIONS, SIZES, logits, score_inputs
 
 runner = CliRunner()
@@ -78,13 +81,31 @@ def test_the_warm_up_compiles_every_variant_a_run_meets(compiled):
 
 
 @needs_compiler
-def test_a_compiled_run_equals_one_not_compiled(tmp_path, mixed_parquet):
+@pytest.mark.slow
+def test_writer_processes_each_compile_and_write_what_an_eager_run_writes(tmp_path, mixed_parquet, tiny_model_cache):
+    """`--devices cpu,cpu` with `model.compile: on`: each writer process compiles (its own recompile log) and the run
+    equals an eager one; the command, run as a user runs it, prints no traceback and no warning of leaked
+    semaphores (a writer ends with os._exit, and compiling makes tqdm create a multiprocessing lock)."""
     probs = {}
-    for setting in ("on", "off"):
+    for setting in ("off", "on"):
         out = tmp_path / setting
         recipe = write_recipe(tmp_path / f"{setting}.yaml", mixed_parquet, out, model={"compile": setting})
-        result = runner.invoke(app, ["run", str(recipe), "--no-progress"], catch_exceptions=False)
-        assert result.exit_code == 0, result.output
+        if setting == "off":
+            result = runner.invoke(app, ["run", str(recipe), "--no-progress"], catch_exceptions=False)
+            assert result.exit_code == 0, result.output
+        else:
+            env = {**os.environ, "PYTHONPATH": str(REPO), "TORCH_LOGS": "recompiles"}
+            command = [sys.executable, "-c", "from annotator.cli import main; main()", "run", str(recipe)]
+            done = subprocess.run(
+                [*command, "--no-progress", "--devices", "cpu,cpu"], capture_output=True, text=True, env=env
+            )
+            said = done.stdout + done.stderr
+            assert done.returncode == 0, said
+            assert "Traceback" not in said and "leaked" not in said, said
+            compiling_writers = {
+                line.split()[2] for line in done.stderr.splitlines() if "Recompiling function vision_block" in line
+            }
+            assert len(compiling_writers) == 2, "each writer process compiles its own"
         table = read_output(out)
         probs[setting] = np.array(table.column("prob").to_pylist(), dtype=np.float64)
         assert table.column("error").null_count == len(table), "every row scored"
