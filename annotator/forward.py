@@ -35,14 +35,15 @@ def grid_rotary_positions(height: int, width: int) -> torch.Tensor:
 class VisionLayout:
     """How a batch's packed patches are laid out for attention, computed on the host from the grids alone.
 
-    Each frame of each image attends only to itself. Frames of one size are viewed as (frames, heads, length,
-    dim) with no copy; frames of several sizes are gathered into that shape, padded to the longest, with an
-    additive mask on the padded keys, and scattered back: one attention call per block either way.
+    Each frame of each image attends only to itself. Frames of one length (one grid, or grids of one area such as
+    30x48 and 48x30, a landscape and a portrait photo) are viewed as (frames, heads, length, dim) with no copy,
+    each with its own rotary positions; frames of several lengths are gathered into that shape, padded to the
+    longest, with an additive mask on the padded keys, and scattered back: one attention call per block either way.
     """
 
     frames: int
     length: int
-    positions: torch.Tensor  # (length, 2) shared by every frame, or (frames * length, 2) with padding rows
+    positions: torch.Tensor  # (length, 2) shared by every frame of one grid, else (frames * length, 2)
     gather: torch.Tensor | None = None  # (frames * length,) packed patch behind each padded slot
     scatter: torch.Tensor | None = None  # (patches,) padded slot of each packed patch
     key_mask: torch.Tensor | None = None  # (frames, 1, 1, length) additive: 0 on patches, -inf on padding
@@ -53,6 +54,9 @@ class VisionLayout:
         if len(set(sizes)) == 1:
             return cls(len(sizes), sizes[0][0] * sizes[0][1], grid_rotary_positions(*sizes[0]))
         lengths = np.array([h * w for h, w in sizes])
+        if len(set(lengths.tolist())) == 1:  # no padding needed: only the positions differ
+            positions = torch.cat([grid_rotary_positions(h, w) for h, w in sizes])
+            return cls(len(sizes), int(lengths[0]), positions)
         length = int(lengths.max())
         slot = np.arange(length)
         valid = slot[None, :] < lengths[:, None]  # (frames, length)

@@ -365,12 +365,19 @@ def _short(value: Any, limit: int = 200) -> str:
     return _cut(shower.repr(value), limit)
 
 
-def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Recursively apply exactly the keys the user set; nothing else changes."""
+def merge(base: dict[str, Any], overrides: dict[str, Any], path: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Recursively apply exactly the keys the user set; nothing else changes.
+
+    A question written in short form (`prompt.questions.NAME: text`) is `{question: text}`, so that setting one of
+    its keys (`--set prompt.questions.NAME.positive=y`) keeps its text.
+    """
     merged = dict(base)
     for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = merge(merged[key], value)
+        current = merged.get(key)
+        if isinstance(value, dict) and isinstance(current, str) and path == ("prompt", "questions"):
+            current = {"question": current}
+        if isinstance(value, dict) and isinstance(current, dict):
+            merged[key] = merge(current, value, (*path, str(key)))
         else:
             merged[key] = value
     return merged

@@ -118,11 +118,11 @@ class Scorer:
     @torch.inference_mode()
     def warm_up(self) -> None:
         """Compile now, not in the first window: a forward of each variant the compiled code specialises on (one
-        row and frame; several rows of one grid; several grids), on small blank images. Sizes are dynamic, so
-        the run's batches reuse what these compile."""
+        row and frame; several rows of one grid; grids of one area; of several), on small blank images. Sizes are
+        dynamic, so the run's batches reuse what these compile."""
         text = self.builder.question_tokens(["warm up"])[0]
-        small, wide = (1, 4, 4), (1, 4, 6)
-        for grids in ([small], [small, small], [small, wide]):
+        small, wide, tall = (1, 4, 4), (1, 4, 6), (1, 6, 4)
+        for grids in ([small], [small, small], [wide, tall], [small, wide]):
             rows = [
                 ScoreInput(np.zeros((h * PATCH_SIZE, w * PATCH_SIZE, 3), np.uint8), (t, h, w), text)
                 for t, h, w in grids

@@ -39,6 +39,7 @@ def logits(scorer, rows):
     [
         pytest.param([(756, 476)] * 5, id="one-grid"),
         pytest.param(SIZES + [(756, 476), (500, 500)], id="mixed-grids"),
+        pytest.param([(756, 476), (476, 756)] * 3, id="one-area-two-grids"),
     ],
 )
 def test_lean_forward_equals_transformers_forward(tiny, sizes):
@@ -59,13 +60,13 @@ def test_lean_forward_equals_transformers_forward(tiny, sizes):
 def test_vision_layout_of_mixed_grids_and_frames_equals_the_vision_tower(tiny):
     """Frames of one image attend apart (t > 1, as transformers' cu_seqlens split them); padding never leaks."""
     visual = tiny.model.model.visual
-    grids = [(1, 6, 10), (2, 4, 4), (1, 6, 10), (1, 2, 2)]
-    patches = sum(t * h * w for t, h, w in grids)
-    pixel_values = torch.randn(patches, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        expected = visual(pixel_values, grid_thw=torch.tensor(grids)).pooler_output
-        got = forward.vision_features(visual, pixel_values, VisionLayout.build(grids, torch.float32))
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    for grids in ([(1, 6, 10), (2, 4, 4), (1, 6, 10), (1, 2, 2)], [(1, 6, 10), (2, 10, 6), (1, 2, 30)]):
+        patches = sum(t * h * w for t, h, w in grids)
+        pixel_values = torch.randn(patches, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            expected = visual(pixel_values, grid_thw=torch.tensor(grids)).pooler_output
+            got = forward.vision_features(visual, pixel_values, VisionLayout.build(grids, torch.float32))
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
 def test_vision_layout_is_built_on_the_host_and_cached_per_grid():
@@ -84,6 +85,12 @@ def test_vision_layout_is_built_on_the_host_and_cached_per_grid():
     assert torch.equal(padded.view(-1)[mixed.scatter], packed), "scatter undoes gather"
     assert mixed.key_mask.isinf().sum() == 16 * 4 - 32
     assert all(t.device.type == "cpu" for t in (mixed.positions, mixed.gather, mixed.scatter, mixed.key_mask))
+
+    # A landscape and a portrait photo: one length, so no padding, each frame with its own positions.
+    turned = VisionLayout.build([(1, 30, 48), (1, 48, 30), (1, 30, 48)], torch.float32)
+    assert (turned.frames, turned.length) == (3, 1440) and turned.gather is None and turned.key_mask is None
+    tables = [grid_rotary_positions(30, 48), grid_rotary_positions(48, 30), grid_rotary_positions(30, 48)]
+    assert torch.equal(turned.positions, torch.cat(tables))
 
 
 def test_decoding_a_prefix_then_a_suffix_with_its_keys_equals_one_pass(tiny):

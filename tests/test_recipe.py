@@ -216,3 +216,18 @@ def test_question_names_yaml_reads_as_numbers_or_booleans_stay_the_written_text(
     path = tmp_path / "n.yaml"
     path.write_text("name: r\ninput: {parquet: x.parquet}\nprompt:\n  questions:\n    1: first?\n    yes: second?\n")
     assert [q.name for q in load_recipe(path).questions] == ["1", "yes"]
+
+
+def test_setting_a_key_of_a_short_form_question_keeps_its_text(tmp_path):
+    path = tmp_path / "r.yaml"
+    recipe = {
+        "name": "r",
+        "input": {"parquet": "x.parquet"},
+        "prompt": {"questions": {"cat": "Is there a cat?", "kind": "Which kind?"}},
+    }
+    path.write_text(yaml.safe_dump(recipe))
+    loaded = load_recipe(path, ["prompt.questions.cat.positive=y", "prompt.questions.cat.negative=n"])
+    cat, kind = loaded.prompt.questions["cat"], loaded.prompt.questions["kind"]
+    assert (cat.question, cat.positive, cat.negative) == ("Is there a cat?", "y", "n")
+    assert kind.question == "Which kind?" and kind.positive is None
+    assert load_recipe(path, ["prompt.questions.cat=Is it a cat?"]).prompt.questions["cat"].question == "Is it a cat?"
