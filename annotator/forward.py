@@ -267,8 +267,8 @@ class Regions:
 
 EAGER = Regions(vision_block, decoder_layer)
 
-# Compiled variants kept per piece. Each (model, device, dtype) a process scores with adds three vision blocks and two
-# decoder layers; PyTorch's default (8) with fullgraph=True raises at the ninth, so a third dtype or device failed.
+# Compiled variants kept per piece. Each (model, device, dtype) a process scores with adds four vision-block variants
+# and two decoder-layer ones; PyTorch's default (8) with fullgraph=True raises at the ninth: a third dtype failed.
 RECOMPILE_LIMIT = 64
 
 

@@ -119,7 +119,7 @@ def test_writer_processes_each_compile_and_write_what_an_eager_run_writes(tmp_pa
 @needs_compiler
 def test_compiling_leaves_torch_settings_as_they_were_and_compiles_another_dtype(tiny, compiled):
     """The settings compiling needs (no duck shapes, room for variants) hold only while the pieces run: none is left
-    changed for the rest of the process. And a process that already compiled float32 (three vision-block variants)
+    changed for the rest of the process. And a process that already compiled float32 (its vision-block variants)
     compiles bfloat16 too, even where PyTorch's own limit is used up (its default 8 with fullgraph raised an error
     at the third dtype or device)."""
     from torch._dynamo import config as dynamo_config
