@@ -67,10 +67,12 @@ def check_run(recipe: Recipe, loads_model: bool = True) -> CheckedRun:
 
 
 def check_compile_setting(recipe: Recipe) -> None:
-    """`model.compile: on` and what it needs on the devices this machine's writers use (Ray's are elsewhere)."""
-    from annotator.compiling import check_compile
+    """`model.compile: on` and what it needs on the devices this machine's writers use (Ray's check their own), and
+    PyTorch's compile cache folder, which it creates compiling or not."""
+    from annotator.compiling import check_cache_folder, check_compile
     from annotator.executors import resolve_devices
 
+    check_cache_folder()  # PyTorch uses it whatever `model.compile` says
     m = recipe.model
     if m.compile != "on":
         return

@@ -257,12 +257,22 @@ def die_with(parent: int) -> None:
         os._exit(EXIT_ORPHANED)
 
 
+def no_process_locks_for_bars() -> None:
+    """tqdm makes a multiprocessing lock (a named semaphore) the first time any bar is made, hidden ones too
+    (torch.compile makes some); a writer ends with `os._exit`, so the run would end warning of 'leaked semaphore
+    objects'. A writer shares no terminal line with another process: a thread lock serves."""
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
+
+
 def child_main(spec: WriterSpec, conn: Connection, parent: int, settings: dict[str, str]) -> None:
     """A writer process: events go up the pipe; the pipe closing means the coordinator is gone, so it exits."""
     die_with(parent)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the coordinator decides
     os.environ.update({k: v for k, v in settings.items() if v})
+    no_process_locks_for_bars()
     sending = threading.Lock()
 
     def emit(kind: str, value: Any) -> None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -112,13 +113,14 @@ def vision_features(
     visual: torch.nn.Module, pixel_values: torch.Tensor, layout: VisionLayout, regions: Regions | None = None
 ) -> torch.Tensor:
     """The vision tower on a batch of packed patches: merged image tokens (patches / 4, hidden), in patch order."""
-    block_forward = (regions or EAGER).vision_block
+    regions = regions or EAGER
     hidden = visual.patch_embed(pixel_values)
     length = layout.length
     cos, sin = visual.rotary_pos_emb(hidden, layout.positions)  # (length or frames * length, head dim)
     cos, sin = cos.view(-1, 1, length, cos.shape[-1]), signed_sin(sin).view(-1, 1, length, sin.shape[-1])
-    for block in visual.blocks:
-        hidden = block_forward(block, hidden, cos, sin, layout.gather, layout.scatter, layout.key_mask)
+    with regions.settings():
+        for block in visual.blocks:
+            hidden = regions.vision_block(block, hidden, cos, sin, layout.gather, layout.scatter, layout.key_mask)
     return visual.merger(hidden)
 
 
@@ -214,12 +216,15 @@ def decode(
     `past` holds keys/values of earlier tokens to attend to (rows, kv heads, past length, dim); `mask` covers
     past + current keys.
     """
-    layer_forward = (regions or EAGER).decoder_layer
+    regions = regions or EAGER
     present: KeyValues = []
-    for index, layer in enumerate(text_model.layers):
-        hidden, key_values = layer_forward(layer, hidden, mask, rotary, None if past is None else past[index])
-        if keep_key_values:
-            present.append(key_values)
+    with regions.settings():
+        for index, layer in enumerate(text_model.layers):
+            hidden, key_values = regions.decoder_layer(
+                layer, hidden, mask, rotary, None if past is None else past[index]
+            )
+            if keep_key_values:
+                present.append(key_values)
     return hidden, present
 
 
@@ -252,13 +257,35 @@ def decoder_layer(
 
 @dataclass(frozen=True, slots=True)
 class Regions:
-    """The two pieces the forward repeats (a vision block, a decoder layer), each run eagerly or compiled."""
+    """The two pieces the forward repeats (a vision block, a decoder layer), each run eagerly or compiled, and the
+    settings they run under (`compiling_settings` when compiled)."""
 
     vision_block: Callable[..., torch.Tensor]
     decoder_layer: Callable[..., tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]
+    settings: Callable[[], AbstractContextManager[object]] = nullcontext
 
 
 EAGER = Regions(vision_block, decoder_layer)
+
+# Compiled variants kept per piece. Each (model, device, dtype) a process scores with adds four vision-block variants
+# and two decoder-layer ones; PyTorch's default (8) with fullgraph=True raises at the ninth: a third dtype failed.
+RECOMPILE_LIMIT = 64
+
+
+@contextmanager
+def compiling_settings() -> Iterator[None]:
+    """What torch.compile must read while it compiles the pieces, set only while they run (no global left changed).
+
+    Sizes that happen to be equal when a variant is compiled (a batch's length and a head's width, say) are not
+    assumed equal ever after ("duck" shapes): that would recompile whenever they differ. And each piece keeps up to
+    `RECOMPILE_LIMIT` variants, whatever the process's own limit.
+    """
+    from torch._dynamo import config as dynamo_config
+    from torch.fx.experimental import _config as fx_config
+
+    limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+    with fx_config.patch(use_duck_shape=False), dynamo_config.patch(**{limit: RECOMPILE_LIMIT}):
+        yield
 
 
 @lru_cache(maxsize=1)
@@ -271,14 +298,10 @@ def compiled_regions() -> Regions:
     are dynamic, so a new batch shape reuses the compiled code; a handful of variants (one frame or several, one
     grid or several, one row or several) are compiled as they first occur (`Scorer.warm_up` does it at load).
     """
-    from torch.fx.experimental import _config as fx_config
-
-    # Sizes that happen to be equal when a variant is compiled (a batch's length and a head's width, say) are not
-    # assumed equal ever after ("duck" shapes): that would recompile whenever they differ.
-    fx_config.use_duck_shape = False
     return Regions(
         torch.compile(vision_block, dynamic=True, fullgraph=True),
         torch.compile(decoder_layer, dynamic=True, fullgraph=True),
+        compiling_settings,
     )
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from annotator.batching import MERGE_SIZE, PATCH_SIZE, image_token_count
-from annotator.compiling import use_compile
+from annotator.compiling import compile_failed, use_compile
 from annotator.forward import LeanInputs, Regions, VisionLayout, compiled_regions, image_token_index, lean_logits
 from annotator.graphs import LENGTH_STEP, GraphedForward, use_graphs
 from annotator.models import LoadedModel
@@ -107,7 +107,10 @@ class Scorer:
         self.length_step = 1
         if use_compile(compile, forward, self.device.type):
             self.regions = compiled_regions()
-            self.warm_up()
+            try:
+                self.warm_up()
+            except Exception as exc:  # the eager forward runs these batches: what failed is compiling them
+                raise compile_failed(exc, self.device) from exc
         elif use_graphs(cuda_graphs, forward, self.device):
             self.graphs = GraphedForward(functools.partial(lean_logits, loaded.model), self.device)
             self.length_step = LENGTH_STEP

@@ -186,7 +186,8 @@ class WindowScorer:
 
     def load(self) -> dict[str, Any]:
         """Check what this writer sees, load the model; returns what `loaded` reports."""
-        from annotator.models import load_model
+        from annotator.compiling import check_cache_folder, check_compile
+        from annotator.models import load_model, resolve_device
 
         source = open_source(self.recipe.input, self.recipe.prompt)
         self._check_setup(source)
@@ -197,6 +198,8 @@ class WindowScorer:
         m = self.recipe.model
         started = time.perf_counter()
         device = self.spec.device if self.spec.device != "auto" else m.device
+        check_cache_folder()  # as `check_run` did, on this writer's machine (a Ray node's)
+        check_compile(m.compile, m.forward, m.cuda_graphs, [resolve_device(device).type])
         loaded = load_model(
             m.name, m.revision, m.dtype, device, m.attn_implementation, progress_bars=self.spec.model_bars
         )

@@ -1,7 +1,13 @@
 """`model.compile: on`: the lean forward's blocks and layers through torch.compile give transformers' scores, compile
 once at load for every batch shape a run meets, and a setting that cannot work is a user error before any load."""
 
+import copy
+import os
 import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,16 +15,18 @@ import torch
 from torch._dynamo.utils import counters
 from typer.testing import CliRunner
 
-from annotator import compiling
+from annotator import compiling, forward
 from annotator.cli import app
 from annotator.prompt import PromptBuilder
 from annotator.recipe import PromptConfig
-from annotator.scoring import Scorer
-from tests.conftest import read_output, write_recipe
+from annotator.scoring import Scorer, patchify
+from tests.conftest import REPO, read_output, write_recipe
 from tests.test_forward import FOUR_QUESTIONS, SIZES, logits, score_inputs
 
 runner = CliRunner()
-needs_compiler = pytest.mark.skipif(compiling.cpp_compiler() is None, reason="inductor needs a C++ compiler on a CPU")
+needs_compiler = pytest.mark.skipif(
+    shutil.which(compiling.cpp_compiler()) is None, reason="inductor needs a C++ compiler on a CPU"
+)
 
 
 @pytest.fixture(scope="module")
@@ -76,13 +84,31 @@ def test_the_warm_up_compiles_every_variant_a_run_meets(tiny, compiled):
 
 
 @needs_compiler
-def test_a_compiled_run_equals_one_not_compiled(tmp_path, mixed_parquet):
+@pytest.mark.slow
+def test_writer_processes_each_compile_and_write_what_an_eager_run_writes(tmp_path, mixed_parquet, tiny_model_cache):
+    """`--devices cpu,cpu` with `model.compile: on`: each writer process compiles (its own recompile log) and the run
+    equals an eager one; the command, run as a user runs it, prints no traceback and no warning of leaked
+    semaphores (a writer ends with os._exit, and compiling makes tqdm create a multiprocessing lock)."""
     probs = {}
-    for setting in ("on", "off"):
+    for setting in ("off", "on"):
         out = tmp_path / setting
         recipe = write_recipe(tmp_path / f"{setting}.yaml", mixed_parquet, out, model={"compile": setting})
-        result = runner.invoke(app, ["run", str(recipe), "--no-progress"], catch_exceptions=False)
-        assert result.exit_code == 0, result.output
+        if setting == "off":
+            result = runner.invoke(app, ["run", str(recipe), "--no-progress"], catch_exceptions=False)
+            assert result.exit_code == 0, result.output
+        else:
+            env = {**os.environ, "PYTHONPATH": str(REPO), "TORCH_LOGS": "recompiles"}
+            command = [sys.executable, "-c", "from annotator.cli import main; main()", "run", str(recipe)]
+            done = subprocess.run(
+                [*command, "--no-progress", "--devices", "cpu,cpu"], capture_output=True, text=True, env=env
+            )
+            said = done.stdout + done.stderr
+            assert done.returncode == 0, said
+            assert "Traceback" not in said and "leaked" not in said, said
+            compiling_writers = {
+                line.split()[2] for line in done.stderr.splitlines() if "Recompiling function vision_block" in line
+            }
+            assert len(compiling_writers) == 2, "each writer process compiles its own"
         table = read_output(out)
         probs[setting] = np.array(table.column("prob").to_pylist(), dtype=np.float64)
         assert table.column("error").null_count == len(table), "every row scored"
@@ -90,36 +116,125 @@ def test_a_compiled_run_equals_one_not_compiled(tmp_path, mixed_parquet):
     assert np.ptp(probs["off"]) > 0.01, "rows differ, so must probs"
 
 
-@pytest.mark.parametrize(
-    ("settings", "says"),
-    [
-        (["model.forward=transformers"], "`model.forward: lean`"),
-        (["model.cuda_graphs=on"], "cannot be combined"),
-        (["model.device=cpu"], "C++ compiler"),
-    ],
-    ids=["transformers-forward", "with-cuda-graphs", "no-compiler"],
-)
-def test_compile_on_that_cannot_work_is_refused_before_anything_loads(
-    tmp_path, mixed_parquet, monkeypatch, settings, says
-):
-    if says == "C++ compiler":
-        monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
+@needs_compiler
+def test_compiling_leaves_torch_settings_as_they_were_and_compiles_another_dtype(tiny, compiled):
+    """The settings compiling needs (no duck shapes, room for variants) hold only while the pieces run: none is left
+    changed for the rest of the process. And a process that already compiled float32 (its vision-block variants)
+    compiles bfloat16 too, even where PyTorch's own limit is used up (its default 8 with fullgraph raised an error
+    at the third dtype or device)."""
+    from torch._dynamo import config as dynamo_config
+    from torch.fx.experimental import _config as fx_config
+
+    scorer, _, builder = compiled
+    assert fx_config.use_duck_shape, "compiling must not leave duck shapes off for every later compile"
+    assert dynamo_config.recompile_limit == 8
+    visual = copy.deepcopy(tiny.model.model.visual).to(torch.bfloat16)
+    (row,) = score_inputs(builder, [(500, 500)])
+    pixels = patchify(torch.from_numpy(row.image), scorer.mean, scorer.std).to(torch.bfloat16)
+    layout = forward.VisionLayout.build([row.grid], torch.bfloat16)
+    with torch.inference_mode(), dynamo_config.patch(recompile_limit=3):  # as if other models had used it up
+        got = forward.vision_features(visual, pixels, layout, scorer.regions)
+        want = forward.vision_features(visual, pixels, layout)
+        assert dynamo_config.recompile_limit == 3
+    got, want = got.float(), want.float()
+    assert float((got - want).norm() / want.norm()) < 0.02, "bfloat16 rounding (0.6%), fused or not"
+    assert fx_config.use_duck_shape and dynamo_config.recompile_limit == 8
+
+
+def script(path: Path, body: str) -> str:
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def on_a_gpu(monkeypatch, triton: bool) -> None:
+    """This machine as one with a GPU (the run's devices resolve to cuda:0), with or without Triton installed."""
+    monkeypatch.setattr("annotator.executors._cuda_count", lambda: 1)
+    monkeypatch.setattr(compiling, "triton_installed", lambda: triton)
+
+
+BROKEN = {  # each: how the machine is broken (tmp_path, monkeypatch), what the error names
+    "transformers-forward": (lambda t, m: None, "`model.forward: lean`"),
+    "with-cuda-graphs": (lambda t, m: None, "cannot be combined"),
+    "no-compiler": (lambda t, m: m.setenv("CXX", str(t / "no-such-c++")), "C++ compiler"),
+    "not-a-compiler": (lambda t, m: m.setenv("CXX", script(t / "true", "exit 0")), "without writing the library"),
+    "failing-compiler": (
+        lambda t, m: m.setenv("CXX", script(t / "g++", 'echo "g++: fatal error: killed" >&2; exit 4')),
+        "g++: fatal error: killed",
+    ),
+    "gpu-without-triton": (lambda t, m: on_a_gpu(m, triton=False), "needs Triton"),
+    "gpu-without-a-c-compiler": (
+        lambda t, m: (on_a_gpu(m, triton=True), m.setenv("CC", str(t / "no-such-cc"))),
+        "C compiler and Python's headers",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN)
+def test_compile_on_that_cannot_work_is_refused_before_anything_loads(tmp_path, mixed_parquet, monkeypatch, case):
+    """From the recipe file or from --set: exit 1, one paragraph, no traceback, no model loaded, nothing written."""
+    breaks, says = BROKEN[case]
+    breaks(tmp_path, monkeypatch)
+    monkeypatch.setattr("annotator.models.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     out = tmp_path / "out"
-    recipe = write_recipe(tmp_path / "r.yaml", mixed_parquet, out)
-    sets = [arg for setting in ["model.compile=on", *settings] for arg in ("--set", setting)]
+    model = {"compile": True}  # as YAML reads a bare `compile: on`
+    if case == "transformers-forward":
+        model["forward"] = "transformers"
+    recipe = write_recipe(tmp_path / "r.yaml", mixed_parquet, out, model=model)
+    sets = ["--set", "model.cuda_graphs=on"] if case == "with-cuda-graphs" else []
     for command in ("plan", "run"):
         quiet = ["--no-progress"] if command == "run" else []
         result = runner.invoke(app, [command, str(recipe), *sets, *quiet])
         assert result.exit_code == 1, result.output
-        assert says in result.output and "Traceback" not in result.output
-        assert "model.compile: off" in " ".join(result.output.split())
+        text = " ".join(result.output.split())
+        assert says in text and "Traceback" not in result.output and "\n\n" not in result.output.strip()
+        assert "model.compile: off" in text
     assert not out.exists(), "nothing written"
 
 
-def test_compile_auto_compiles_only_where_measured_to_win(monkeypatch):
+@pytest.mark.parametrize("compile", ["on", "off"])
+def test_a_torch_cache_folder_that_cannot_be_made_is_refused_before_anything_loads(
+    tmp_path, mixed_parquet, monkeypatch, compile
+):
+    """PyTorch creates $TORCHINDUCTOR_CACHE_DIR when the model's code loads, compiling or not (a traceback before)."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(mixed_parquet / "cache"))  # below a file
+    monkeypatch.setattr("annotator.models.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", mixed_parquet, out, model={"compile": compile})
+    result = runner.invoke(app, ["run", str(recipe), "--no-progress"])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "TORCHINDUCTOR_CACHE_DIR" in result.output and "is a file" in " ".join(result.output.split())
+    assert not out.exists()
+
+
+def test_a_compile_that_fails_as_the_model_loads_is_a_user_error(tmp_path, mixed_parquet, monkeypatch):
+    """What no check foresees (a header missing, a GPU Triton does not support) fails in the warm-up, at load: one
+    paragraph naming the way out, exit 1, nothing written; not PyTorch's traceback."""
+
+    def fails(*args):
+        raise RuntimeError(
+            "CppCompileError: C++ compile error\n\nOutput:\nomp.h: No such file\n\nSet TORCHDYNAMO_VERBOSE=1"
+        )
+
+    monkeypatch.setattr("annotator.scoring.compiled_regions", lambda: forward.Regions(fails, fails))
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", mixed_parquet, out, model={"compile": "on"})
+    result = runner.invoke(app, ["run", str(recipe), "--no-progress"])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    text = " ".join(result.output.split())
+    assert "could not compile the forward on cpu (RuntimeError: CppCompileError: C++ compile error)" in text
+    assert "`model.compile: off`" in text and "\n\n" not in result.output.strip()
+    assert not out.exists(), "nothing written"
+
+
+def test_compile_auto_compiles_only_where_measured_to_win_and_the_machine_can(monkeypatch):
     assert not compiling.use_compile("auto", "lean", "cpu") and compiling.use_compile("on", "lean", "cpu")
     assert not compiling.use_compile("on", "transformers", "cuda") and not compiling.use_compile("off", "lean", "cuda")
     monkeypatch.setitem(compiling.COMPILE_WINS, "cuda", True)
+    on_a_gpu(monkeypatch, triton=False)
+    assert not compiling.use_compile("auto", "lean", "cuda"), "auto never stops a run: no Triton, no compile"
+    on_a_gpu(monkeypatch, triton=True)
+    monkeypatch.setattr(compiling, "_probe", lambda *args: None)  # a C compiler that works
     assert compiling.use_compile("auto", "lean", "cuda") and not compiling.use_compile("auto", "lean", "cpu")
 
 
