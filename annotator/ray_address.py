@@ -37,9 +37,26 @@ PORTS = (
 CLIENT = "`ray://` is Ray Client, which the head node serves (on port 10001 by default) while the cluster runs."
 
 
+def ray_helpers_present() -> bool:
+    """Whether this Ray has the internal helpers the check resolves addresses with (read in 2.60; `ray>=2.40` is
+    allowed): where it has not, the check is skipped and `ray.init` judges, as before it existed."""
+    try:
+        from ray._private import services, utils
+    except ImportError:
+        return False
+    needed = [
+        (services, "canonicalize_bootstrap_address"),
+        (utils, "get_ray_address_file"),
+        (utils, "read_ray_address"),
+    ]
+    return all(callable(getattr(module, name, None)) for module, name in needed)
+
+
 def check_address(address: str | None) -> None:
     """Raise `AnnotatorError` within seconds if `ray.init(address=address)` would try to join a cluster that is not
     there (nothing resolves, listens, or answers as Ray). Nothing to check where Ray would start a new one."""
+    if not ray_helpers_present():
+        return
     target, named, fix = address, f"`engine.ray.address` {address!r}", START
     env = os.environ.get("RAY_ADDRESS")
     if env and address in (None, "auto"):
