@@ -128,10 +128,12 @@ def user_errors(command):
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             # Ctrl-C before the run loop took over signals (the model load says so itself): nothing is half-written.
-            console.print(
-                "[bold yellow]Interrupted[/] before scoring began; nothing is half-written. Run the same command "
-                "again (a run folder with committed windows continues with `annotate resume OUTPUT_DIR`)."
+            stopped = RunInterrupted(
+                "before scoring began; nothing is half-written. Run the same command again (a run folder with "
+                "committed windows continues with `annotate resume OUTPUT_DIR`)."
             )
+            if not _as_json_line(stopped, kwargs):
+                console.print(f"[bold yellow]Interrupted[/] {escape(str(stopped))}", highlight=False, soft_wrap=True)
             raise typer.Exit(EXIT_RESUMABLE) from None
 
     return wrapper
