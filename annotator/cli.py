@@ -506,7 +506,7 @@ def report(
 @app.command("bench-report")
 @user_errors
 def bench_report(
-    rows: Annotated[int, typer.Option(help="Rows of the synthetic run.")] = 1_000_000,
+    rows: Annotated[int, typer.Option(min=1, help="Rows of the synthetic run.")] = 1_000_000,
     questions: Annotated[
         int, typer.Option(min=1, max=26, help="Questions per row (K > 1: K-1 yes/no and one of three answers).")
     ] = 1,

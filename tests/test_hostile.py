@@ -789,6 +789,12 @@ def a_tilde_in_report_out(w):
 
 
 @case("command-line")
+def bench_report_of_no_rows(w):
+    """`bench-report --rows 0` (or -1) divided by zero after writing its synthetic run."""
+    return Expect(["bench-report", "--rows", "0"], 1, ("--rows",))
+
+
+@case("command-line")
 def an_unknown_option(w):
     return Expect(["run", "r.yaml", "--overwirte"], 1, ("No such option",))
 
