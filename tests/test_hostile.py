@@ -789,6 +789,21 @@ def a_tilde_in_report_out(w):
 
 
 @case("command-line")
+def export_to_a_file(w):
+    """The fix offered was "empty this one first", which a file has no way to follow."""
+    photo = parquet(w / "in" / "a.parquet")
+    return Expect(["export", str(copy_of_run(w)), "--to", str(photo)], 1, ("is a file, not a folder",))
+
+
+@case("command-line")
+def export_to_a_folder_under_a_file(w):
+    """It failed after starting, with "free space or fix permissions", which would not help."""
+    photo = parquet(w / "in" / "a.parquet")
+    to = photo / "kept"
+    return Expect(["export", str(copy_of_run(w)), "--to", str(to)], 1, ("a.parquet', which is a file, not a folder",))
+
+
+@case("command-line")
 def bench_report_of_no_rows(w):
     """`bench-report --rows 0` (or -1) divided by zero after writing its synthetic run."""
     return Expect(["bench-report", "--rows", "0"], 1, ("--rows",))
