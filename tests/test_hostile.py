@@ -766,7 +766,7 @@ def set_without_an_equals_sign(w):
 @case("command-line")
 def set_an_unknown_key(w):
     args = run_args(recipe(w / "r.yaml", parquet(w / "in" / "a.parquet"), w / "out"), "--set", "model.nmae=x")
-    return Expect(args, 1, ("`model.nmae` is not a recipe key", "Did you mean `model.name`?"))
+    return Expect(args, 1, ("`model.nmae` (from --set) is not a recipe key", "Did you mean `model.name`?"))
 
 
 @case("command-line")
