@@ -8,7 +8,10 @@ snippet with a relative path.
 
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -78,12 +81,26 @@ def _input_license(recipe: dict[str, Any], source: Any) -> str | list[str] | Non
             readmes += [file.parent / "README.md", file.parent.parent / "README.md"]
     for readme in readmes:
         try:
-            license_ = DatasetCard.load(readme).data.get("license")
+            with _quiet_hub_cards():
+                license_ = DatasetCard.load(readme).data.get("license")
         except Exception:  # not a card, unreadable: look at the next one
             continue
         if license_:
             return license_
     return None
+
+
+@contextmanager
+def _quiet_hub_cards() -> Iterator[None]:
+    """huggingface_hub warns on stderr about a README without a metadata block (any README.md beside the input is
+    read): a stray line in the run's output, and not JSON under --log-format json. Such a card states no license."""
+    logger = logging.getLogger("huggingface_hub.repocard")
+    previous = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
 
 
 def _card_data(recipe: dict[str, Any], info: dict[str, Any], rows: int, data_path: str, split: str):

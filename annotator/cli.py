@@ -128,10 +128,12 @@ def user_errors(command):
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             # Ctrl-C before the run loop took over signals (the model load says so itself): nothing is half-written.
-            console.print(
-                "[bold yellow]Interrupted[/] before scoring began; nothing is half-written. Run the same command "
-                "again (a run folder with committed windows continues with `annotate resume OUTPUT_DIR`)."
+            stopped = RunInterrupted(
+                "before scoring began; nothing is half-written. Run the same command again (a run folder with "
+                "committed windows continues with `annotate resume OUTPUT_DIR`)."
             )
+            if not _as_json_line(stopped, kwargs):
+                console.print(f"[bold yellow]Interrupted[/] {escape(str(stopped))}", highlight=False, soft_wrap=True)
             raise typer.Exit(EXIT_RESUMABLE) from None
 
     return wrapper
@@ -504,7 +506,7 @@ def report(
 @app.command("bench-report")
 @user_errors
 def bench_report(
-    rows: Annotated[int, typer.Option(help="Rows of the synthetic run.")] = 1_000_000,
+    rows: Annotated[int, typer.Option(min=1, help="Rows of the synthetic run.")] = 1_000_000,
     questions: Annotated[
         int, typer.Option(min=1, max=26, help="Questions per row (K > 1: K-1 yes/no and one of three answers).")
     ] = 1,

@@ -331,7 +331,18 @@ def _check_targets(folder: RunFolder, to: Path, rejected: Path | None) -> None:
                 f"{option} {str(target)!r} is inside the run folder {str(holder)!r}, which holds only what a run "
                 "writes. Export into a separate folder."
             )
-        if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        above = next((p for p in target.absolute().parents if os.path.lexists(p)), None)
+        if not target.exists() and above is not None and not above.is_dir():  # `--to photo.jpg/kept`
+            raise AnnotatorError(
+                f"{option} {str(target)!r} is under {str(above)!r}, which is a file, not a folder: the export cannot "
+                "be created there. Give the path of a new folder elsewhere."
+            )
+        if target.exists() and not target.is_dir():  # "empty this one first" would be no fix for a file
+            raise AnnotatorError(
+                f"{option} {str(target)!r} is a file, not a folder. Export writes a complete dataset into a folder: "
+                "give the path of a new one."
+            )
+        if target.exists() and any(target.iterdir()):
             raise AnnotatorError(
                 f"{option} {str(target)!r} is not an empty folder. Export writes a complete dataset there: "
                 "give a new folder, or empty this one first."

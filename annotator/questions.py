@@ -124,7 +124,7 @@ def question_problems(prompt: PromptConfig, output: OutputConfig) -> list[str]:
     for question in questions:
         for column in question.columns:
             other = owners.setdefault(column.lower(), question.name)
-            if other != question.name:
+            if other != question.name and other.lower() != question.name.lower():  # names of one case: said above
                 problems.append(
                     f"questions {other!r} and {question.name!r} would both write a column `{column}`; rename one"
                 )

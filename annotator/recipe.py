@@ -487,15 +487,32 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe file; every mistake becomes an `AnnotatorError`."""
-    data = merge(read_recipe_file(path), parse_overrides(overrides or []))
-    return validate_recipe(data, source=str(path))
+    changes = parse_overrides(overrides or [])
+    return validate_recipe(merge(read_recipe_file(path), changes), source=str(path), changes=changes)
 
 
-def validate_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
+def validate_recipe(data: dict[str, Any], source: str = "recipe", changes: dict[str, Any] | None = None) -> Recipe:
+    """`changes`: the `--set` overrides merged into `data`; a mistake in one is named as the --set, not the file's."""
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        raise AnnotatorError(explain_validation_error(exc, source)) from None
+        raise AnnotatorError(explain_validation_error(exc, source, _set_paths(changes or {}))) from None
+
+
+def _set_paths(changes: dict[str, Any], path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """The dotted keys of `--set` overrides, as tuples."""
+    paths: list[tuple[str, ...]] = []
+    for key, value in changes.items():
+        here = (*path, str(key))
+        paths.extend(_set_paths(value, here) if isinstance(value, dict) and value else [here])
+    return paths
+
+
+def _from_set(location: tuple[Any, ...], set_paths: list[tuple[str, ...]]) -> str:
+    """` (from --set)` when the key at `location` (or a key inside it) was given on the command line."""
+    location = tuple(str(p) for p in location)
+    hit = location and any(p[: len(location)] == location or location[: len(p)] == p for p in set_paths)
+    return " (from --set)" if hit else ""
 
 
 def _fields_at(location: tuple[Any, ...]) -> list[str]:
@@ -524,10 +541,11 @@ def _recipe_key(location: tuple[Any, ...]) -> tuple[Any, ...]:
     return ()
 
 
-def explain_validation_error(exc: ValidationError, source: str) -> str:
+def explain_validation_error(exc: ValidationError, source: str, set_paths: list[tuple[str, ...]] = ()) -> str:
     messages = []
     by_key: dict[str, list[str]] = {}
     inputs: dict[str, Any] = {}
+    by_set: dict[str, str] = {}
     for error in exc.errors():
         location = tuple(p for p in error["loc"] if not isinstance(p, int))
         if error["type"] == "extra_forbidden":
@@ -535,18 +553,29 @@ def explain_validation_error(exc: ValidationError, source: str) -> str:
             valid = _fields_at(location[:-1])
             close = difflib.get_close_matches(str(location[-1]), valid, n=1)
             hint = f" Did you mean `{'.'.join([*map(str, location[:-1]), close[0]])}`?" if close else ""
-            messages.append(f"`{_cut(key)}` is not a recipe key.{hint} Valid keys here: {', '.join(valid) or 'none'}.")
+            messages.append(
+                f"`{_cut(key)}`{_from_set(location, set_paths)} is not a recipe key.{hint} "
+                f"Valid keys here: {', '.join(valid) or 'none'}."
+            )
             continue
         key = ".".join(str(p) for p in _recipe_key(location)) or "(top level)"
+        by_set.setdefault(key, _from_set(_recipe_key(location), set_paths))
         if error["type"] == "missing":
             messages.append(f"`{key}` is required but missing; add it to the recipe.")
+        elif error["type"] == "model_type" and _recipe_key(location) == location and _fields_at(location):
+            # `--set model=tiny`: a section given a value (not a question of `prompt.questions`, a name, not a key)
+            fields = _fields_at(_recipe_key(location))
+            messages.append(
+                f"`{key}`{by_set[key]} is a section of keys ({', '.join(fields)}), not a value (got "
+                f"{_short(error.get('input'))}); set one of its keys, e.g. `{key}.{fields[0]}`."
+            )
         elif error["type"] == "value_error":
             messages.append(str(error["msg"]).removeprefix("Value error, ") + ".")
         else:  # one line per key: a union (`int | "auto"`) fails once per member
             by_key.setdefault(key, []).append(str(error["msg"]))
             inputs.setdefault(key, error.get("input"))
     for key, reasons in by_key.items():
-        messages.append(f"`{key}`: {', or '.join(dict.fromkeys(reasons))} (got {_short(inputs[key])}).")
+        messages.append(f"`{key}`{by_set[key]}: {', or '.join(dict.fromkeys(reasons))} (got {_short(inputs[key])}).")
     if len(messages) > 8:
         messages = [*messages[:8], f"({len(messages) - 8} more problems)"]
     return f"Invalid recipe {_short(source)}: " + " ".join(messages) + " See README.md for every recipe key."

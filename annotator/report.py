@@ -373,7 +373,7 @@ def write_report(output_dir: Path, out: Path | None, k: int = 12) -> Path:
         raise AnnotatorError(f"{str(output_dir)!r} is not a run folder (no manifest.json). Pass a run's output folder.")
     if not 1 <= k <= 200:
         raise AnnotatorError(f"--thumbnails {k}: give a number from 1 to 200.")
-    out = out or folder.root / "report.html"
+    out = Path(out).expanduser() if out is not None else folder.root / "report.html"  # `~` as in every other path
     if out.is_dir() or not out.parent.is_dir():
         raise AnnotatorError(
             f"--out {str(out)!r} is not a file name in an existing folder; give one such as {folder.root}/report.html."

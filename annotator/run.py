@@ -35,8 +35,9 @@ class StopRequest:
     killing the worker processes: committed windows are safe on disk; resume redoes the rest.
     """
 
-    def __init__(self, console) -> None:
+    def __init__(self, console, log_format: str = "text") -> None:
         self.console = console
+        self.log_format = log_format  # json: what a signal prints is a JSON line too (a machine reads stderr)
         self.requested = False
         self.immediate = True
         self.message = "Interrupted before the run started; nothing was committed. Run the same command again."
@@ -49,15 +50,25 @@ class StopRequest:
             for kill in self.on_exit:
                 kill()
             # os.write, not the console: the interrupted thread may hold the console's lock.
-            os.write(2, f"\nQuit at once. {self.message}\n".encode())
+            self._say("error", f"Quit at once. {self.message}", exit_code=EXIT_RESUMABLE)
             os._exit(EXIT_RESUMABLE)
         self.requested = True
         if self.immediate:
             raise RunInterrupted(self.message)
+        name = signal.Signals(signum).name
+        if self.log_format == "json":
+            self._say("stopping", "stopping after the current batch (signal again to quit at once)", signal=name)
+            return
         self.console.print(
-            f"[yellow]{signal.Signals(signum).name}: stopping after the current batch "
-            "(press Ctrl-C again to quit at once)...[/]"
+            f"[yellow]{name}: stopping after the current batch (press Ctrl-C again to quit at once)...[/]"
         )
+
+    def _say(self, event: str, message: str, **fields: Any) -> None:
+        """One line on stderr, written at once (a handler must not wait for a lock); JSON with --log-format json."""
+        if self.log_format == "json":  # whole lines only: no blank line before it
+            os.write(2, (json.dumps({"event": event, "message": message, **fields}) + "\n").encode())
+        else:  # a new line first: a progress bar may hold the current one
+            os.write(2, f"\n{message}\n".encode())
 
     @contextmanager
     def interruptible(self) -> Iterator[None]:
@@ -359,7 +370,9 @@ def _answer_totals(records: Iterable[dict[str, Any]], scored: int) -> dict[str, 
 def run_recipe(
     recipe_path: str, overrides: list[str], overwrite: bool, console, progress: bool = True, log_format: str = "text"
 ) -> dict:
-    with StopRequest(console) as stop:  # from the first instant: a signal exits 2, never a half-written folder
+    with StopRequest(
+        console, log_format
+    ) as stop:  # from the first instant: a signal exits 2, never a half-written folder
         recipe = load_recipe(recipe_path, overrides)
         folder, source = prepare_run(recipe, overwrite)
         annotator = Annotator(recipe, folder, source, console, progress, fresh=True, log_format=log_format, stop=stop)
@@ -369,7 +382,7 @@ def run_recipe(
 def resume_run(
     output_dir: str | None, overrides: list[str], console, progress: bool = True, log_format: str = "text"
 ) -> dict:
-    with StopRequest(console) as stop:
+    with StopRequest(console, log_format) as stop:
         root = Path(output_dir) if output_dir else find_latest_unfinished()
         recipe, folder, source = prepare_resume(root, overrides)
         fresh = folder.claimed is not None  # stopped before its manifest: started again

@@ -144,7 +144,7 @@ def _frozen_recipe(folder: RunFolder, overrides: list[str]) -> Recipe:
         # Another engine finishes the run (engines never change results): the devices or Ray settings of the one
         # it ran on do not apply to it; what this resume sets does.
         frozen["engine"] = {k: v for k, v in ran_on.items() if k not in ("devices", "ray")}
-    recipe = validate_recipe(merge(frozen, changes), source=str(folder.recipe_path))
+    recipe = validate_recipe(merge(frozen, changes), source=str(folder.recipe_path), changes=changes)
     recipe.output.dir = str(folder.root)  # the folder may have been moved since: it is where it is now
     return recipe
 

@@ -130,3 +130,26 @@ def test_hf_input_keeps_its_split_name_and_hub_id():
 @pytest.mark.parametrize(("rows", "category"), [(0, "n<1K"), (999, "n<1K"), (1000, "1K<n<10K"), (10**9, "1B<n<10B")])
 def test_size_category(rows, category):
     assert size_category(rows) == category
+
+
+def test_a_readme_without_metadata_beside_the_input_prints_nothing(tmp_path):
+    """huggingface_hub warned 'Repo card metadata block was not found' on stderr: a stray line in every run of such
+    an input, and a line that is not JSON under --log-format json."""
+    import logging
+
+    from annotator.card import _input_license
+
+    data = tmp_path / "in"
+    data.mkdir()
+    (data / "README.md").write_text("Photos of my cats, no metadata block.\n")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("huggingface_hub.repocard")
+    logger.addHandler(handler)
+    try:
+        source = type("Source", (), {"fingerprint": lambda self: [{"file": str(data / "a.parquet")}]})()
+        assert _input_license({"input": {"parquet": str(data)}}, source) is None
+    finally:
+        logger.removeHandler(handler)
+    assert not records, [r.getMessage() for r in records]

@@ -766,13 +766,47 @@ def set_without_an_equals_sign(w):
 @case("command-line")
 def set_an_unknown_key(w):
     args = run_args(recipe(w / "r.yaml", parquet(w / "in" / "a.parquet"), w / "out"), "--set", "model.nmae=x")
-    return Expect(args, 1, ("`model.nmae` is not a recipe key", "Did you mean `model.name`?"))
+    return Expect(args, 1, ("`model.nmae` (from --set) is not a recipe key", "Did you mean `model.name`?"))
 
 
 @case("command-line")
 def set_a_value_of_a_megabyte(w):
     r = recipe(w / "r.yaml", parquet(w / "in" / "a.parquet"), w / "out")
     return Expect(run_args(r, "--set", "batching.window=" + "x" * 1_000_000), 1, ("`batching.window`",))
+
+
+@case("command-line")
+def a_tilde_in_report_out(w):
+    """`report --out ~/r.html` writes into the home folder, as `~` does in every other path (it was taken literally)."""
+    home = w / "home"
+    home.mkdir()
+    run = copy_of_run(w)
+
+    def written() -> None:
+        assert "annotator report" in (home / "r.html").read_text()
+
+    return Expect(["report", str(run), "--out", "~/r.html"], 0, ("report ->",), run=home, then=written)
+
+
+@case("command-line")
+def export_to_a_file(w):
+    """The fix offered was "empty this one first", which a file has no way to follow."""
+    photo = parquet(w / "in" / "a.parquet")
+    return Expect(["export", str(copy_of_run(w)), "--to", str(photo)], 1, ("is a file, not a folder",))
+
+
+@case("command-line")
+def export_to_a_folder_under_a_file(w):
+    """It failed after starting, with "free space or fix permissions", which would not help."""
+    photo = parquet(w / "in" / "a.parquet")
+    to = photo / "kept"
+    return Expect(["export", str(copy_of_run(w)), "--to", str(to)], 1, ("a.parquet', which is a file, not a folder",))
+
+
+@case("command-line")
+def bench_report_of_no_rows(w):
+    """`bench-report --rows 0` (or -1) divided by zero after writing its synthetic run."""
+    return Expect(["bench-report", "--rows", "0"], 1, ("--rows",))
 
 
 @case("command-line")
@@ -1243,6 +1277,7 @@ def signalled(
     workers: int = 0,
     exit: int = 2,
     batch: int | None = None,
+    extra: tuple[str, ...] = (),
 ) -> Expect:
     out = w / "out"
     batching = {"workers": workers, **({"max_batch_size": batch} if batch else {})}
@@ -1250,7 +1285,7 @@ def signalled(
 
     def spawn() -> tuple[int, str]:
         flags = Path(tempfile.mkdtemp(prefix="hostile-flags-"))  # outside the case's folder, which must not change
-        process = annotate_process(*run_args(r), env={**env, "HOSTILE_FLAGS": str(flags)})
+        process = annotate_process(*run_args(r, *extra), env={**env, "HOSTILE_FLAGS": str(flags)})
         try:
             send(process, flags)
             process.wait(timeout=60)
@@ -1317,6 +1352,27 @@ def ctrl_c_twice_during_a_forward_pass_with_workers_stuck(w):
     # Batches of 2 images, one per worker (a batch is spread over the workers in chunks): the first two batches
     # decode, the third's images never do.
     return signalled(w, send, {"HOSTILE_STUCK_AFTER": "4", "HOSTILE_SLOW_SCORE": "1"}, workers=2, batch=2)
+
+
+@case("signals", slow=True)
+def ctrl_c_twice_with_json_logs(w):
+    """--log-format json: a machine reads stderr, so what the two Ctrl-C print is JSON lines too (they were text)."""
+    lines: list[str] = []
+
+    def send(process, flags):
+        wait_for(flags, "scoring")
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=15)
+        lines.extend(process.stdout.read().splitlines())
+        events = [json.loads(line)["event"] for line in lines]  # every line is JSON, no blank one
+        assert events[-2:] == ["stopping", "error"], lines
+
+    expect = signalled(w, send, {"HOSTILE_SLOW_SCORE": "1"}, extra=("--log-format", "json"))
+    spawn = expect.spawn
+    expect.spawn = lambda: (spawn()[0], "\n".join(lines))
+    return expect
 
 
 @case("signals", slow=True)

@@ -202,6 +202,36 @@ def test_a_malformed_question_set_is_one_paragraph_naming_the_key(tmp_path, prom
     assert "\n" not in text.strip()
 
 
+def test_names_that_differ_only_in_case_are_one_problem_not_a_false_column_clash_per_column(tmp_path):
+    with pytest.raises(AnnotatorError) as error:
+        load_recipe(questions_recipe(tmp_path, prompt={"questions": {"cat": "x?", "Cat": "y?"}}))
+    assert "differ only in case" in str(error.value)
+    assert "would both write" not in str(error.value)  # `cat` writes prob_cat, not prob_Cat
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ("batching.max_batch_size=-3", "`batching.max_batch_size` (from --set): Input should be greater than"),
+        ("batching.max_batch_sise=3", "`batching.max_batch_sise` (from --set) is not a recipe key"),
+        ("model=tiny", "`model` (from --set) is a section of keys (name, "),
+    ],
+)
+def test_a_mistake_in_a_set_is_named_as_the_set_not_as_the_recipe_files(tmp_path, change, says):
+    with pytest.raises(AnnotatorError) as error:
+        load_recipe(questions_recipe(tmp_path), [change])
+    assert says in str(error.value)
+    assert "e.g. `model.name`" in str(error.value) or "model=" not in change
+
+
+def test_a_mistake_in_the_recipe_file_is_not_blamed_on_a_set(tmp_path):
+    path = questions_recipe(tmp_path)
+    path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "batching": {"max_batch_size": -3}}))
+    with pytest.raises(AnnotatorError) as error:
+        load_recipe(path, ["batching.window=8"])
+    assert "`batching.max_batch_size`: Input" in str(error.value)
+
+
 def test_a_question_name_given_twice_is_an_error_not_a_silent_overwrite(tmp_path):
     path = tmp_path / "dup.yaml"
     path.write_text(
