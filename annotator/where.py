@@ -173,9 +173,12 @@ class WhereFilter:
     def _column_kind(self, token: Token) -> str:
         if token.text not in self.schema.names:
             usable = [f.name for f in self.schema if _kind(f.type) is not None]
-            self._fail(
-                token, f"{token.text!r} is not a column of this run", f"columns usable here: {', '.join(usable)}"
-            )
+            hint = f"columns usable here: {', '.join(usable)}"
+            if token.text.lower() in ("null", "none"):
+                hint = f"there is no null to compare with (rows with an error are never kept); {hint}"
+            elif any(_kind(f.type) == "string" for f in self.schema if f.name in usable):
+                hint = f"a text is written in quotes, e.g. '{token.text}'; {hint}"
+            self._fail(token, f"{token.text!r} is not a column of this run", hint)
         kind = _kind(self.schema.field(token.text).type)
         if kind is None:
             self._fail(

@@ -71,6 +71,8 @@ def test_expressions_keep_exactly_those_rows(expression, kept):
         ("label_cat; import os", "unexpected character ';'", 10),
         ("__import__('os').system('true')", "unexpected character '.'", 17),
         ("__import__('os')", "'__import__' is not a column", 1),
+        ("answer_kind == B", "text is written in quotes, e.g. 'B'", 16),
+        ("error == null", "is no null to compare with", 10),
         ("not " * 65 + "label_cat", "nests `not` and parentheses more than 64 deep", 257),
         ("(" * 65 + "label_cat" + ")" * 65, "nests `not` and parentheses more than 64 deep", 65),
         ("label_cat and " * 201 + "label_cat", "longer than 400 words", 2801),
