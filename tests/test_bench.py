@@ -32,26 +32,17 @@ def invoke(*args: object):
     return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
-def test_bench_tiny_prints_every_field_as_json():
-    result = invoke(
-        "bench",
-        "--model",
-        "tiny",
-        "--pairs",
-        6,
-        "--sizes",
-        "1600x1200,756x476",
-        "--workers",
-        0,
-        "--baseline",
-        "--baseline-pairs",
-        2,
-        "--count-images",
-        2,
-        "--json",
-    )
+def bench_tiny(*options: object) -> dict:
+    """`annotate bench --model tiny --workers 0 --json` with `options`: its JSON, once it has exited 0."""
+    result = invoke("bench", "--model", "tiny", "--workers", 0, *options, "--json")
     assert result.exit_code == 0, result.output
-    out = json.loads(result.stdout)
+    return json.loads(result.stdout)
+
+
+def test_bench_tiny_prints_every_field_as_json():
+    out = bench_tiny(
+        "--pairs", 6, "--sizes", "1600x1200,756x476", "--baseline", "--baseline-pairs", 2, "--count-images", 2
+    )
     assert out["model"] == "tiny" and out["pairs"] == 6 and out["errors"] == 0
     assert out["sizes"] == ["1600x1200:1", "756x476:1"] and out["image_format"] == "jpeg"
     assert out["device"].startswith("cuda" if ON_GPU else "cpu")
@@ -101,24 +92,7 @@ def test_bench_devices_refuses_too_few_windows_for_its_writers():
 
 
 def test_bench_without_baseline_has_no_ratio():
-    result = invoke(
-        "bench",
-        "--model",
-        "tiny",
-        "--pairs",
-        2,
-        "--sizes",
-        "320x240",
-        "--workers",
-        0,
-        "--count-images",
-        0,
-        "--forward",
-        "transformers",
-        "--json",
-    )
-    assert result.exit_code == 0, result.output
-    out = json.loads(result.stdout)
+    out = bench_tiny("--pairs", 2, "--sizes", "320x240", "--count-images", 0, "--forward", "transformers")
     assert out["baseline_pairs_per_s"] is None and out["speedup_vs_baseline"] is None
     assert out["steady_pairs_per_s"] is None, "one batch has no steady state"
     assert out["op_counts"] is None and out["forward"] == "transformers"
@@ -198,24 +172,7 @@ def assert_ratio_of(ratio: float, seconds: dict[str, float]) -> None:
 
 
 def test_bench_questions_times_k_questions_against_one_on_the_same_images():
-    result = invoke(
-        "bench",
-        "--model",
-        "tiny",
-        "--pairs",
-        4,
-        "--sizes",
-        "756x476",
-        "--workers",
-        0,
-        "--count-images",
-        0,
-        "--questions",
-        3,
-        "--json",
-    )
-    assert result.exit_code == 0, result.output
-    out = json.loads(result.stdout)
+    out = bench_tiny("--pairs", 4, "--sizes", "756x476", "--count-images", 0, "--questions", 3)
     cost = out["question_cost"]
     assert out["questions"] == 3 and cost["questions"] == ["text", "watermark", "screenshot"]
     assert cost["pairs"] == 4 and cost["seconds"]["one"] > 0 and cost["seconds"]["all"] > 0
