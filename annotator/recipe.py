@@ -562,9 +562,8 @@ def explain_validation_error(exc: ValidationError, source: str, set_paths: list[
         by_set.setdefault(key, _from_set(_recipe_key(location), set_paths))
         if error["type"] == "missing":
             messages.append(f"`{key}` is required but missing; add it to the recipe.")
-        elif error["type"] == "model_type" and _recipe_key(location) == location and _fields_at(location):
+        elif error["type"] == "model_type" and _recipe_key(location) == location and (fields := _fields_at(location)):
             # `--set model=tiny`: a section given a value (not a question of `prompt.questions`, a name, not a key)
-            fields = _fields_at(_recipe_key(location))
             messages.append(
                 f"`{key}`{by_set[key]} is a section of keys ({', '.join(fields)}), not a value (got "
                 f"{_short(error.get('input'))}); set one of its keys, e.g. `{key}.{fields[0]}`."

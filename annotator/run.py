@@ -370,9 +370,8 @@ def _answer_totals(records: Iterable[dict[str, Any]], scored: int) -> dict[str, 
 def run_recipe(
     recipe_path: str, overrides: list[str], overwrite: bool, console, progress: bool = True, log_format: str = "text"
 ) -> dict:
-    with StopRequest(
-        console, log_format
-    ) as stop:  # from the first instant: a signal exits 2, never a half-written folder
+    # From the first instant: a signal exits 2, never a half-written folder.
+    with StopRequest(console, log_format) as stop:
         recipe = load_recipe(recipe_path, overrides)
         folder, source = prepare_run(recipe, overwrite)
         annotator = Annotator(recipe, folder, source, console, progress, fresh=True, log_format=log_format, stop=stop)
