@@ -537,8 +537,7 @@ def measure_forward_ops(images: int, min_pixels: int, max_pixels: int) -> dict[s
     for forward, reduced in (("lean", False), ("transformers", True)):
         loaded = qwen2_vl_2b(reduced)
         builder = PromptBuilder(loaded.tokenizer, PromptConfig())
-        image = np.zeros((grid[1] * 14, grid[2] * 14, 3), np.uint8)
-        rows = [ScoreInput(image, grid, builder.question_tokens(["a cat"])[0])] * images
+        rows = [ScoreInput.blank(grid, builder.question_tokens(["a cat"])[0])] * images
         with on_fake_tensors(loaded):
             scorer = Scorer(loaded, builder, forward, compile="off")  # the eager forward's ops, whatever `auto` does
             counts[forward] = {"model": loaded.name, **count_launch(scorer, rows).summary()}

@@ -28,6 +28,11 @@ class ScoreInput:
     grid: tuple[int, int, int]
     text: TextTokens
 
+    @classmethod
+    def blank(cls, grid: tuple[int, int, int], text: TextTokens) -> ScoreInput:
+        """A black image of `grid`'s size: for compiling or counting ops, where pixels do not matter."""
+        return cls(np.zeros((grid[1] * PATCH_SIZE, grid[2] * PATCH_SIZE, 3), np.uint8), grid, text)
+
 
 @dataclass(frozen=True, slots=True)
 class Score:
@@ -123,11 +128,7 @@ class Scorer:
         text = self.builder.question_tokens(["warm up"])[0]
         small, wide, tall = (1, 4, 4), (1, 4, 6), (1, 6, 4)
         for grids in ([small], [small, small], [wide, tall], [small, wide]):
-            rows = [
-                ScoreInput(np.zeros((h * PATCH_SIZE, w * PATCH_SIZE, 3), np.uint8), (t, h, w), text)
-                for t, h, w in grids
-            ]
-            self.logits(self.collate(rows)).float().cpu()
+            self.logits(self.collate([ScoreInput.blank(grid, text) for grid in grids])).float().cpu()
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         return (tensor.pin_memory() if self.pin else tensor).to(self.device, non_blocking=True)

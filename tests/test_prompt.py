@@ -92,8 +92,7 @@ def test_positions_equal_get_rope_index_with_left_padding(tiny):
         ((30, 30), "x"),
     ]:
         grid = grid_thw(h, w, 3136, 56 * 56 * 4)
-        image = np.zeros((grid[1] * 14, grid[2] * 14, 3), dtype=np.uint8)
-        rows.append(ScoreInput(image, grid, builder.question_tokens([text])[0]))
+        rows.append(ScoreInput.blank(grid, builder.question_tokens([text])[0]))
     batch = scorer.collate(rows)
     assert (batch["attention_mask"][:, 0] == 0).any(), "rows of different lengths must be left padded"
     assert torch.equal(batch["mm_token_type_ids"].bool(), batch["input_ids"] == builder.image_pad_id)
