@@ -142,8 +142,12 @@ def annotate(*args: str | Path) -> subprocess.Popen:
 
 @pytest.mark.slow
 def test_ctrl_c_or_kill_9_of_the_coordinator_leaves_no_writer_behind_and_resume_is_exact(
-    tmp_path, scaleout_input, scaleout_reference
+    tmp_path, scaleout_input, scaleout_reference, monkeypatch
 ):
+    # Each window takes half a second more, so that on any machine the three stops come before the run's 12 windows
+    # are done (on a fast one the run could finish between the last check and the kill, and leave nothing to resume).
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HOOKS), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("SCALEOUT_WINDOW_DELAY", "0.5")
     rng = random.Random(10)
     output = tmp_path / "coordinator"
     process = annotate(
@@ -166,6 +170,7 @@ def test_ctrl_c_or_kill_9_of_the_coordinator_leaves_no_writer_behind_and_resume_
         else:
             os.kill(process.pid, signal.SIGKILL)  # the coordinator alone: its writers must stop by themselves
         process.wait()
+        assert not (output / "summary.json").exists(), "the run finished before it was stopped; make it longer"
         wait_until(lambda w=writers: not any(running(pid) for pid in w), timeout=15, what="orphan writers to die")
         if how != stops[-1]:
             process = annotate("resume", output, "--no-progress", "--devices", "cpu,cpu")

@@ -2,12 +2,15 @@
 
 With SCALEOUT_KILL_WINDOW=K and SCALEOUT_CAUSE=FILE, a writer that reads window K while FILE exists kills itself
 with SIGKILL, as a decoder that segfaults or the kernel's out-of-memory killer would. With SCALEOUT_KILL_LOAD=1, a
-writer kills itself so as it starts loading the model (a device that runs out of memory). Without them, nothing.
+writer kills itself so as it starts loading the model (a device that runs out of memory). With
+SCALEOUT_WINDOW_DELAY=S, a writer takes S seconds more over each window (a slow device), so that a test can stop a
+run before it ends on any machine. Without them, nothing.
 """
 
 import os
 
 WINDOW = os.environ.get("SCALEOUT_KILL_WINDOW")
+DELAY = os.environ.get("SCALEOUT_WINDOW_DELAY")
 
 if os.environ.get("SCALEOUT_KILL_LOAD"):
     import signal
@@ -32,3 +35,16 @@ if WINDOW is not None:
         return _plan(self, window)
 
     annotator.writer.WindowScorer._plan = _killing_plan
+
+if DELAY is not None:
+    import time
+
+    import annotator.writer
+
+    _slow_plan = annotator.writer.WindowScorer._plan
+
+    def _delayed_plan(self, window):
+        time.sleep(float(DELAY))
+        return _slow_plan(self, window)
+
+    annotator.writer.WindowScorer._plan = _delayed_plan
