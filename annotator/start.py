@@ -106,7 +106,7 @@ def prepare_resume(output_dir: Path, overrides: list[str]) -> tuple[Recipe, RunF
         recipe = _frozen_recipe(folder, overrides)
         starting = not folder.manifest_path.exists() and not folder.journal_records()
         if not starting:
-            grows = _check_settings(folder, recipe)
+            grows = _check_settings(folder, recipe, overrides)
         checked = check_run(recipe)
         if starting:
             folder.claimed = Claim()  # nothing created: a failed load puts the old recipe back
@@ -149,7 +149,7 @@ def _frozen_recipe(folder: RunFolder, overrides: list[str]) -> Recipe:
     return recipe
 
 
-def _check_settings(folder: RunFolder, recipe: Recipe) -> bool:
+def _check_settings(folder: RunFolder, recipe: Recipe, overrides: list[str]) -> bool:
     """What resume refuses in the folder and the recipe alone; returns whether the run grows (a larger limit)."""
     manifest = folder.manifest()
     damage = problems(folder)
@@ -168,9 +168,21 @@ def _check_settings(folder: RunFolder, recipe: Recipe) -> bool:
             f"more rows of its input, grow it: `annotate resume {folder.root} --set input.limit=M` (or =null for all)."
         )
     if recipe.result_fingerprint() != manifest.get("result_fingerprint"):
+        fingerprint = manifest.get("result_fingerprint")
+        if _frozen_recipe(folder, []).result_fingerprint() != fingerprint:
+            started_by = manifest.get("annotator_version")
+            other = f", or annotator {started_by} started the run and this one is {__version__}"
+            raise AnnotatorError(
+                f"The settings in the run folder's recipe.yaml that change results ({RESULT_KEYS_HINT}) are not those "
+                f"the run started with: the file was edited since{other if started_by != __version__ else ''}. "
+                "Resuming would mix two settings: put the file back as it was, or start a new run with "
+                "`annotate run ... --overwrite`."
+            )
+        changing = _result_changing(folder, overrides, fingerprint) or [p.partition("=")[0] for p in overrides]
         raise AnnotatorError(
-            f"These --set values change results ({RESULT_KEYS_HINT}), so the resumed output would mix two "
-            f"settings. Resume without them, or start a new run with `annotate run ... --overwrite`."
+            f"{', '.join(f'--set {key}' for key in changing)} would change results ({RESULT_KEYS_HINT}), so the "
+            "resumed output would mix two settings. Resume without them, or start a new run with "
+            "`annotate run ... --overwrite`."
         )
     if recipe.batching.window != manifest["window"]:
         raise AnnotatorError(
@@ -178,6 +190,20 @@ def _check_settings(folder: RunFolder, recipe: Recipe) -> bool:
             "of resume. Drop that --set."
         )
     return grows
+
+
+def _result_changing(folder: RunFolder, overrides: list[str], fingerprint: Any) -> list[str]:
+    """The --set keys that, each alone on the frozen recipe, change results (or make it invalid); none where only
+    several together do."""
+    changing = []
+    for pair in overrides:
+        try:
+            changed = _frozen_recipe(folder, [pair]).result_fingerprint() != fingerprint
+        except AnnotatorError:
+            changed = True
+        if changed:
+            changing.append(pair.partition("=")[0].strip())
+    return changing
 
 
 def _check_input(folder: RunFolder, recipe: Recipe, source: Any, grows: bool) -> None:

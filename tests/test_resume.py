@@ -199,8 +199,22 @@ def test_resume_notices_an_edit_in_place_that_keeps_the_size_and_the_footer(tmp_
 )
 def test_resume_refuses_result_changing_overrides(tmp_path, dataset, reference_run, override):
     output = interrupted_copy(reference_run, tmp_path / "partial", keep_windows=3)
-    result = invoke("resume", output, "--set", override, "--no-progress")
-    assert result.exit_code == 1 and "change results" in result.output
+    result = invoke("resume", output, "--set", override, "--set", "batching.max_batch_size=2", "--no-progress")
+    message = " ".join(result.output.split())
+    assert result.exit_code == 1 and "change results" in message
+    assert f"--set {override.partition('=')[0]} would change" in message, "names the key, and only it"
+
+
+def test_resume_names_a_hand_edited_recipe_that_changes_results(tmp_path, reference_run):
+    output = interrupted_copy(reference_run, tmp_path / "partial", keep_windows=3)
+    recipe = output / "recipe.yaml"
+    edited = recipe.read_text().replace("system: You are a helpful assistant.", "system: Be terse.")
+    assert edited != recipe.read_text()
+    recipe.write_text(edited)
+    result = invoke("resume", output, "--no-progress")
+    message = " ".join(result.output.split())
+    assert result.exit_code == 1 and "recipe.yaml that change results" in message and "was edited" in message
+    assert len(read_output(output)) == 18, "nothing written"
 
 
 def test_resume_accepts_a_changed_batch_size(tmp_path, dataset, reference_run, reference):
@@ -346,7 +360,8 @@ def questions_run(tmp_path_factory, dataset, tiny_model_cache) -> Path:
 def test_resume_refuses_a_changed_question_set(tmp_path, questions_run, override):
     output = interrupted_copy(questions_run, tmp_path / "partial", keep_windows=1)
     result = invoke("resume", output, "--set", override, "--no-progress")
-    assert result.exit_code == 1 and "change results" in result.output
+    message = " ".join(result.output.split())
+    assert result.exit_code == 1 and f"--set {override.partition('=')[0]} would change results" in message
     assert len(read_output(output)) == 6, "nothing written"
 
 
