@@ -365,17 +365,32 @@ def _short(value: Any, limit: int = 200) -> str:
     return _cut(shower.repr(value), limit)
 
 
+NAMED_ENTRIES = {("prompt", "questions"), ("output", "thresholds")}  # mappings whose keys are names, not recipe keys
+
+
 def merge(base: dict[str, Any], overrides: dict[str, Any], path: tuple[str, ...] = ()) -> dict[str, Any]:
     """Recursively apply exactly the keys the user set; nothing else changes.
 
     A question written in short form (`prompt.questions.NAME: text`) is `{question: text}`, so that setting one of
-    its keys (`--set prompt.questions.NAME.positive=y`) keeps its text.
+    its keys (`--set prompt.questions.NAME.positive=y`) keeps its text. Null for one entry of a mapping of names
+    (`--set prompt.questions.NAME=null`, `output.thresholds.NAME`) removes that entry.
     """
     merged = dict(base)
     for key, value in overrides.items():
         current = merged.get(key)
+        if value is None and path in NAMED_ENTRIES:
+            if key not in merged:
+                names = f"there are: {_cut(', '.join(map(str, merged)))}" if merged else "the recipe has none"
+                raise AnnotatorError(
+                    f"--set {'.'.join(path)}.{_cut(str(key))}=null removes an entry, but there is none named "
+                    f"{_cut(str(key))!r} ({names}). Check the name."
+                )
+            del merged[key]
+            continue
         if isinstance(value, dict) and isinstance(current, str) and path == ("prompt", "questions"):
             current = {"question": current}
+        if isinstance(value, dict) and current is None:
+            current = {}  # applied key by key, so that a null entry removes nothing silently
         if isinstance(value, dict) and isinstance(current, dict):
             merged[key] = merge(current, value, (*path, str(key)))
         else:
@@ -537,7 +552,8 @@ def _recipe_key(location: tuple[Any, ...]) -> tuple[Any, ...]:
     """The recipe key of an error's location, without pydantic's union members (`constrained-int`, ...)."""
     for length in range(len(location), 0, -1):
         if location[length - 1] in _fields_at(location[: length - 1]):
-            return location[:length]
+            named = tuple(map(str, location[:length])) in NAMED_ENTRIES and len(location) > length
+            return location[: length + 1] if named else location[:length]  # a question's name is part of its key
     return ()
 
 

@@ -261,3 +261,24 @@ def test_setting_a_key_of_a_short_form_question_keeps_its_text(tmp_path):
     assert (cat.question, cat.positive, cat.negative) == ("Is there a cat?", "y", "n")
     assert kind.question == "Which kind?" and kind.positive is None
     assert load_recipe(path, ["prompt.questions.cat=Is it a cat?"]).prompt.questions["cat"].question == "Is it a cat?"
+
+
+def test_set_null_removes_a_named_question_or_threshold_and_a_wrong_name_is_named(tmp_path):
+    path = questions_recipe(
+        tmp_path, prompt={"questions": {"cat": "A cat?", "dog": "A dog?"}}, output={"thresholds": {"dog": 0.3}}
+    )
+    loaded = load_recipe(path, ["prompt.questions.dog=null", "output.thresholds.dog=null"])
+    assert [q.name for q in loaded.questions] == ["cat"] and loaded.output.thresholds == {}
+    with pytest.raises(AnnotatorError) as error:
+        load_recipe(path, ["prompt.questions.cow=null"])
+    assert "none named 'cow' (there are: cat, dog)" in str(error.value)
+    with pytest.raises(AnnotatorError, match="`output.thresholds` names 'dog'"):
+        load_recipe(path, ["prompt.questions.dog=null"])  # its threshold is left: said, not dropped silently
+    with pytest.raises(AnnotatorError, match="none named 'cow' \\(the recipe has none\\)"):
+        load_recipe(questions_recipe(tmp_path, prompt={}), ["prompt.questions.cow=null"])
+
+
+def test_a_question_given_no_text_is_named_with_its_name(tmp_path):
+    path = questions_recipe(tmp_path, prompt={"questions": {"cat": None, "dog": "A dog?"}})
+    with pytest.raises(AnnotatorError, match=r"`prompt.questions.cat` is a section of keys \(question, "):
+        load_recipe(path)
