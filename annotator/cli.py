@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 from typer.exceptions import TyperException
 
-from annotator.errors import EXIT_RESUMABLE, EXIT_USER_ERROR, AnnotatorError, RunInterrupted
+from annotator.errors import EXIT_RESUMABLE, EXIT_USER_ERROR, AnnotatorError, RunInterrupted, path_name_errors
 
 MAX_MESSAGE = 3000  # characters of an error message shown; a message never floods the terminal
 
@@ -52,8 +52,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console(stderr=True)
-stdout = Console()
+# No emoji codes: rich would print a path, caption or address holding `:b:` or `:cat:` as a picture.
+console = Console(stderr=True, emoji=False)
+stdout = Console(emoji=False)
 
 SetOption = Annotated[
     list[str] | None,
@@ -75,6 +76,14 @@ def device_overrides(devices: str | None) -> list[str]:
     """`--devices a,b` as recipe overrides: those devices, on this machine, and no single `model.device`."""
     if devices is None:
         return []
+    from annotator.recipe import device_problem, split_devices
+
+    problem = None if devices == "auto" else device_problem(split_devices(devices))
+    if problem is not None:  # said of --devices: the recipe's `engine.devices` is not what is wrong
+        raise AnnotatorError(
+            f"--devices {devices!r}: {problem}. Name devices of this machine, comma-separated, e.g. --devices "
+            "cuda:0,cuda:1 or cpu,cpu (or auto)."
+        )
     return [f"engine.devices={devices}", "engine.kind=local", "model.device=auto"]
 
 
@@ -110,7 +119,8 @@ def user_errors(command):
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            with path_name_errors():
+                return command(*args, **kwargs)
         except AnnotatorError as exc:
             if not _as_json_line(exc, kwargs):
                 from annotator.hub import ModelUnavailable, next_steps

@@ -323,7 +323,7 @@ def resolve_devices(recipe: Recipe) -> list[str]:
     if cuda:
         count = _cuda_count()
         named = ["cuda:0" if d == "cuda" else d for d in devices]
-        missing = [d for d in named if d.startswith("cuda") and int(d.split(":")[1]) >= count]
+        missing = list(dict.fromkeys(d for d in named if d.startswith("cuda") and int(d.split(":")[1]) >= count))
         if missing:
             seen = f"cuda:0 to cuda:{count - 1}" if count else "none"
             raise AnnotatorError(

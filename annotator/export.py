@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from annotator.card import export_card, split_name
-from annotator.errors import AnnotatorError
+from annotator.errors import AnnotatorError, is_undecoded, not_utf8_message
 from annotator.folder import enclosing_run, problems
 from annotator.questions import Question
 from annotator.recipe import read_recipe_file, validate_recipe
@@ -320,6 +320,8 @@ def _check_targets(folder: RunFolder, to: Path, rejected: Path | None) -> None:
     for option, target in (("--to", to), ("--rejected", rejected)):
         if target is None:
             continue
+        if is_undecoded(os.path.abspath(target)):  # pyarrow would refuse it half-way, after the folder is made
+            raise AnnotatorError(f"{option}: {not_utf8_message(os.path.abspath(target))}")
         where = os.path.realpath(target)
         if where == run or where.startswith(run + os.sep) or run.startswith(where + os.sep):
             raise AnnotatorError(
@@ -332,6 +334,13 @@ def _check_targets(folder: RunFolder, to: Path, rejected: Path | None) -> None:
                 "writes. Export into a separate folder."
             )
         above = next((p for p in target.absolute().parents if os.path.lexists(p)), None)
+        for link in (target, above):
+            if link is not None and os.path.islink(link) and not os.path.exists(link):
+                raise AnnotatorError(
+                    f"{option} {str(target)!r}: {str(link)!r} is a symbolic link to {os.readlink(link)!r}, which does "
+                    "not exist (or whose links lead in a circle), so the export cannot be created there. Create the "
+                    "folder it points to, or give the path of a new folder elsewhere."
+                )
         if not target.exists() and above is not None and not above.is_dir():  # `--to photo.jpg/kept`
             raise AnnotatorError(
                 f"{option} {str(target)!r} is under {str(above)!r}, which is a file, not a folder: the export cannot "
@@ -348,7 +357,7 @@ def _check_targets(folder: RunFolder, to: Path, rejected: Path | None) -> None:
                 "give a new folder, or empty this one first."
             )
     if rejected is not None:
-        a, b = to.resolve(), rejected.resolve()
+        a, b = Path(os.path.realpath(to)), Path(os.path.realpath(rejected))  # Path.resolve raises on a link loop
         if a == b or a in b.parents or b in a.parents:
             raise AnnotatorError("--to and --rejected must be two separate folders, neither inside the other.")
 

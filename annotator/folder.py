@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from annotator.errors import AnnotatorError
+from annotator.errors import AnnotatorError, is_undecoded, not_utf8_message
 from annotator.sink import (
     JOURNAL_FILE,
     PART_FILE,
@@ -56,6 +56,8 @@ def check_target(folder: RunFolder) -> None:
     """Refuse an output path a run may not write into, before anything is written: a file, a path under a file,
     or an existing folder that is neither empty nor a run folder."""
     root = folder.root
+    if is_undecoded(os.path.abspath(root)):  # the run would write it, but report and export could not read it
+        raise AnnotatorError(f"`output.dir`: {not_utf8_message(os.path.abspath(root))}")
     holder = enclosing_run(root)
     if holder is not None:
         raise AnnotatorError(

@@ -141,8 +141,10 @@ class BatchingConfig(_Section):
 class OutputConfig(_Section):
     dir: str | None = Field(None, description="Defaults to outputs/<name>.")
     threshold: float = Field(0.5, ge=0.0, le=1.0)
-    thresholds: dict[str, float] = Field(
-        default_factory=dict, description="Per question of `prompt.questions`: `label_<name> = prob_<name> >= t`."
+    thresholds: Annotated[dict[str, float], BeforeValidator(lambda value: {} if value is None else value)] = Field(
+        default_factory=dict,
+        description="Per question of `prompt.questions`: `label_<name> = prob_<name> >= t`; null: none (so that"
+        " `--set output.thresholds=null` clears them, as `prompt.questions=null` clears the questions).",
     )
 
 
@@ -176,20 +178,31 @@ class EngineConfig(_Section):
     @field_validator("devices", mode="before")
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
-        if isinstance(value, str) and value != "auto":
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
+        return split_devices(value) if isinstance(value, str) and value != "auto" else value
 
     @field_validator("devices")
     @classmethod
     def _known_devices(cls, value: Any) -> Any:
         if isinstance(value, list):
-            if not value:
-                raise ValueError("`engine.devices` needs at least one device, e.g. [cuda:0] or auto")
-            wrong = [d for d in value if not DEVICE.fullmatch(d)]
-            if wrong:
-                raise ValueError(f"`engine.devices`: {', '.join(map(repr, wrong))} is not cpu, cuda or cuda:N")
+            problem = device_problem(value)
+            if problem is not None:
+                raise ValueError(f"`engine.devices`: {problem}")
+            # One spelling per GPU (`cuda:00` is `cuda:0`), so that a GPU named twice is seen as one.
+            return [f"cuda:{int(d[5:])}" if d.startswith("cuda:") else d for d in value]
         return value
+
+
+def split_devices(text: str) -> list[str]:
+    """`cuda:0, cuda:1` as a list of devices."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def device_problem(devices: list[str]) -> str | None:
+    """What is wrong with a list of devices (`engine.devices`, `--devices`), or None."""
+    if not devices:
+        return "needs at least one device, e.g. [cuda:0] or auto"
+    wrong = [d for d in devices if not DEVICE.fullmatch(d)]
+    return f"{', '.join(map(repr, wrong))} is not cpu, cuda or cuda:N" if wrong else None
 
 
 class Recipe(_Section):
@@ -585,7 +598,7 @@ def explain_validation_error(exc: ValidationError, source: str, set_paths: list[
                 f"{_short(error.get('input'))}); set one of its keys, e.g. `{key}.{fields[0]}`."
             )
         elif error["type"] == "value_error":
-            messages.append(str(error["msg"]).removeprefix("Value error, ") + ".")
+            messages.append(str(error["msg"]).removeprefix("Value error, ") + f"{by_set[key]}.")
         else:  # one line per key: a union (`int | "auto"`) fails once per member
             by_key.setdefault(key, []).append(str(error["msg"]))
             inputs.setdefault(key, error.get("input"))

@@ -139,6 +139,12 @@ def _frozen_recipe(folder: RunFolder, overrides: list[str]) -> Recipe:
         if isinstance(section, dict):
             section["limit"] = limit
     changes = parse_overrides(overrides)
+    output = changes.get("output")
+    if isinstance(output, dict) and "dir" in output:  # never taken: the run goes on where it is
+        raise AnnotatorError(
+            f"--set output.dir does not apply to resume: a run goes on in its own folder, {str(folder.root)!r}. To "
+            "have it elsewhere, move the folder there and resume that, or start a new run with `annotate run`."
+        )
     engine, ran_on = changes.get("engine"), frozen.get("engine")
     if isinstance(engine, dict) and "kind" in engine and isinstance(ran_on, dict):
         # Another engine finishes the run (engines never change results): the devices or Ray settings of the one

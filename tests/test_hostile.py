@@ -803,6 +803,91 @@ def export_to_a_folder_under_a_file(w):
     return Expect(["export", str(copy_of_run(w)), "--to", str(to)], 1, ("a.parquet', which is a file, not a folder",))
 
 
+LONG_NAME = "d" * 300  # one name past the 255 bytes a file system allows
+LONG_PATH = "/".join(["d" * 200] * 25)  # names that fit, a path past 4,096 bytes
+
+
+@case("command-line")
+def status_of_a_path_too_long_for_the_file_system(w):
+    """Every command that stats a path the user named met ENAMETOOLONG first somewhere else: a traceback each."""
+    return Expect(["status", str(w / LONG_PATH)], 1, ("cannot be used: it is too long", "give a shorter one"))
+
+
+@case("command-line")
+def export_to_a_name_too_long_for_the_file_system(w):
+    args = ["export", str(copy_of_run(w)), "--to", str(w / LONG_NAME)]
+    return Expect(args, 1, ("cannot be used: it is too long",))
+
+
+@case("command-line")
+def a_model_name_too_long_to_be_a_path(w):
+    r = recipe(w / "r.yaml", parquet(w / "in" / "a.parquet"), w / "out")
+    return Expect(run_args(r, "--set", f"model.name={LONG_NAME}"), 1, ("cannot be used: it is too long",))
+
+
+@case("command-line")
+def export_to_a_dangling_symbolic_link(w):
+    """It failed with "File exists ... free space or fix permissions"; the link is left as it is."""
+    os.symlink(w / "gone", w / "kept")
+    args = ["export", str(copy_of_run(w)), "--to", str(w / "kept")]
+    return Expect(args, 1, ("is a symbolic link to", "which does not exist"))
+
+
+@case("command-line")
+def export_rejected_into_a_symbolic_link_loop(w):
+    """Path.resolve raised RuntimeError("Symlink loop") at the --to/--rejected overlap check."""
+    os.symlink(w / "loop2", w / "loop1")
+    os.symlink(w / "loop1", w / "loop2")
+    args = ["export", str(copy_of_run(w)), "--to", str(w / "kept"), "--rejected", str(w / "loop1")]
+    return Expect(args, 1, ("--rejected", "is a symbolic link to"))
+
+
+@case("command-line")
+def an_output_folder_whose_name_is_not_utf8(w):
+    """The run crashed writing its card (UTF-8 cannot hold those bytes) and left a half-made folder; report and
+    export could never read such a folder (pyarrow opens UTF-8 paths only): refused before anything is written."""
+    out = os.fsdecode(os.fsencode(str(w)) + b"/caf\xe9")
+    r = recipe(w / "r.yaml", parquet(w / "in" / "a.parquet"), out)
+    return Expect(run_args(r), 1, ("`output.dir`", "bytes that are not UTF-8", "caf\ufffd"))
+
+
+@case("command-line")
+def an_input_path_that_is_not_utf8(w):
+    folder = Path(os.fsdecode(os.fsencode(str(w)) + b"/caf\xe9"))
+    folder.mkdir()
+    with open(folder / "a.parquet", "wb") as file:  # pyarrow cannot write to that path either
+        pq.write_table(table(), file)
+    return Expect(run_args(recipe(w / "r.yaml", folder, w / "out")), 1, ("bytes that are not UTF-8",))
+
+
+@case("command-line")
+def export_to_a_folder_whose_name_is_not_utf8(w):
+    """pyarrow refused the name half-way, after the folder was made, and left it behind."""
+    to = os.fsdecode(os.fsencode(str(w)) + b"/kept\xe9")
+    return Expect(["export", str(copy_of_run(w)), "--to", to], 1, ("--to", "bytes that are not UTF-8"))
+
+
+@case("command-line")
+def a_path_holding_an_emoji_code(w):
+    """rich printed `:cat:` in a message as a picture of a cat."""
+    return Expect(["status", str(w / ":cat:" / "run:b:")], 1, (":cat:/run:b:' does not exist",))
+
+
+@case("command-line")
+def resume_with_another_output_dir(w):
+    """`--set output.dir` was silently ignored: the run went on in its folder, not where the user asked."""
+    run = copy_of_run(w, keep_windows=1)
+    args = ["resume", str(run), "--no-progress", "--set", f"output.dir={w / 'elsewhere'}"]
+    return Expect(args, 1, ("--set output.dir does not apply to resume", "move the folder"), run=run)
+
+
+@case("command-line")
+def devices_that_are_not_devices(w):
+    """The message blamed the recipe file ("Invalid recipe 'r.yaml': `engine.devices`"), which names no device."""
+    r = recipe(w / "r.yaml", parquet(w / "in" / "a.parquet"), w / "out")
+    return Expect(run_args(r, "--devices", "mps,cpu"), 1, ("--devices 'mps,cpu': 'mps' is not cpu, cuda or cuda:N",))
+
+
 @case("command-line")
 def bench_report_of_no_rows(w):
     """`bench-report --rows 0` (or -1) divided by zero after writing its synthetic run."""
