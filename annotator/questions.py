@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -77,6 +78,11 @@ def question_problems(prompt: PromptConfig, output: OutputConfig) -> list[str]:
     problems: list[str] = []
     # Values compared with the defaults, not keys with those given: a frozen recipe (`recipe.yaml`) gives every key.
     defaults = PromptConfig()
+    if "{text}" in prompt.system:
+        problems.append(
+            "`prompt.system` contains `{text}`, but the system turn is the same for every row and is sent as written; "
+            "the row's text goes into the question: move `{text}` there"
+        )
     if prompt.answers is not None:
         problems.extend(_answer_problems(prompt.answers, "prompt.answers"))
     if prompt.questions is None:
@@ -86,7 +92,7 @@ def question_problems(prompt: PromptConfig, output: OutputConfig) -> list[str]:
         if output.thresholds:
             problems.append(
                 "`output.thresholds` sets thresholds per question of `prompt.questions`; this recipe asks one "
-                "question, whose threshold is `output.threshold`"
+                "question, whose threshold is `output.threshold` (`--set output.thresholds=null` drops them)"
             )
         return problems
     if prompt.question != defaults.question:
@@ -101,8 +107,9 @@ def question_problems(prompt: PromptConfig, output: OutputConfig) -> list[str]:
         key = f"prompt.questions.{name}"
         if not QUESTION_NAME.fullmatch(name):
             problems.append(
-                f"question name {name!r} must be letters, digits and `_` only (it becomes part of column names "
-                f"such as `prob_{name}`); rename it, e.g. `{re.sub('[^A-Za-z0-9_]+', '_', name).strip('_') or 'q1'}`"
+                f"question name {name!r} must be ASCII letters (a-z, A-Z), digits and `_` only (it becomes part of "
+                f"column names such as `prob_{name}`, which SQL and other tools read); rename it, e.g. "
+                f"`{ascii_name(name)}`"
             )
         elif name.lower() in lowered:
             problems.append(
@@ -133,7 +140,8 @@ def question_problems(prompt: PromptConfig, output: OutputConfig) -> list[str]:
     if unknown:
         problems.append(
             f"`output.thresholds` names {', '.join(map(repr, unknown))}, not a question of `prompt.questions` "
-            f"({', '.join(by_name) or 'none'}); fix the name or drop it"
+            f"({', '.join(by_name) or 'none'}); fix the name or drop it (for one run: "
+            f"{' '.join(f'--set output.thresholds.{n}=null' for n in unknown)})"
         )
     for name, threshold in output.thresholds.items():
         if name in by_name and not by_name[name].yes_no:
@@ -144,6 +152,12 @@ def question_problems(prompt: PromptConfig, output: OutputConfig) -> list[str]:
         if not 0.0 <= threshold <= 1.0:
             problems.append(f"`output.thresholds.{name}` = {threshold} is not a probability; give a value from 0 to 1")
     return problems
+
+
+def ascii_name(name: str) -> str:
+    """A question name of ASCII letters, digits and `_` close to `name` (`café au lait` -> `cafe_au_lait`)."""
+    plain = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    return re.sub("[^A-Za-z0-9_]+", "_", plain).strip("_")[:64] or "q1"
 
 
 def _template_problems(template: str, key: str) -> list[str]:

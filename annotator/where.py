@@ -35,6 +35,7 @@ COMPARISONS = {
     ">=": pc.greater_equal,
 }
 ORDERED = {"number", "string"}  # the kinds `<` applies to
+ERROR_COLUMNS = ("error", "error_kind")  # the run's own: null in every row that can be kept
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,8 +172,15 @@ class WhereFilter:
             )
 
     def _column_kind(self, token: Token) -> str:
+        if token.text in ERROR_COLUMNS and token.text in self.schema.names:
+            self._fail(
+                token,
+                f"column {token.text!r} is null in every row `--where` can keep (a row with an error is never kept), "
+                "so a condition on it says nothing about them",
+                "leave it out; `annotate status RUN_DIR` counts the errors, and --rejected DIR holds the error rows",
+            )
         if token.text not in self.schema.names:
-            usable = [f.name for f in self.schema if _kind(f.type) is not None]
+            usable = [f.name for f in self.schema if _kind(f.type) is not None and f.name not in ERROR_COLUMNS]
             hint = f"columns usable here: {', '.join(usable)}"
             if token.text.lower() in ("null", "none"):
                 hint = f"there is no null to compare with (rows with an error are never kept); {hint}"

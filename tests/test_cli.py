@@ -258,7 +258,7 @@ MALFORMED_QUESTIONS = [
     ("cat: {question: 'A cat?', positive: 'Yes, absolutely'}", {}, "`prompt.questions.cat.positive` = 'Yes, absolu"),
     ("kind: {question: 'Which?', answers: [A, photograph]}", {}, "`prompt.questions.kind.answers` = 'photograph' is"),
     ("{}", {}, "`prompt.questions` is empty"),
-    ("a cat: A cat?", {}, "question name 'a cat' must be letters, digits and `_`"),
+    ("a cat: A cat?", {}, "question name 'a cat' must be ASCII letters (a-z, A-Z), digits and `_`"),
     ("cat: A cat?\n  positive: Yes sir", {}, "`prompt.positive` = 'Yes sir' is"),
     ("cat: A cat?", {"thresholds": {"dog": 0.3}}, "`output.thresholds` names 'dog'"),
 ]

@@ -169,8 +169,11 @@ def test_reordered_questions_change_the_fingerprint_since_columns_follow_their_o
     ("prompt", "output", "message"),
     [
         ({"questions": {}}, {}, "`prompt.questions` is empty"),
-        ({"questions": {"a cat": "x?"}}, {}, "question name 'a cat' must be letters, digits and `_`"),
+        ({"questions": {"a cat": "x?"}}, {}, "question name 'a cat' must be ASCII letters (a-z, A-Z), digits and `_`"),
         ({"questions": {"cat-2": "x?"}}, {}, "e.g. `cat_2`"),
+        ({"questions": {"café au lait": "x?"}}, {}, "e.g. `cafe_au_lait`"),  # é is a letter, not an ASCII one
+        ({"questions": {"a": "x?"}, "system": "You judge {text}."}, {}, "`prompt.system` contains `{text}`"),
+        ({"system": "You judge {text}."}, {}, "move `{text}` there"),
         ({"questions": {"": "x?"}}, {}, "question name ''"),
         ({"questions": {"Cat": "x?", "cat": "y?"}}, {}, "differ only in case"),
         ({"questions": {"a": "x?"}, "question": "{text}?"}, {}, "not both"),
@@ -188,6 +191,7 @@ def test_reordered_questions_change_the_fingerprint_since_columns_follow_their_o
         ),
         ({"answers": ["A", "B"], "positive": "y"}, {}, "not both"),
         ({"questions": {"a": "x?"}}, {"thresholds": {"b": 0.5}}, "`output.thresholds` names 'b'"),
+        ({"questions": {"a": "x?"}}, {"thresholds": {"b": 0.5}}, "(for one run: --set output.thresholds.b=null)"),
         ({"questions": {"a": {"question": "x?", "answers": ["A", "B"]}}}, {"thresholds": {"a": 0.5}}, "not a label"),
         ({"questions": {"a": "x?"}}, {"thresholds": {"a": 1.5}}, "not a probability"),
         ({}, {"thresholds": {"a": 0.5}}, "this recipe asks one question"),
@@ -282,3 +286,27 @@ def test_a_question_given_no_text_is_named_with_its_name(tmp_path):
     path = questions_recipe(tmp_path, prompt={"questions": {"cat": None, "dog": "A dog?"}})
     with pytest.raises(AnnotatorError, match=r"`prompt.questions.cat` is a section of keys \(question, "):
         load_recipe(path)
+
+
+def test_set_output_thresholds_null_drops_them_all_as_prompt_questions_null_drops_the_questions(tmp_path):
+    path = questions_recipe(tmp_path, prompt={"questions": {"cat": "A cat?"}}, output={"thresholds": {"cat": 0.3}})
+    with pytest.raises(AnnotatorError, match="`--set output.thresholds=null` drops them"):
+        load_recipe(path, ["prompt.questions=null"])
+    loaded = load_recipe(path, ["prompt.questions=null", "output.thresholds=null"])
+    assert loaded.prompt.questions is None and loaded.output.thresholds == {}
+
+
+def test_one_gpu_spelled_two_ways_is_one_gpu_named_twice(tmp_path, monkeypatch):
+    """`cuda:00` is `cuda:0`: two writers on one GPU were started, since the names differed as text."""
+    import annotator.executors
+
+    recipe = load_recipe(questions_recipe(tmp_path), ["engine.devices=cuda:0,cuda:00"])
+    assert recipe.engine.devices == ["cuda:0", "cuda:0"]
+    monkeypatch.setattr(annotator.executors, "_cuda_count", lambda: 2)
+    with pytest.raises(AnnotatorError, match="names cuda:0 more than once"):
+        annotator.executors.resolve_devices(recipe)
+
+
+def test_a_bad_value_of_a_checked_key_given_by_set_says_so(tmp_path):
+    with pytest.raises(AnnotatorError, match=r"'mps' is not cpu, cuda or cuda:N \(from --set\)"):
+        load_recipe(questions_recipe(tmp_path), ["engine.devices=mps"])
