@@ -65,6 +65,12 @@ def check_cache_folder() -> None:
     folder = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     if folder is None:
         return
+    if folder.startswith("~"):  # PyTorch takes it as written: a folder named `~` in the current one
+        raise AnnotatorError(
+            f"$TORCHINDUCTOR_CACHE_DIR is {folder!r}, and PyTorch does not expand `~`: it would create a folder named "
+            f"'~' in the current folder ({os.getcwd()}) when the model's code loads. Write the folder out, e.g. "
+            f"{os.path.expanduser(folder)} (a shell expands `~` only outside quotes), or unset it."
+        )
     path = Path(os.path.abspath(folder))
     existing = path
     while not existing.exists() and existing != existing.parent:

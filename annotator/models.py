@@ -76,7 +76,7 @@ def cache_dir() -> Path:
     root = os.environ.get("ANNOTATOR_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "annotator"
     )
-    return Path(root)
+    return Path(root).expanduser()  # `~` as in every other path (an .env file or a quoted value leaves it as written)
 
 
 def _tiny_corpus() -> list[str]:
@@ -243,7 +243,14 @@ def tiny_model_dir() -> Path:
         # Folders written before the marker existed hold a whole model when they hold its config.
         complete = not (directory / TINY_MARKER).exists() and (directory / "config.json").is_file()
     if not complete:
-        make_tiny_model(directory)
+        try:
+            make_tiny_model(directory)
+        except AnnotatorError as exc:
+            raise AnnotatorError(
+                f"{exc} (`model.name: tiny` is built once into annotator's cache folder: $ANNOTATOR_CACHE, else "
+                f"$XDG_CACHE_HOME/annotator or ~/.cache/annotator, here {str(cache_dir())!r}; set ANNOTATOR_CACHE "
+                "to a folder you can write to.)"
+            ) from None
     return directory
 
 

@@ -207,6 +207,18 @@ def test_a_torch_cache_folder_that_cannot_be_made_is_refused_before_anything_loa
     assert not out.exists()
 
 
+def test_a_torch_cache_folder_starting_with_a_tilde_is_refused_not_made_in_the_current_folder(
+    tmp_path, mixed_parquet, monkeypatch
+):
+    """PyTorch does not expand `~` (an .env file or a quoted value leaves it): it made a folder named `~` here."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "~/inductor")
+    monkeypatch.setattr("annotator.models.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    recipe = write_recipe(tmp_path / "r.yaml", mixed_parquet, tmp_path / "out")
+    result = runner.invoke(app, ["run", str(recipe), "--no-progress"])
+    assert result.exit_code == 1 and "PyTorch does not expand `~`" in result.output, result.output
+    assert not (tmp_path / "~").exists() and not (tmp_path / "out").exists()
+
+
 def test_a_compile_that_fails_as_the_model_loads_is_a_user_error(tmp_path, mixed_parquet, monkeypatch):
     """What no check foresees (a header missing, a GPU Triton does not support) fails in the warm-up, at load: one
     paragraph naming the way out, exit 1, nothing written; not PyTorch's traceback."""

@@ -70,3 +70,21 @@ def test_the_random_model_has_the_same_weights_in_every_process_and_leaves_the_r
     one, two = first.state_dict(), second.state_dict()
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
     assert any(v.std() > 0 for v in one.values() if v.is_floating_point() and v.numel() > 1), "weights are random"
+
+
+def test_the_cache_folder_expands_a_tilde_as_every_other_path(tmp_path, monkeypatch):
+    """ANNOTATOR_CACHE=~/cache was taken as written: the tiny model was built under ~ and then looked for as a Hub
+    id ('~/cache/tiny-qwen2-vl-v1'), with a message about the Hub."""
+    from annotator.models import cache_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ANNOTATOR_CACHE", "~/cache")
+    assert cache_dir() == tmp_path / "home" / "cache"
+
+
+def test_a_cache_folder_the_tiny_model_cannot_be_built_in_names_annotator_cache(tmp_path, mixed_parquet, monkeypatch):
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("ANNOTATOR_CACHE", str(tmp_path / "file"))
+    result = runner.invoke(app, ["plan", str(write_recipe(tmp_path / "r.yaml", mixed_parquet, tmp_path / "out"))])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "set ANNOTATOR_CACHE to a folder you can write to" in " ".join(result.output.split()), result.output
