@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -146,17 +147,38 @@ def compiled(loaded, builder) -> None:
         print(f"{name}: max |P(Y) eager - compiled| {moved:.2e}, P(Y) std {float(p_eager.std()):.4f}", flush=True)
 
 
+def batch_sizes(text: str) -> list[int]:
+    """`--batches 64,16,4`: positive whole numbers, else a usage error (before the model loads)."""
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not parts or not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of batch sizes; give positive numbers, e.g. 64,16,4")
+    return [int(part) for part in parts]
+
+
+class Parser(argparse.ArgumentParser):
+    """A usage mistake exits 1 (a user error), as `annotate`'s do: 2 means a run that can be resumed."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(1, f"{self.prog}: error: {message}\n")
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["graphs", "profile", "compile"])
-    parser.add_argument("--batches", default="64,16,4", help="batch sizes for `graphs`")
-    parser.add_argument("--dtype", default="auto", help="model dtype (auto: bfloat16 on a GPU, float32 on a CPU)")
+    parser.add_argument("--batches", type=batch_sizes, default="64,16,4", help="batch sizes for `graphs`")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="model dtype (auto: bfloat16 on a GPU, float32 on a CPU)",
+    )
     args = parser.parse_args()
     loaded = load_model("qwen2-vl-2b-random" if ON_GPU else "tiny", None, args.dtype, "auto", "sdpa")
     builder = PromptBuilder(loaded.tokenizer, PromptConfig())
     with torch.inference_mode():
         if args.what == "graphs":
-            graphs(loaded, builder, [int(b) for b in args.batches.split(",")])
+            graphs(loaded, builder, args.batches)
         elif args.what == "profile":
             profile(loaded, builder)
         else:

@@ -80,12 +80,12 @@ def check_address(address: str | None) -> None:
         host, port = host_port(rest, named, fix)
         with reach(host, port, named, f"{CLIENT} {fix}") as sock:
             check_grpc(sock, host, port, named, f"{CLIENT} {fix}")
-        if importlib.util.find_spec("grpc") is None:  # what Ray Client needs beyond Ray itself
-            raise AnnotatorError(
-                f"{named} is a Ray Client address, and Ray Client needs grpcio, which this environment lacks: "
-                "`pip install 'ray[client]'` (the same Ray version), or run `annotate` on a node of the cluster with "
-                "`engine.ray.address: auto`."
-            )
+    if scheme == "ray" and importlib.util.find_spec("grpc") is None:  # what Ray Client needs beyond Ray itself
+        raise AnnotatorError(
+            f"{named} is a Ray Client address, and Ray Client needs grpcio, which this environment lacks: "
+            "`pip install 'ray[client]'` (the same Ray version), or run `annotate` on a node of the cluster with "
+            "`engine.ray.address: auto`."
+        )
     # Other schemes name a Ray Client builder module of their own (such as `anyscale://`): Ray resolves those.
 
 
@@ -117,8 +117,10 @@ def this_nodes_cluster(mode: str | None) -> tuple[str | None, str, str]:
 def host_port(address: str, named: str, fix: str) -> tuple[str, int]:
     """HOST:PORT (or [IPv6]:PORT) split, or a user error naming the form."""
     host, _, port = address.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = host[1:-1] if bracketed else host
+    # An IPv6 host is written in brackets: `a:b:1` would be read by Ray one way and by a socket another.
+    if not host or (":" in host and not bracketed) or not port.isdigit() or not 0 < int(port) < 65536:
         raise AnnotatorError(f"{named} is not an address of the form HOST:PORT (such as 10.0.0.1:6379). {fix}")
     return host, int(port)
 

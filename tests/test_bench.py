@@ -188,3 +188,23 @@ def test_bench_questions_times_k_questions_against_one_on_the_same_images():
     assert out["errors"] == 0
     too_many = invoke("bench", "--model", "tiny", "--pairs", 1, "--questions", 99)
     assert too_many.exit_code == 1 and "--questions must be from 1 to 8" in too_many.output
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["graphs", "--batches", "abc"], "'abc' is not a list of batch sizes"),
+        (["graphs", "--batches", "0"], "give positive numbers"),
+        (["graphs", "--batches=-4"], "give positive numbers"),
+        (["compile", "--dtype", "float64"], "invalid choice: 'float64'"),
+    ],
+)
+def test_bench_forward_refuses_bad_arguments_before_the_model_loads(argv, says, monkeypatch, capsys):
+    """They failed with a ValueError or AttributeError traceback after the model had loaded."""
+    from annotator import bench_forward
+
+    monkeypatch.setattr(bench_forward, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr("sys.argv", ["bench_forward", *argv])
+    with pytest.raises(SystemExit) as done:
+        bench_forward.main()
+    assert done.value.code == 1 and says in capsys.readouterr().err

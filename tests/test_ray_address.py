@@ -145,6 +145,8 @@ def fails_fast(
         ("http://127.0.0.1:8265", ["'http://127.0.0.1:8265'", "HTTP address"]),
         ("auto", ["`engine.ray.address: auto`", "none runs here"]),
         ("head:port", ["'head:port'", "HOST:PORT"]),
+        ("127.0.0.1:6379:1", ["'127.0.0.1:6379:1'", "HOST:PORT"]),  # Ray's own parser raised ValueError
+        ("::1:6379", ["'::1:6379'", "HOST:PORT"]),  # IPv6 in brackets: [::1]:6379
     ],
 )
 def test_a_cluster_that_is_not_there_is_a_user_error_within_seconds(tmp_path, scaleout_input, capfd, address, expected):
@@ -206,6 +208,16 @@ def test_a_stale_ray_start_address_is_named_with_its_file(tmp_path, scaleout_inp
     written.write_text("127.0.0.1:1")
     message = fails_fast(tmp_path, scaleout_input, capfd, "run", None, str(written), "refused")
     assert "`ray stop`" in message
+
+
+def test_ray_client_without_a_port_or_its_package_is_refused_by_plan_as_by_run(
+    tmp_path, scaleout_input, capfd, monkeypatch
+):
+    """`ray://` without a port: `plan` passed it and `run` then failed in `ray.init` for want of grpcio."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "grpc" else real(name, *a))
+    fix = "`pip install 'ray[client]'` (the same Ray version), or run `annotate` on a node of the cluster"
+    fails_fast(tmp_path, scaleout_input, capfd, "plan", "ray://head", "'ray://head'", "needs grpcio", fix=fix)
 
 
 @pytest.mark.parametrize("address", ["127.0.0.1:1", "auto"])
