@@ -48,7 +48,8 @@ def test_bench_tiny_prints_every_field_as_json():
     assert out["device"].startswith("cuda" if ON_GPU else "cpu")
     for key in ("pairs_per_s", "tokens_per_s", "preprocess_images_per_s_per_core", "baseline_pairs_per_s"):
         assert out[key] > 0, key
-    assert out["speedup_vs_baseline"] == pytest.approx(out["pairs_per_s"] / out["baseline_pairs_per_s"], rel=0.01)
+    speedup = out["pairs_per_s"] / out["baseline_pairs_per_s"]  # the field is rounded to 2 decimals: 0.34 for 0.3354
+    assert out["speedup_vs_baseline"] == pytest.approx(speedup, rel=0.01, abs=0.005)
     assert 0 < out["padding_efficiency"] <= 1
     assert out["preprocess_images_per_s_per_core_no_draft"] > 0
     assert out["preprocess_by_size"]["1600x1200"]["psnr_db"] >= 40, "draft decoding applies to 1600x1200"
