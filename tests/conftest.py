@@ -171,6 +171,7 @@ class Pause:
         use_writer_hooks(env, SCALEOUT_PAUSE=str(self.path), SCALEOUT_PAUSE_WINDOW=str(window))
 
     def hold(self) -> Pause:
+        self.pid_path.unlink(missing_ok=True)  # a writer paused by an earlier hold is not this one's
         self.path.touch()
         return self
 
