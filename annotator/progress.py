@@ -170,7 +170,11 @@ class RunProgress:
 
     @property
     def rows_per_s(self) -> float | None:
-        seconds = self.seconds
+        return self.rate(self.seconds)
+
+    def rate(self, seconds: float | None) -> float | None:
+        """Rows committed this session per second over its first `seconds`: numbers shown together come from one
+        reading of the clock (the summary's rows_per_s is its session_rows over its session_seconds)."""
         return round(self.session_rows / seconds, 3) if seconds else None
 
     def snapshot(self) -> dict[str, Any]:

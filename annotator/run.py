@@ -266,7 +266,7 @@ class Annotator:
                 "writers": self.executor.count,
                 "session_rows": self.progress.session_rows,
                 "session_seconds": round(seconds, 3) if seconds is not None else None,
-                "rows_per_s": self.progress.rows_per_s,
+                "rows_per_s": self.progress.rate(seconds),
             }
         )
         if summary["rows"] != self.source.total_rows and self.source.total_rows is not None:

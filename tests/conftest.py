@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -147,6 +148,44 @@ def run_once(root: Path, recipe: Path, tiny_model_cache: Path, *args: str) -> Pa
         result = CliRunner().invoke(app, ["run", str(recipe), "--no-progress", *args], catch_exceptions=False)
         assert result.exit_code == 0, result.output
     return root
+
+
+WRITER_HOOKS = REPO / "tests" / "scaleout_hooks"
+
+
+def use_writer_hooks(env: pytest.MonkeyPatch, **settings: str) -> None:
+    """Writers started from now on load tests/scaleout_hooks (a thread of an `annotate` subprocess, a writer process,
+    a Ray actor of a Ray started after this), with `settings` (SCALEOUT_...=value) in their environment."""
+    env.setenv("PYTHONPATH", os.pathsep.join([str(WRITER_HOOKS), os.environ.get("PYTHONPATH", "")]))
+    for name, value in settings.items():
+        env.setenv(name, value)
+
+
+class Pause:
+    """Writers stop before committing window `window` while the pause is held (tests/scaleout_hooks): a run can
+    neither end nor pass that commit before the test has acted, however fast or slow the machine. A stop (Ctrl-C,
+    SIGTERM) ends the wait as it would end a real commit: the commit completes, then the writer stops."""
+
+    def __init__(self, env: pytest.MonkeyPatch, folder: Path, window: int) -> None:
+        self.path, self.pid_path = folder / "pause", folder / "pause.pid"
+        use_writer_hooks(env, SCALEOUT_PAUSE=str(self.path), SCALEOUT_PAUSE_WINDOW=str(window))
+
+    def hold(self) -> Pause:
+        self.pid_path.unlink(missing_ok=True)  # a writer paused by an earlier hold is not this one's
+        self.path.touch()
+        return self
+
+    def writer(self, run=None, timeout: float = 180) -> int:
+        """The pid of the (first) writer paused, once one is; fails at once if `run` (a Popen) ends before."""
+        deadline = time.monotonic() + timeout
+        while not self.pid_path.exists():
+            assert run is None or run.poll() is None, "the run ended before any writer reached the pause"
+            assert time.monotonic() < deadline, f"no writer reached the pause within {timeout} s"
+            time.sleep(0.02)
+        return int(self.pid_path.read_text())
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 SCALEOUT_ROWS, SCALEOUT_WINDOW = 72, 6

@@ -9,7 +9,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,7 @@ from tests.conftest import (
     CAPTIONS,
     MIXED_SIZES,
     REPO,
-    journal_lines,
+    Pause,
     jpeg_bytes,
     read_output,
     write_dataset,
@@ -261,7 +260,7 @@ def test_output_of_hf_input_loads_with_datasets_pandas_duckdb_and_polars(tmp_pat
 # --- resume of a streamed run after kill -9 ---------------------------------------------------------------------
 
 
-def test_streamed_run_killed_with_sigkill_resumes_exactly(tmp_path, tiny_model_cache, parquet_rows_read):
+def test_streamed_run_killed_with_sigkill_resumes_exactly(tmp_path, tiny_model_cache, parquet_rows_read, monkeypatch):
     from annotator.sink import RunFolder
 
     dataset = hf_parquet_dataset(tmp_path / "ds", rows=48, row_group=3)
@@ -269,15 +268,20 @@ def test_streamed_run_killed_with_sigkill_resumes_exactly(tmp_path, tiny_model_c
     killed, whole = tmp_path / "killed", tmp_path / "whole"
     recipe = hf_recipe(tmp_path / "k.yaml", dataset, killed, True, batching=batching)
     command = [sys.executable, "-c", "from annotator.cli import app; app()", "run", str(recipe), "--no-progress"]
+    # The kill comes while the writer is about to commit window 3 (three committed, the run far from its end), on any
+    # machine: the writer waits there until it does.
+    pause = Pause(monkeypatch, tmp_path, window=3).hold()
     env = {**os.environ, "ANNOTATOR_CACHE": str(tiny_model_cache)}
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while journal_lines(killed) < 3:
-        assert process.poll() is None, process.stderr.read().decode()
-        assert time.monotonic() < deadline, "no window committed in time"
-        time.sleep(0.02)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    try:
+        pause.writer(process)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+    finally:
+        pause.release()
+        process.kill()  # the run is dead or dies here: a failed wait leaves no process behind
+        process.wait()
+    assert process.returncode == -signal.SIGKILL, process.stderr.read().decode()
     process.stderr.close()
     committed = len(RunFolder(killed).committed())
     assert 3 <= committed < 12 and not (killed / "summary.json").exists()

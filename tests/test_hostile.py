@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -1357,27 +1358,26 @@ HOOKS = Path(__file__).resolve().parent / "hooks"
 
 def signalled(
     w: Path,
-    send: Callable[[subprocess.Popen, Path], None],
+    send: Callable[[subprocess.Popen, Path], str | None],
     env: dict,
-    workers: int = 0,
     exit: int = 2,
-    batch: int | None = None,
     extra: tuple[str, ...] = (),
+    **batching,
 ) -> Expect:
+    """A run started in a process; `send` signals it (and returns what it read of its output, if it read some)."""
     out = w / "out"
-    batching = {"workers": workers, **({"max_batch_size": batch} if batch else {})}
-    r = recipe(w / "r.yaml", parquet(w / "in" / "a.parquet"), out, batching=batching)
+    r = recipe(w / "r.yaml", parquet(w / "in" / "a.parquet"), out, batching={"workers": 0, **batching})
 
     def spawn() -> tuple[int, str]:
         flags = Path(tempfile.mkdtemp(prefix="hostile-flags-"))  # outside the case's folder, which must not change
         process = annotate_process(*run_args(r, *extra), env={**env, "HOSTILE_FLAGS": str(flags)})
         try:
-            send(process, flags)
+            seen = send(process, flags) or ""
             process.wait(timeout=60)
         finally:
             process.kill()
             shutil.rmtree(flags)
-        return process.returncode, process.stdout.read()
+        return process.returncode, seen + process.stdout.read()
 
     def resumable() -> None:
         assert json.loads(cli("status", out, "--json"))["state"] == "interrupted"
@@ -1386,6 +1386,20 @@ def signalled(
 
     says = ("annotate resume",) if exit == 2 else ()
     return Expect([], exit, says, run=out, spawn=spawn, then=resumable)
+
+
+def read_until(process: subprocess.Popen, text: str, timeout: float = 60) -> str:
+    """The process's output up to and including `text` (read off its pipe unbuffered: the rest stays for later)."""
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while text.encode() not in seen:
+        assert time.monotonic() < deadline, f"{text!r} not printed within {timeout}s: {seen.decode()}"
+        ready, _, _ = select.select([process.stdout], [], [], 0.1)
+        if ready:
+            chunk = os.read(process.stdout.fileno(), 4096)
+            assert chunk, f"the process ended before printing {text!r}: {seen.decode()}"
+            seen += chunk
+    return seen.decode()
 
 
 def wait_for(flags: Path, name: str, timeout: float = 90) -> list[Path]:
@@ -1416,6 +1430,11 @@ def ctrl_c_while_the_model_loads(w):
     return signalled(w, send, {"HOSTILE_SLOW_LOAD": "1"})
 
 
+# What the first Ctrl-C (or SIGTERM) prints once handled; the second is sent only then: two signals that arrive
+# before the handler ran are one (a busy or loaded machine can take that long to schedule it).
+STOPPING = "stopping after the current batch"
+
+
 @case("signals", slow=True)
 def ctrl_c_twice_during_a_forward_pass_with_workers_stuck(w):
     """The first Ctrl-C lands while the main thread computes (it asks to stop after the batch); the second quits at
@@ -1426,51 +1445,53 @@ def ctrl_c_twice_during_a_forward_pass_with_workers_stuck(w):
         wait_for(flags, "scoring")
         workers.extend(int(p.name.split("-")[1]) for p in wait_for(flags, "decoding-*"))
         process.send_signal(signal.SIGINT)
+        seen = read_until(process, STOPPING)
         time.sleep(0.3)
         assert process.poll() is None, "the first Ctrl-C waits for the batch"
         process.send_signal(signal.SIGINT)
         process.wait(timeout=15)  # at once, whatever the workers do
-        time.sleep(0.5)
+        deadline = time.monotonic() + 10  # SIGKILLed: gone as soon as the kernel runs them, reaped by init
+        while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in workers):
+            time.sleep(0.05)
         alive = [pid for pid in workers if Path(f"/proc/{pid}").exists() and "Z" not in _state(pid)]
         assert not alive, f"worker processes {alive} outlived the second Ctrl-C"
+        return seen
 
-    # Batches of 2 images, one per worker (a batch is spread over the workers in chunks): the first two batches
-    # decode, the third's images never do.
-    return signalled(w, send, {"HOSTILE_STUCK_AFTER": "4", "HOSTILE_SLOW_SCORE": "1"}, workers=2, batch=2)
+    # One window of three batches of 2 images, all sent to the workers before the first batch is scored (a batch is
+    # spread over the workers in chunks): the first two batches decode, the third's images never do.
+    env = {"HOSTILE_STUCK_AFTER": "4", "HOSTILE_SLOW_SCORE": "1"}
+    return signalled(w, send, env, workers=2, max_batch_size=2, window=6)
 
 
 @case("signals", slow=True)
 def ctrl_c_twice_with_json_logs(w):
     """--log-format json: a machine reads stderr, so what the two Ctrl-C print is JSON lines too (they were text)."""
-    lines: list[str] = []
 
     def send(process, flags):
         wait_for(flags, "scoring")
         process.send_signal(signal.SIGINT)
-        time.sleep(0.3)
+        seen = read_until(process, STOPPING)
         process.send_signal(signal.SIGINT)
         process.wait(timeout=15)
-        lines.extend(process.stdout.read().splitlines())
+        lines = (seen + process.stdout.read()).splitlines()
         events = [json.loads(line)["event"] for line in lines]  # every line is JSON, no blank one
         assert events[-2:] == ["stopping", "error"], lines
+        return "\n".join(lines)
 
-    expect = signalled(w, send, {"HOSTILE_SLOW_SCORE": "1"}, extra=("--log-format", "json"))
-    spawn = expect.spawn
-    expect.spawn = lambda: (spawn()[0], "\n".join(lines))
-    return expect
+    return signalled(w, send, {"HOSTILE_SLOW_SCORE": "1"}, extra=("--log-format", "json"))
 
 
 @case("signals", slow=True)
 def one_ctrl_c_with_a_decoder_stuck(w):
-    """A stop must not wait for an image's timeout (`batching.image_timeout_s`, 30 s here): the writer that waits on
-    it is told to stop, and a wait it cannot finish is given up within a second."""
+    """A stop must not wait for an image's timeout (`batching.image_timeout_s`, 10 minutes here): the writer that waits
+    on it is told to stop, and a wait it cannot finish is given up within a second."""
 
     def send(process, flags):
         wait_for(flags, "decoding-*")
         process.send_signal(signal.SIGINT)
-        process.wait(timeout=10)
+        process.wait(timeout=60)
 
-    return signalled(w, send, {"HOSTILE_STUCK_AFTER": "0"}, workers=2)
+    return signalled(w, send, {"HOSTILE_STUCK_AFTER": "0"}, workers=2, image_timeout_s=600)
 
 
 @case("signals", slow=True)
@@ -1489,7 +1510,7 @@ def kill_9_with_workers_busy(w):
             os.kill(pid, signal.SIGKILL)
         assert not alive, f"worker processes {alive} outlived their parent"
 
-    return signalled(w, send, {"HOSTILE_STUCK_AFTER": "0"}, workers=2, exit=-signal.SIGKILL)
+    return signalled(w, send, {"HOSTILE_STUCK_AFTER": "0"}, exit=-signal.SIGKILL, workers=2)
 
 
 def _state(pid: int) -> str:

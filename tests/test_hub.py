@@ -19,6 +19,10 @@ from tests.conftest import write_recipe
 
 runner = CliRunner()
 HUB_MODEL = "Qwen/Qwen2-VL-2B-Instruct"
+# "In seconds": the probe's 4 s and the start of a process that imports torch (3 to 5 s in all on the 2-core dev
+# machine, more on a loaded one). Without the probe, huggingface_hub's retries take 50 s for `plan` and minutes for
+# `run` (measured 2026-11-25): the bound tells them apart with room for a slow machine on either side.
+SECONDS = 25
 
 
 @pytest.fixture
@@ -60,7 +64,7 @@ def test_run_with_the_hub_unreachable_fails_in_seconds_with_the_commands_to_go_o
     recipe = write_recipe(tmp_path / "r.yaml", mixed_parquet, tmp_path / "out", model={"name": HUB_MODEL})
     done, seconds = annotate(["run", str(recipe), "--limit", "4"], silent_endpoint, tmp_path / "hf")
     assert done.returncode == 1, done.stderr
-    assert seconds < 10, f"{seconds:.1f} s"
+    assert seconds < SECONDS, f"{seconds:.1f} s"
     message = " ".join(done.stderr.split())
     assert f"Could not load model '{HUB_MODEL}': the Hugging Face Hub at {silent_endpoint} cannot be reached" in message
     assert "Retrying" not in done.stderr and "Traceback" not in done.stderr
@@ -75,7 +79,7 @@ def test_plan_with_the_hub_unreachable_finishes_in_seconds(tmp_path, mixed_parqu
     recipe = write_recipe(tmp_path / "r.yaml", mixed_parquet, tmp_path / "out", model={"name": HUB_MODEL})
     done, seconds = annotate(["plan", str(recipe)], closed_port, tmp_path / "hf")
     assert done.returncode == 0, done.stderr
-    assert seconds < 10, f"{seconds:.1f} s"
+    assert seconds < SECONDS, f"{seconds:.1f} s"
     assert "cannot be reached" in done.stdout.replace("\n", " ") or "unavailable" in done.stdout
 
 

@@ -39,6 +39,8 @@ class MisbehavingRef(ImageRef):
 
     def stream(self) -> BinaryIO:
         if multiprocessing.parent_process() is not None:
+            if self.action == "slow" and self.pid_file and Path(self.pid_file).exists():
+                return ImageRef.stream(self)  # tried again after its worker was killed: innocent, it decodes
             if self.pid_file:
                 Path(self.pid_file).write_text(str(os.getpid()))
             if self.action == "hang":
@@ -49,8 +51,8 @@ class MisbehavingRef(ImageRef):
                 os._exit(3)
             elif self.action == "interrupt":  # what Ctrl-C in the terminal does to every process of the run
                 os.kill(os.getpid(), signal.SIGINT)
-            elif self.action == "slow":  # an innocent image that takes a while: time for the test to kill its worker
-                time.sleep(1.5)
+            elif self.action == "slow":  # an innocent image that takes until the test has killed its worker
+                time.sleep(30)
         return ImageRef.stream(self)
 
 
@@ -116,7 +118,7 @@ def test_a_hung_decoder_costs_its_row_a_timeout_and_the_run_goes_on(transport):
     with Preprocessor(2, timeout_s=4, **transport) as preprocessor:
         started = time.perf_counter()
         results = run_all(preprocessor, jobs)
-        assert time.perf_counter() - started < 20
+        assert time.perf_counter() - started < 60, "the hung decode (an hour) was given up"
         assert results[1] == "decode: timeout (over 4s)"
         for result, job in zip(results, jobs, strict=True):
             if job.ref.__class__ is ImageRef:
@@ -145,7 +147,8 @@ def test_a_crashing_worker_costs_only_its_rows(transport):
 def test_jobs_submitted_to_a_broken_pool_still_run(transport):
     with Preprocessor(1, timeout_s=60, **transport) as preprocessor:
         crash = preprocessor.submit(bad_job("exit"))
-        time.sleep(1.5)  # the pool is broken by now, but no `result` has noticed it yet
+        # Once the pool has failed the crashed job, it is broken; no `result` has noticed it yet.
+        wait_for(lambda: preprocessor._pending[crash][1].future.done(), "the pool to break")
         later = [good_job(i) for i in range(3)]
         tickets = [preprocessor.submit(job) for job in later]
         assert image_kind(preprocessor.result(crash)) == "decode: worker crashed"
@@ -164,9 +167,7 @@ def test_close_kills_a_hung_worker(tmp_path):
     pid_file = tmp_path / "pid"
     preprocessor = Preprocessor(1, timeout_s=60)
     preprocessor.submit(bad_job("hang", str(pid_file)))
-    deadline = time.monotonic() + 30
-    while not pid_file.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(lambda: pid_file.exists() and pid_file.read_text(), "the worker to start the job")
     pid = int(pid_file.read_text())
     started = time.perf_counter()
     preprocessor.close()
@@ -175,6 +176,13 @@ def test_close_kills_a_hung_worker(tmp_path):
     while running(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not running(pid), "a hung worker left behind would keep the interpreter from exiting"
+
+
+def wait_for(condition, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
 
 
 def running(pid: int) -> bool:
@@ -228,10 +236,8 @@ def test_a_worker_killed_mid_decode_costs_nothing_but_a_retry(tmp_path, transpor
     jobs = [good_job(0, (400, 300)), good_job(1), slow, good_job(2, (400, 300)), good_job(3), good_job(4)]
     with Preprocessor(2, timeout_s=60, **transport) as preprocessor:
         tickets = [preprocessor.submit(job) for job in jobs]
-        deadline = time.monotonic() + 30
-        while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        wait_for(lambda: pid_file.exists() and pid_file.read_text(), "the worker to start the slow job")
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)  # mid-decode: the job waits for it
         results = [r if isinstance(r, str) else r.copy() for r in map(preprocessor.result, tickets)]
         preprocessor.release(tickets)
         assert preprocessor.restarts >= 1
@@ -307,9 +313,9 @@ def ring_holders(prefix: str) -> set[int]:
 @pytest.mark.slow
 @pytest.mark.skipif(shared_memory_problem() is not None, reason="no memfd_create here")
 @pytest.mark.parametrize(("ending", "exit_code"), [("finished", 0), ("ctrl-c", 2), ("kill -9", -signal.SIGKILL)])
-def test_no_worker_and_no_shared_memory_outlive_a_run(tmp_path, ending, exit_code):
+def test_no_worker_and_no_shared_memory_outlive_a_run(tmp_path, ending, exit_code, monkeypatch):
     from annotator.ring import NAME_PREFIX
-    from tests.conftest import jpeg_bytes, write_dataset, write_recipe
+    from tests.conftest import Pause, jpeg_bytes, write_dataset, write_recipe
 
     rows = 48
     images = [jpeg_bytes(320, 240, seed=i) for i in range(rows)]
@@ -322,19 +328,25 @@ def test_no_worker_and_no_shared_memory_outlive_a_run(tmp_path, ending, exit_cod
         batching={"window": 8, "max_batch_size": 4, "workers": 2},
     )
     command = [sys.executable, "-c", "from annotator.cli import app; app()", "run", str(recipe), "--no-progress"]
+    # The writer waits before committing window 1 (its workers decoding the next windows' images) until the test has
+    # seen them and ended the run its way: a run cannot end before, however fast the machine.
+    pause = Pause(monkeypatch, tmp_path, window=1).hold()
     # A session of its own: Ctrl-C in a terminal signals the whole process group, workers included.
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
     prefix = f"{NAME_PREFIX}-{process.pid}-"
-    deadline = time.monotonic() + 120
-    while len(holders := ring_holders(prefix)) < 3 and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert process.pid in holders and len(holders) == 3, "the run and its two workers map the ring"
-    if ending == "ctrl-c":
-        os.killpg(process.pid, signal.SIGINT)
-    elif ending == "kill -9":
-        process.kill()
+    try:
+        pause.writer(process)
+        wait_for(lambda: len(ring_holders(prefix)) >= 3 or process.poll() is not None, "the workers", timeout=120)
+        holders = ring_holders(prefix)
+        assert process.pid in holders and len(holders) == 3, "the run and its two workers map the ring"
+        if ending == "ctrl-c":
+            os.killpg(process.pid, signal.SIGINT)
+        elif ending == "kill -9":
+            process.kill()
+    finally:
+        pause.release()  # the finished run goes on to its end; a stopped one is past the pause already
     out, _ = process.communicate(timeout=180)
     assert process.returncode == exit_code, out
     deadline = time.monotonic() + 20

@@ -16,22 +16,29 @@ from annotator.errors import AnnotatorError
 from annotator.ray_address import check_address
 from annotator.ray_engine import plan_writers
 from annotator.recipe import RayConfig
-from tests.conftest import journals, scaleout_recipe
-from tests.test_scaleout import assert_same_output, invoke, kill_a_writer_once_scoring, running
+from tests.conftest import Pause, journals, scaleout_recipe
+from tests.test_scaleout import assert_same_output, invoke, kill_the_paused_writer, running
 
 ON_RAY = ["--set", "engine.kind=ray", "--set", "engine.ray.cpus_per_worker=0.5"]  # two writers on 2 CPUs, 1 free
 
 
 @pytest.fixture(scope="module")
-def ray_session(tiny_model_cache):
-    """One local Ray for the module: 2 CPUs, no dashboard; its workers inherit this environment."""
+def ray_and_pause(tiny_model_cache, tmp_path_factory):
+    """One local Ray for the module: 2 CPUs, no dashboard; its workers inherit this environment, in which actors
+    pause before committing window 2 while the pause is held (tests/scaleout_hooks)."""
     ray = pytest.importorskip("ray")
     with pytest.MonkeyPatch.context() as env:
         env.setenv("ANNOTATOR_CACHE", str(tiny_model_cache))
         env.setenv("RAY_AUTH_MODE", "disabled")  # a local test cluster: no token written under ~/.ray
+        pause = Pause(env, tmp_path_factory.mktemp("ray-pause"), window=2)
         ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-        yield ray
+        yield ray, pause
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_session(ray_and_pause):
+    return ray_and_pause[0]
 
 
 def test_a_live_cluster_passes_the_address_check_and_a_server_that_is_not_its_gcs_does_not(ray_session, capfd):
@@ -57,9 +64,11 @@ def cut_back(output: Path, keep: int) -> None:
         path.unlink()
 
 
-def test_ray_writers_with_one_killed_write_the_local_output(tmp_path, scaleout_input, scaleout_reference, ray_session):
+def test_ray_writers_with_one_killed_write_the_local_output(
+    tmp_path, scaleout_input, scaleout_reference, ray_and_pause
+):
     output, killed = tmp_path / "ray", []
-    killer = kill_a_writer_once_scoring(output, killed)  # the actor's process
+    killer = kill_the_paused_writer(ray_and_pause[1].hold(), killed)  # the actor's process
     result = invoke("run", scaleout_recipe(tmp_path, scaleout_input, "ray"), "--no-progress", *ON_RAY)
     killer.join()
     assert result.exit_code == 0, result.output

@@ -18,12 +18,14 @@ from typer.testing import CliRunner
 
 from annotator.cli import app
 from tests.conftest import (
+    Pause,
     counting_planned_rows,
     journal_lines,
     journals,
     jpeg_bytes,
     keep_first_windows,
     read_output,
+    use_writer_hooks,
     write_dataset,
     write_recipe,
 )
@@ -91,10 +93,16 @@ def wait_until(condition, process: subprocess.Popen, timeout: float = 120) -> No
 
 
 @pytest.mark.slow
-def test_kill_9_from_the_first_instant_to_the_last_commit_then_resume_is_exact(tmp_path, dataset, reference):
+def test_kill_9_from_the_first_instant_to_the_last_commit_then_resume_is_exact(
+    tmp_path, dataset, reference, monkeypatch
+):
     """kill -9 in the first 100 ms, while starting up, right after the manifest (the model loading), after some
     commits and around the last one; each time `annotate resume` (or `run` again when the folder holds no recipe
     yet) goes on. The result is the uninterrupted run's, row for row and bit for bit."""
+    # Each window takes half a second more to read (one after the other): the run is still going at the first four
+    # instants on any machine, the latest being 2 s after its start (its 5 windows take 2.5 s) or 0.05 s after its
+    # second commit (window 4 takes 0.5 s still). Only the kill around the last commit may come too late.
+    use_writer_hooks(monkeypatch, SCALEOUT_WINDOW_DELAY="0.5")
     rng = random.Random(11)
     limit = 30  # 5 windows of 6
     output = tmp_path / "killed"
@@ -135,14 +143,19 @@ def test_kill_9_from_the_first_instant_to_the_last_commit_then_resume_is_exact(t
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_interrupt_then_resume(tmp_path, dataset, reference, signum):
+def test_interrupt_then_resume(tmp_path, dataset, reference, signum, monkeypatch):
     output = tmp_path / "interrupted"
+    # The writer waits before committing window 2 until the signal comes: two windows are committed, the run is
+    # under way and far from its end, on any machine.
+    pause = Pause(monkeypatch, tmp_path, window=2).hold()
     process = annotate("run", make_recipe(tmp_path, dataset, "interrupted"), "--no-progress")
-    deadline = time.monotonic() + 120
-    while journal_lines(output) < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    process.send_signal(signum)
-    out, _ = process.communicate(timeout=120)
+    try:
+        pause.writer(process)
+        assert journal_lines(output) == 2
+        process.send_signal(signum)
+        out, _ = process.communicate(timeout=120)
+    finally:
+        pause.release()
     assert process.returncode == 2, out
     assert f"annotate resume {output}" in out.replace("\n", "")
     assert not (output / "lock").exists()

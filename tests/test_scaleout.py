@@ -19,11 +19,17 @@ from typer.testing import CliRunner
 
 from annotator.cli import app
 from annotator.coordinator import Coordinator
-from tests.conftest import REPO, SCALEOUT_ROWS, SCALEOUT_WINDOW, journal_lines, scaleout_recipe
+from tests.conftest import (
+    SCALEOUT_ROWS,
+    SCALEOUT_WINDOW,
+    Pause,
+    journal_lines,
+    scaleout_recipe,
+    use_writer_hooks,
+)
 
 runner = CliRunner()
 ROWS, WINDOW = SCALEOUT_ROWS, SCALEOUT_WINDOW
-HOOKS = REPO / "tests" / "scaleout_hooks"
 
 
 def invoke(*args: str | Path):
@@ -104,25 +110,30 @@ def test_writers_asking_several_questions_through_shared_memory_write_the_one_pr
         assert (outputs["writers"] / "data" / name).read_bytes() == (outputs["alone"] / "data" / name).read_bytes()
 
 
-def kill_a_writer_once_scoring(output: Path, killed: list[int]) -> threading.Thread:
-    """A thread that kills a writer (SIGKILL) once the run has committed a window and that writer is scoring."""
+def kill_the_paused_writer(pause: Pause, killed: list[int]) -> threading.Thread:
+    """A thread that kills (SIGKILL) the writer paused before its commit, then lifts the pause for the others.
+
+    The paused writer holds its window uncommitted (and the windows it read after it): the kill lands mid-run, on a
+    writer with windows to lose, however fast the run goes (it cannot end without that window) or slow it starts.
+    """
 
     def kill() -> None:
-        def scoring():
-            return [b["pid"] for b in heartbeats(output) if b["state"] == "scoring"]
-
-        wait_until(lambda: journal_lines(output) >= 1 and scoring(), what="a writer scoring")
-        killed.append(scoring()[0])
-        os.kill(killed[0], signal.SIGKILL)
+        try:
+            killed.append(pause.writer())
+            os.kill(killed[0], signal.SIGKILL)
+        finally:
+            pause.release()  # also when no writer came: the run goes on, and the test fails on `killed`
 
     thread = threading.Thread(target=kill)
     thread.start()
     return thread
 
 
-def test_a_writer_killed_mid_run_is_replaced_and_the_output_is_the_same(tmp_path, scaleout_input, scaleout_reference):
+def test_a_writer_killed_mid_run_is_replaced_and_the_output_is_the_same(
+    tmp_path, scaleout_input, scaleout_reference, monkeypatch
+):
     output, killed = tmp_path / "killed", []
-    killer = kill_a_writer_once_scoring(output, killed)
+    killer = kill_the_paused_writer(Pause(monkeypatch, tmp_path, window=2).hold(), killed)
     result = invoke("run", scaleout_recipe(tmp_path, scaleout_input, "killed"), "--no-progress", "--devices", "cpu,cpu")
     killer.join()
     assert result.exit_code == 0, result.output
@@ -146,8 +157,7 @@ def test_ctrl_c_or_kill_9_of_the_coordinator_leaves_no_writer_behind_and_resume_
 ):
     # Each window takes half a second more, so that on any machine the three stops come before the run's 12 windows
     # are done (on a fast one the run could finish between the last check and the kill, and leave nothing to resume).
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HOOKS), os.environ.get("PYTHONPATH", "")]))
-    monkeypatch.setenv("SCALEOUT_WINDOW_DELAY", "0.5")
+    use_writer_hooks(monkeypatch, SCALEOUT_WINDOW_DELAY="0.5")
     rng = random.Random(10)
     output = tmp_path / "coordinator"
     process = annotate(
@@ -185,9 +195,7 @@ def test_a_window_that_kills_three_writers_stops_the_run_and_names_it(
 ):
     cause = tmp_path / "cause"
     cause.touch()
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HOOKS), os.environ.get("PYTHONPATH", "")]))
-    monkeypatch.setenv("SCALEOUT_KILL_WINDOW", "4")
-    monkeypatch.setenv("SCALEOUT_CAUSE", str(cause))
+    use_writer_hooks(monkeypatch, SCALEOUT_KILL_WINDOW="4", SCALEOUT_CAUSE=str(cause))
     output = tmp_path / "poisoned"
     result = invoke(
         "run", scaleout_recipe(tmp_path, scaleout_input, "poisoned"), "--no-progress", "--devices", "cpu,cpu"
@@ -210,8 +218,7 @@ def test_writers_that_die_loading_the_model_leave_an_overwritten_run_as_it_was(
     output = tmp_path / "out"
     shutil.copytree(scaleout_reference, output)
     before = {p.relative_to(output): p.read_bytes() for p in output.rglob("*") if p.is_file()}
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HOOKS), os.environ.get("PYTHONPATH", "")]))
-    monkeypatch.setenv("SCALEOUT_KILL_LOAD", "1")
+    use_writer_hooks(monkeypatch, SCALEOUT_KILL_LOAD="1")
     recipe = scaleout_recipe(tmp_path, scaleout_input, "out")
     result = invoke("run", recipe, "--no-progress", "--devices", "cpu,cpu", "--overwrite")
     assert result.exit_code == 2, result.output
@@ -249,7 +256,7 @@ def test_a_writer_process_dies_with_its_coordinator_even_by_kill_9(tmp_path):
     wait_until(ready.exists, timeout=60, what="the child to start")
     os.kill(parent.pid, signal.SIGKILL)
     parent.wait()
-    wait_until(lambda: not running(child), timeout=5, what="the child to die with its parent")
+    wait_until(lambda: not running(child), timeout=30, what="the child to die with its parent")  # else: 120 s
 
 
 def test_devices_that_do_not_exist_are_a_user_error_before_anything_is_written(tmp_path, scaleout_input):

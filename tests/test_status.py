@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,10 +20,19 @@ from tests.test_lease import write_holder
 runner = CliRunner()
 
 
-def as_running(folder, keep: int, seconds_ago: float) -> None:
+@pytest.fixture
+def now(monkeypatch) -> float:
+    """The time `status` reads, stopped: rates and heartbeat ages are exact, however slowly the test runs."""
+    import annotator.status
+
+    stopped = time.time()
+    monkeypatch.setattr(annotator.status, "time", SimpleNamespace(time=lambda: stopped))
+    return stopped
+
+
+def as_running(folder, keep: int, seconds_ago: float, now: float) -> None:
     """Make a finished fake run look like a live one: `keep` windows committed by a session that started
     `seconds_ago`, and the lock held by this process."""
-    now = time.time()
     folder.summary_path.unlink()
     records = [json.loads(line) for line in folder.journal_path.read_text().splitlines()][:keep]
     for i, record in enumerate(records):
@@ -32,9 +42,9 @@ def as_running(folder, keep: int, seconds_ago: float) -> None:
     write_holder(folder.root / "lock", pid=os.getpid(), since=now - seconds_ago - 5)
 
 
-def test_a_running_job_has_an_eta_from_its_live_rate(tmp_path):
+def test_a_running_job_has_an_eta_from_its_live_rate(tmp_path, now):
     folder = write_fake_run(tmp_path / "run", rows=1000, window=100)
-    as_running(folder, keep=4, seconds_ago=20.0)
+    as_running(folder, keep=4, seconds_ago=20.0, now=now)
     status = run_status(folder.root)
     assert status["state"] == "running" and status["rows_done"] == 400
     assert status["rows_per_s"] == pytest.approx(400 / 20, rel=0.05), "rows this session / seconds since it began"
@@ -73,11 +83,10 @@ def test_journals_from_before_histograms_were_recorded_still_give_the_histogram(
     assert run_status(folder.root)["prob_histogram"] == expected and sum(expected) > 250
 
 
-def test_status_shows_each_writer_of_the_live_session(tmp_path):
+def test_status_shows_each_writer_of_the_live_session(tmp_path, now):
     """Host, device, windows, rows/s and heartbeat of each writer; one that stopped beating is `gone`."""
     folder = write_fake_run(tmp_path / "run", rows=1000, window=100)
-    as_running(folder, keep=2, seconds_ago=60.0)  # an earlier session's journal: not this session's writers
-    now = time.time()
+    as_running(folder, keep=2, seconds_ago=60.0, now=now)  # an earlier session's journal: not this session's writers
     session = now - 20
     records = [json.loads(line) for line in folder.journal_path.read_text().splitlines()]
     for name, device, windows, beat_ago in (("vm-1-aa", "cuda:0", [2, 3, 4], 1.0), ("vm-2-bb", "cuda:1", [5], 40.0)):
