@@ -17,6 +17,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -27,6 +28,7 @@ from annotator.writer import WindowScorer, WriterSpec, WriterStopped
 
 PR_SET_PDEATHSIG = 1
 EXIT_ORPHANED = 3  # a writer whose coordinator is gone exits with this
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}  # a writer leaves them to its coordinator
 
 
 def host_writer(writer: WindowScorer, emit, raw_errors: bool) -> None:
@@ -167,8 +169,15 @@ class ProcessExecutor(SlotExecutor):
         process = self._context.Process(
             target=child_main, args=(self.specs[index], theirs, os.getpid(), settings), name=f"annotate-writer-{index}"
         )
-        with _environment(settings):
-            process.start()
+        # Ctrl-C reaches the whole process group: a child still starting (Python's own handler, before `child_main`
+        # ignores it) would die of it as if its device had failed. Blocked here, the child inherits it blocked.
+        resource_tracker.ensure_running()  # starting, it unblocks these signals: started first, it leaves them be
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            with _environment(settings):
+                process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         theirs.close()
         self._children[index] = _Child(process, ours)
 
@@ -269,8 +278,9 @@ def no_process_locks_for_bars() -> None:
 def child_main(spec: WriterSpec, conn: Connection, parent: int, settings: dict[str, str]) -> None:
     """A writer process: events go up the pipe; the pipe closing means the coordinator is gone, so it exits."""
     die_with(parent)
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the coordinator decides
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked since the launch: what came is dropped now
     os.environ.update({k: v for k, v in settings.items() if v})
     no_process_locks_for_bars()
     sending = threading.Lock()

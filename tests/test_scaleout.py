@@ -189,6 +189,37 @@ def test_ctrl_c_or_kill_9_of_the_coordinator_leaves_no_writer_behind_and_resume_
     assert_same_output(output, scaleout_reference)
 
 
+def writer_processes(parent: int) -> list[int]:
+    """The writer processes `parent` has started (spawned, so running multiprocessing's `spawn_main`)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            parent_pid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            spawned = b"spawn_main" in (entry / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent_pid == parent and spawned:
+            found.append(int(entry.name))
+    return found
+
+
+def test_ctrl_c_while_writers_start_is_a_stop_not_a_failed_device(tmp_path, scaleout_input):
+    # Sent while the writer processes import their modules, before they can ignore it: they must not die of it (a
+    # traceback of the interpreter's start-up, or a writer said to have died, where the user only pressed Ctrl-C).
+    output = tmp_path / "starting"
+    process = annotate(
+        "run", scaleout_recipe(tmp_path, scaleout_input, "starting"), "--no-progress", "--devices", "cpu,cpu"
+    )
+    wait_until(lambda: writer_processes(process.pid) or process.poll() is not None, what="writer processes")
+    os.killpg(process.pid, signal.SIGINT)
+    out, _ = process.communicate(timeout=120)
+    message = " ".join(out.split())
+    assert process.returncode == 2 and f"annotate resume {output}" in message, out
+    assert not any(noise in out for noise in ("Traceback", "KeyboardInterrupt", "Fatal Python error")), out
+    log = output / "run.log"
+    assert "died" not in message and "writer_died" not in (log.read_text() if log.exists() else ""), out
+
+
 @pytest.mark.slow
 def test_a_window_that_kills_three_writers_stops_the_run_and_names_it(
     tmp_path, scaleout_input, scaleout_reference, monkeypatch
