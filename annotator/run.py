@@ -8,8 +8,7 @@ import os
 import signal
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -69,17 +68,6 @@ class StopRequest:
             os.write(2, (json.dumps({"event": event, "message": message, **fields}) + "\n").encode())
         else:  # a new line first: a progress bar may hold the current one
             os.write(2, f"\n{message}\n".encode())
-
-    @contextmanager
-    def interruptible(self) -> Iterator[None]:
-        """A wait that may take long: a signal during it stops the run at once."""
-        if self.requested:
-            raise RunInterrupted(self.message)
-        previous, self.immediate = self.immediate, True
-        try:
-            yield
-        finally:
-            self.immediate = previous
 
     def __enter__(self) -> StopRequest:
         self._depth += 1
