@@ -184,7 +184,7 @@ def _check_settings(folder: RunFolder, recipe: Recipe, overrides: list[str]) -> 
                 "Resuming would mix two settings: put the file back as it was, or start a new run with "
                 "`annotate run ... --overwrite`."
             )
-        changing = _result_changing(folder, overrides, fingerprint) or [p.partition("=")[0] for p in overrides]
+        changing = _result_changing(folder, overrides, fingerprint)
         raise AnnotatorError(
             f"{', '.join(f'--set {key}' for key in changing)} would change results ({RESULT_KEYS_HINT}), so the "
             "resumed output would mix two settings. Resume without them, or start a new run with "
@@ -199,8 +199,8 @@ def _check_settings(folder: RunFolder, recipe: Recipe, overrides: list[str]) -> 
 
 
 def _result_changing(folder: RunFolder, overrides: list[str], fingerprint: Any) -> list[str]:
-    """The --set keys that, each alone on the frozen recipe, change results (or make it invalid); none where only
-    several together do."""
+    """The --set keys that, each alone on the frozen recipe, change results (or make it invalid); all of them where
+    only several together do."""
     changing = []
     for pair in overrides:
         try:
@@ -208,8 +208,8 @@ def _result_changing(folder: RunFolder, overrides: list[str], fingerprint: Any) 
         except AnnotatorError:
             changed = True
         if changed:
-            changing.append(pair.partition("=")[0].strip())
-    return changing
+            changing.append(pair)
+    return [pair.partition("=")[0].strip() for pair in changing or overrides]
 
 
 def _check_input(folder: RunFolder, recipe: Recipe, source: Any, grows: bool) -> None:
