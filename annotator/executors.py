@@ -169,17 +169,11 @@ class ProcessExecutor(SlotExecutor):
         process = self._context.Process(
             target=child_main, args=(self.specs[index], theirs, os.getpid(), settings), name=f"annotate-writer-{index}"
         )
-        # Ctrl-C reaches the whole process group: a child still starting (Python's own handler, before `child_main`
-        # ignores it) would die of it as if its device had failed. Blocked here, the child inherits it blocked.
-        resource_tracker.ensure_running()  # starting, it unblocks these signals: started first, it leaves them be
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        try:
-            with _environment(settings):
-                process.start()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        theirs.close()
-        self._children[index] = _Child(process, ours)
+        resource_tracker.ensure_running()  # starting, it unblocks the stop signals: started first, it leaves them be
+        with _stop_signals_deferred(), _environment(settings):
+            process.start()
+            theirs.close()
+            self._children[index] = _Child(process, ours)
 
     def events(self, timeout: float) -> list[tuple[str, int, Any]]:
         owners: dict[Any, int] = {}
@@ -242,6 +236,34 @@ class ProcessExecutor(SlotExecutor):
             child.process.join()
             child.conn.close()
         self._children.clear()
+
+
+@contextlib.contextmanager
+def _stop_signals_deferred() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until a writer is launched and known, then act as they would have.
+
+    Ctrl-C reaches the whole process group: a child still starting (Python's own handler runs until `child_main`
+    ignores it) would die of it, with a traceback, as if its device had failed; so the signals are blocked for this
+    thread, and the child inherits them blocked. And the parent's handler (which may stop the run at once) must not
+    run half-way through the launch, leaving the child waiting for start-up data never sent or a child not known to
+    be killed; another thread may take the signal, so it is deferred at Python's level too.
+    """
+    caught: list[int] = []
+    main = threading.current_thread() is threading.main_thread()  # Python's handlers are the main thread's only
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in STOP_SIGNALS if main}
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(caught):
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), signum)
 
 
 @contextlib.contextmanager

@@ -145,7 +145,7 @@ def test_a_writer_killed_mid_run_is_replaced_and_the_output_is_the_same(
 
 def annotate(*args: str | Path) -> subprocess.Popen:
     """`annotate ...` as a user starts it: its own process group, like a job a scheduler kills whole."""
-    command = [sys.executable, "-c", "from annotator.cli import app; app()", *map(str, args)]
+    command = [sys.executable, "-c", "from annotator.cli import main; main()", *map(str, args)]
     return subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
@@ -218,6 +218,28 @@ def test_ctrl_c_while_writers_start_is_a_stop_not_a_failed_device(tmp_path, scal
     assert not any(noise in out for noise in ("Traceback", "KeyboardInterrupt", "Fatal Python error")), out
     log = output / "run.log"
     assert "died" not in message and "writer_died" not in (log.read_text() if log.exists() else ""), out
+
+
+def test_a_stop_signal_during_a_writer_launch_acts_after_it_once():
+    from annotator.executors import _stop_signals_deferred
+
+    seen, done = [], threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))
+    other = threading.Thread(target=done.wait)  # a thread that does not block it: the kernel may deliver it there
+    other.start()
+    try:
+        with _stop_signals_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            assert seen == [], "not half-way through the launch"
+            assert signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []), "a child started here inherits it"
+        assert seen == [signal.SIGINT], "then once, by the handler in place before"
+        assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        done.set()
+        other.join()
 
 
 @pytest.mark.slow
