@@ -359,3 +359,44 @@ def test_one_question_with_answers_writes_probs_and_answer(tmp_path, mixed_parqu
     ds = datasets.load_dataset("parquet", data_files=str(tmp_path / "out" / "data" / "*.parquet"), split="train")
     assert ds.features["probs"].feature.dtype == "float32" and ds.features["answer"].dtype == "string"
     assert isinstance(ds.features["image"], datasets.Image)
+
+
+def test_the_annotate_command_is_main_which_leaves_a_stopped_run_before_the_interpreter_teardown(monkeypatch):
+    """`annotate` must be `cli.main`, not the bare typer app: after a stop, main runs the exit handlers (signal
+    handlers still ours) and leaves with os._exit(2). The interpreter's own teardown resets SIGINT to its default, so a
+    second Ctrl-C there killed the process by signal (exit -2 / 130) instead of exit 2."""
+    import atexit
+
+    import tomllib
+
+    import annotator.cli as cli
+    from tests.conftest import REPO
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert project["scripts"]["annotate"] == "annotator.cli:main"
+
+    ran, left = [], []
+
+    class Left(Exception):
+        pass
+
+    def exits(code: int):
+        def app():
+            raise SystemExit(code)
+
+        return app
+
+    def leave(code: int):
+        left.append(code)
+        raise Left
+
+    monkeypatch.setattr(atexit, "_run_exitfuncs", lambda: ran.append(True))
+    monkeypatch.setattr(cli.os, "_exit", leave)
+    monkeypatch.setattr(cli, "app", exits(2))
+    with pytest.raises(Left):
+        cli.main()
+    assert ran == [True] and left == [2]
+    monkeypatch.setattr(cli, "app", exits(1))
+    with pytest.raises(SystemExit) as done:  # other exits are the normal ones
+        cli.main()
+    assert done.value.code == 1 and left == [2]

@@ -267,7 +267,7 @@ def test_streamed_run_killed_with_sigkill_resumes_exactly(tmp_path, tiny_model_c
     batching = {"window": 4, "max_batch_size": 4, "workers": 0}
     killed, whole = tmp_path / "killed", tmp_path / "whole"
     recipe = hf_recipe(tmp_path / "k.yaml", dataset, killed, True, batching=batching)
-    command = [sys.executable, "-c", "from annotator.cli import app; app()", "run", str(recipe), "--no-progress"]
+    command = [sys.executable, "-c", "from annotator.cli import main; main()", "run", str(recipe), "--no-progress"]
     # The kill comes while the writer is about to commit window 3 (three committed, the run far from its end), on any
     # machine: the writer waits there until it does.
     pause = Pause(monkeypatch, tmp_path, window=3).hold()

@@ -52,7 +52,7 @@ def annotate(args: list[str], endpoint: str, hf_home: Path) -> tuple[subprocess.
     env.update(HF_ENDPOINT=endpoint, HF_HOME=str(hf_home), PYTHONPATH=os.pathsep.join(sys.path))
     started = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-c", "from annotator.cli import app; app()", *args],
+        [sys.executable, "-c", "from annotator.cli import main; main()", *args],
         env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     return done, time.monotonic() - started

@@ -327,7 +327,7 @@ def test_no_worker_and_no_shared_memory_outlive_a_run(tmp_path, ending, exit_cod
         model={"max_pixels": 28 * 28 * 64},
         batching={"window": 8, "max_batch_size": 4, "workers": 2},
     )
-    command = [sys.executable, "-c", "from annotator.cli import app; app()", "run", str(recipe), "--no-progress"]
+    command = [sys.executable, "-c", "from annotator.cli import main; main()", "run", str(recipe), "--no-progress"]
     # The writer waits before committing window 1 (its workers decoding the next windows' images) until the test has
     # seen them and ended the run its way: a run cannot end before, however fast the machine.
     pause = Pause(monkeypatch, tmp_path, window=1).hold()
