@@ -520,12 +520,16 @@ def host_figures(
 
 
 def measure_forward_ops(images: int, min_pixels: int, max_pixels: int) -> dict[str, Any]:
-    """ATen ops and host syncs of one batch of `images` seed-sized pairs (756x476, "a cat"), lean vs transformers.
+    """ATen ops and host syncs of one batch of `images` seed-sized pairs (756x476, "a cat"), lean vs transformers,
+    and the bytes the lean forward's memory-bound kernels move per image.
 
-    Counted on Qwen2-VL-2B's architecture (`opcount.qwen2_vl_2b`): the lean forward at full size on fake tensors,
-    transformers' own forward, which must read values, at reduced width with the same depth. Counts depend on
-    the depth and the code path, not on widths.
+    Counted on Qwen2-VL-2B's architecture (`opcount.qwen2_vl_2b`): the lean forward at full size on fake tensors in
+    bfloat16 (a GPU's dtype: bytes depend on widths and dtypes), transformers' own forward, which must read values,
+    at reduced width with the same depth (ops depend on the depth and the code path, not on widths; its bytes are
+    not comparable, so not given).
     """
+    import torch
+
     from annotator.batching import grid_thw
     from annotator.opcount import count_launch, on_fake_tensors, qwen2_vl_2b
     from annotator.prompt import PromptBuilder
@@ -535,12 +539,15 @@ def measure_forward_ops(images: int, min_pixels: int, max_pixels: int) -> dict[s
     grid = grid_thw(476, 756, min_pixels, max_pixels)
     counts: dict[str, Any] = {"images": images, "grid": list(grid)}
     for forward, reduced in (("lean", False), ("transformers", True)):
-        loaded = qwen2_vl_2b(reduced)
+        loaded = qwen2_vl_2b(reduced, torch.float32 if reduced else torch.bfloat16)
         builder = PromptBuilder(loaded.tokenizer, PromptConfig())
         rows = [ScoreInput.blank(grid, builder.question_tokens(["a cat"])[0])] * images
         with on_fake_tensors(loaded):
             scorer = Scorer(loaded, builder, forward, compile="off")  # the eager forward's ops, whatever `auto` does
-            counts[forward] = {"model": loaded.name, **count_launch(scorer, rows).summary()}
+            summary = count_launch(scorer, rows).summary()
+        if reduced:
+            summary = {key: value for key, value in summary.items() if "memory" not in key}
+        counts[forward] = {"model": loaded.name, **summary}
     return counts
 
 

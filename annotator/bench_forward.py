@@ -3,6 +3,7 @@
     python -m annotator.bench_forward graphs [--batches 64,16,4]   # ms per batch, eager vs graph replay
     python -m annotator.bench_forward profile                      # vision / decoder split, top kernels (batch 64)
     python -m annotator.bench_forward compile [--dtype float32]    # eager vs model.compile vs a whole-graph compile
+    python -m annotator.bench_forward elementwise                  # the lean forms vs transformers' (rotary, MLP, norm)
 
 `annotate bench` measures the pipeline; this isolates the model: the batch is collated once and stays on the
 device, so pairs/s here is the forward's own ceiling. qwen2-vl-2b-random in bfloat16 on a GPU, the tiny model
@@ -147,6 +148,56 @@ def compiled(loaded, builder) -> None:
         print(f"{name}: max |P(Y) eager - compiled| {moved:.2e}, P(Y) std {float(p_eager.std()):.4f}", flush=True)
 
 
+def elementwise(loaded, builder) -> None:
+    """The memory-bound pieces the lean forward rewrites, each timed against transformers' own on a batch's real
+    shapes: the vision rotary (halves, float32 inside), the vision MLP (QuickGELU as one SiLU), the decoder's RMSNorm.
+    Where the bytes saved (`annotate bench`'s `memory_mb_per_image_by_op`) do not buy time, this shows it."""
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+
+    model = loaded.model
+    visual, text_model = model.model.visual, model.model.language_model
+    scorer = Scorer(loaded, builder, "lean", "off", "off")
+    batch = 64 if ON_GPU else 2
+    inputs = scorer.collate(seed_rows(builder, batch))
+    block, layer = visual.blocks[0], text_model.layers[0]
+    hidden = visual.patch_embed(inputs.pixel_values)
+    length = inputs.vision.length
+    cos, sin = visual.rotary_pos_emb(hidden, inputs.vision.positions)
+    rotary = forward.Rotary.of(cos.view(-1, 1, length, cos.shape[-1]), sin.view(-1, 1, length, sin.shape[-1]))
+    attn = block.attn
+    qkv = attn.qkv(block.norm1(hidden))
+    packed = qkv.view(-1, 3, attn.num_heads, attn.head_dim)  # transformers' layout: (patches, 3, heads, dim)
+    ours = qkv.view(-1, length, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    tables = (
+        (cos.repeat(inputs.vision.frames, 1), sin.repeat(inputs.vision.frames, 1))
+        if cos.shape[0] == length
+        else (cos, sin)
+    )
+    embeds = forward.embed(text_model, inputs.input_ids, inputs.image_index, visual.merger(hidden))
+    pieces = {
+        "vision rotary (q and k)": (
+            lambda: forward.rotate(ours[:2], rotary, qkv.dtype),
+            lambda: apply_rotary_pos_emb_vision(packed[:, 0], packed[:, 1], *tables),
+        ),
+        "vision MLP": (lambda: forward.vision_mlp(block.mlp, hidden), lambda: block.mlp(hidden)),
+        "decoder RMSNorm": (
+            lambda: forward.rms_normed(layer.input_layernorm, embeds),
+            lambda: layer.input_layernorm(embeds),
+        ),
+    }
+    print(f"batch {batch}, {hidden.shape[0]} patches, {embeds.shape[0]}x{embeds.shape[1]} tokens, {loaded.dtype}")
+    for name, (lean, reference) in pieces.items():
+        for run in (lean, reference):
+            run()
+        lean_s, reference_s = timed(lean, 20)[0], timed(reference, 20)[0]
+        print(
+            f"{name}: lean {1000 * lean_s:.2f} ms, transformers {1000 * reference_s:.2f} ms per batch "
+            f"({reference_s / lean_s:.2f}x); x {len(visual.blocks) if 'vision' in name else 2 * len(text_model.layers)}"
+            " per forward",
+            flush=True,
+        )
+
+
 def batch_sizes(text: str) -> list[int]:
     """`--batches 64,16,4`: positive whole numbers, else a usage error (before the model loads)."""
     parts = [part.strip() for part in text.split(",") if part.strip()]
@@ -165,7 +216,7 @@ class Parser(argparse.ArgumentParser):
 
 def main() -> None:
     parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["graphs", "profile", "compile"])
+    parser.add_argument("what", choices=["graphs", "profile", "compile", "elementwise"])
     parser.add_argument("--batches", type=batch_sizes, default="64,16,4", help="batch sizes for `graphs`")
     parser.add_argument(
         "--dtype",
@@ -173,14 +224,20 @@ def main() -> None:
         choices=["auto", "float32", "bfloat16", "float16"],
         help="model dtype (auto: bfloat16 on a GPU, float32 on a CPU)",
     )
+    parser.add_argument(
+        "--model", default="auto", help="auto: qwen2-vl-2b-random on a GPU, tiny on a CPU (to check the script)"
+    )
     args = parser.parse_args()
-    loaded = load_model("qwen2-vl-2b-random" if ON_GPU else "tiny", None, args.dtype, "auto", "sdpa")
+    name = args.model if args.model != "auto" else "qwen2-vl-2b-random" if ON_GPU else "tiny"
+    loaded = load_model(name, None, args.dtype, "auto", "sdpa")
     builder = PromptBuilder(loaded.tokenizer, PromptConfig())
     with torch.inference_mode():
         if args.what == "graphs":
             graphs(loaded, builder, args.batches)
         elif args.what == "profile":
             profile(loaded, builder)
+        elif args.what == "elementwise":
+            elementwise(loaded, builder)
         else:
             compiled(loaded, builder)
     if ON_GPU:

@@ -28,12 +28,35 @@ SYNC_OPS = frozenset(
 )
 
 
+# Kernels that compute rather than move bytes: matrix products and attention. Every other op that is not a view is
+# memory-bound on a GPU (elementwise, norms, casts, copies, gathers), and its bytes are what it costs there.
+MATMUL_OPS = frozenset(
+    {
+        "aten.mm",
+        "aten.addmm",
+        "aten.bmm",
+        "aten.baddbmm",
+        "aten._addmm_activation",
+        "aten.linear",
+        "aten.matmul",
+        "aten.conv3d",
+        "aten.convolution",
+    }
+)
+# No kernel: allocations, and views whose schema does not say they alias (`_unsafe_view` is reshape's view).
+NO_KERNEL_OPS = frozenset(
+    {"aten.empty", "aten.empty_like", "aten.empty_strided", "aten.new_empty", "aten._unsafe_view", "aten.lift_fresh"}
+)
+
+
 @dataclass
 class OpCount:
-    """ATen ops dispatched while counting, by name, and the host syncs among them."""
+    """ATen ops dispatched while counting, by name, the host syncs among them, and the bytes that memory-bound ops
+    (all but matrix products, attention, views and allocations) read and write."""
 
     ops: Counter[str] = field(default_factory=Counter)
     syncs: Counter[str] = field(default_factory=Counter)
+    memory_bytes: Counter[str] = field(default_factory=Counter)
 
     @property
     def total(self) -> int:
@@ -42,6 +65,46 @@ class OpCount:
     @property
     def sync_total(self) -> int:
         return sum(self.syncs.values())
+
+    @property
+    def memory_total(self) -> int:
+        return sum(self.memory_bytes.values())
+
+
+def _stored_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a kernel touches in `tensor`: broadcast (stride 0) dimensions count once."""
+    elements = 1
+    for size, stride in zip(tensor.shape, tensor.stride(), strict=True):
+        if stride != 0:
+            elements *= size
+    return elements * tensor.element_size()
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
+
+
+def memory_bytes(func: Any, name: str, args: tuple, kwargs: dict, result: Any) -> int:
+    """Bytes read and written by one memory-bound op as a GPU kernel moves them (its inputs in their own dtypes: CUDA
+    casts as it loads); 0 for a matrix product, attention, a view or an allocation.
+
+    Exact for the kernels that ATen ops are, outside inference mode; inside it, composite ops such as `to` or
+    `reshape` arrive whole and, since they may return a view, count as one (`memory_traffic` counts outside it).
+    """
+    if name in MATMUL_OPS or name in NO_KERNEL_OPS or "attention" in name:
+        return 0
+    schema = func._schema
+    if all(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns):
+        return 0  # a view
+    written_only = {
+        a.name for a in schema.arguments if a.kwarg_only and a.alias_info is not None and a.alias_info.is_write
+    }  # out= arguments
+    read = [*_tensors(args), *(t for key, value in kwargs.items() if key not in written_only for t in _tensors(value))]
+    return sum(_stored_bytes(t) for t in read) + sum(_stored_bytes(t) for t in _tensors(result))
 
 
 def _is_sync(name: str, args: tuple, kwargs: dict) -> bool:
@@ -67,11 +130,16 @@ class _Counting(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = str(func.overloadpacket)
-        if not name.startswith("prim."):  # metadata queries of fake tensors, not kernels
+        kernel = not name.startswith("prim.")  # prim.*: metadata queries of fake tensors, not kernels
+        if kernel:
             self.count.ops[name] += 1
             if _is_sync(name, args, kwargs):
                 self.count.syncs[name] += 1
-        return func(*args, **kwargs)
+        result = func(*args, **kwargs)
+        moved = memory_bytes(func, name, args, kwargs, result) if kernel else 0
+        if moved:
+            self.count.memory_bytes[name] += moved
+        return result
 
 
 @contextmanager
@@ -102,7 +170,8 @@ def count_ops() -> Iterator[OpCount]:
 
 @dataclass
 class ForwardCounts:
-    """What one batch costs the host: ops by stage, and the host syncs from collate to queued results."""
+    """What one batch costs the host: ops by stage, and the host syncs from collate to queued results; and what the
+    forward's memory-bound ops cost a GPU: bytes they read and write (`memory_bytes`)."""
 
     images: int
     collate_ops: int
@@ -110,8 +179,12 @@ class ForwardCounts:
     forward_ops: int
     host_syncs: int
     sync_ops: dict[str, int]
+    vision_memory_bytes: int = 0
+    forward_memory_bytes: int = 0
+    memory_ops: dict[str, int] = field(default_factory=dict)  # the forward's memory-bound bytes by op
 
     def summary(self) -> dict[str, Any]:
+        megabytes = 1e6 * self.images
         return {
             "vision_ops_per_image": round(self.vision_ops / self.images, 2),
             "vision_ops": self.vision_ops,
@@ -120,20 +193,60 @@ class ForwardCounts:
             "collate_ops": self.collate_ops,
             "host_syncs_per_batch": self.host_syncs,
             "sync_ops": self.sync_ops,
+            "vision_memory_mb_per_image": round(self.vision_memory_bytes / megabytes, 1),
+            "forward_memory_mb_per_image": round(self.forward_memory_bytes / megabytes, 1),
+            "memory_mb_per_image_by_op": {  # the ops that move 1% of the bytes or more
+                name: round(moved / megabytes, 1)
+                for name, moved in sorted(self.memory_ops.items(), key=lambda item: -item[1])
+                if moved >= self.forward_memory_bytes / 100
+            },
         }
 
 
-def count_launch(scorer: Any, rows: list) -> ForwardCounts:
-    """Count the ops of `scorer.launch(rows)`: collate, the vision tower, the whole forward, and every host sync.
-
-    The vision tower runs from the first of `visual`/`visual.patch_embed` to the end of `visual.merger`, which
-    both forwards call. Reading the results (the returned function) is the one sync the design allows; it is
-    not called here.
-    """
+def _counting_vision(visual: Any, counts: dict[str, OpCount]) -> Iterator[None]:
+    """Count the vision tower's ops into counts["vision"]: from the first of `visual`/`visual.patch_embed` to the
+    end of `visual.merger`, which both forwards call."""
     from contextlib import ExitStack
 
-    counts: dict[str, OpCount] = {}
     vision = ExitStack()
+
+    def vision_starts(module: Any, args: Any) -> None:
+        if "vision" not in counts:
+            counts["vision"] = vision.enter_context(count_ops())
+
+    hooks = [
+        visual.register_forward_pre_hook(vision_starts),
+        visual.patch_embed.register_forward_pre_hook(vision_starts),
+        visual.merger.register_forward_hook(lambda *_: vision.close()),
+    ]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+        vision.close()
+
+
+counting_vision = contextmanager(_counting_vision)
+
+
+def memory_traffic(scorer: Any, rows: list) -> tuple[OpCount, OpCount]:
+    """The forward of `rows` counted kernel by kernel (outside inference mode, where composite ops such as `to` and
+    `reshape` arrive as the copies or views they are): the vision tower's count and the whole forward's."""
+    counts: dict[str, OpCount] = {}
+    inputs = scorer.collate(rows)
+    with torch.no_grad(), counting_vision(scorer.loaded.model.model.visual, counts), count_ops() as whole:
+        scorer.logits(inputs)
+    return counts["vision"], whole
+
+
+def count_launch(scorer: Any, rows: list) -> ForwardCounts:
+    """Count the ops of `scorer.launch(rows)`: collate, the vision tower, the whole forward, and every host sync;
+    and the bytes the forward's memory-bound kernels move (`memory_traffic`).
+
+    Reading the results (the returned function) is the one sync the design allows; it is not called here.
+    """
+    counts: dict[str, OpCount] = {}
 
     def counted(name: str, method: Any) -> Any:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -144,25 +257,13 @@ def count_launch(scorer: Any, rows: list) -> ForwardCounts:
 
         return wrapper
 
-    def vision_starts(module: Any, args: Any) -> None:
-        if "vision" not in counts:
-            counts["vision"] = vision.enter_context(count_ops())
-
-    visual = scorer.loaded.model.model.visual
-    hooks = [
-        visual.register_forward_pre_hook(vision_starts),
-        visual.patch_embed.register_forward_pre_hook(vision_starts),
-        visual.merger.register_forward_hook(lambda *_: vision.close()),
-    ]
     scorer.collate, scorer.logits = counted("collate", scorer.collate), counted("forward", scorer.logits)
     try:
-        with count_ops() as launch:
+        with counting_vision(scorer.loaded.model.model.visual, counts), count_ops() as launch:
             scorer.launch(rows)
     finally:
         del scorer.collate, scorer.logits
-        for hook in hooks:
-            hook.remove()
-        vision.close()
+    vision, forward = memory_traffic(scorer, rows)
     return ForwardCounts(
         len(rows),
         counts["collate"].total,
@@ -170,13 +271,17 @@ def count_launch(scorer: Any, rows: list) -> ForwardCounts:
         counts["forward"].total,
         launch.sync_total,
         dict(launch.syncs),
+        vision.memory_total,
+        forward.memory_total,
+        dict(forward.memory_bytes),
     )
 
 
-def qwen2_vl_2b(reduced: bool) -> Any:
-    """Qwen2-VL-2B's architecture with random weights and the tiny tokenizer, for counting ops (fp32, CPU).
+def qwen2_vl_2b(reduced: bool, dtype: torch.dtype = torch.float32) -> Any:
+    """Qwen2-VL-2B's architecture with random weights and the tiny tokenizer, for counting ops (CPU).
 
-    Op counts depend on depth and on the code path, not on widths or values. Full size (`reduced` false) lives on
+    Op counts depend on depth and on the code path, not on widths or values; bytes on all of them, so they are
+    counted at full size in the GPU's dtype (bfloat16). Full size (`reduced` false) lives on
     fake tensors: no memory and no compute, and any read of a value raises, so only a sync-free forward runs on
     it. `reduced` keeps every layer, head grouping and rotary section but shrinks the widths, on real tensors,
     for forwards that read values (transformers' own).
@@ -203,17 +308,17 @@ def qwen2_vl_2b(reduced: bool) -> Any:
     config = _qwen2_vl_config(tokenizer, text, vision)
     config._attn_implementation = "sdpa"
     if reduced:
-        model = Qwen2VLForConditionalGeneration._from_config(config, dtype=torch.float32)
+        model = Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype)
     else:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         with torch.device("meta"):
-            model = Qwen2VLForConditionalGeneration._from_config(config, dtype=torch.float32)
+            model = Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype)
         with FakeTensorMode(allow_non_fake_inputs=True):
             model.to_empty(device="cpu")
     model.eval().requires_grad_(False)
-    name = f"{RANDOM_2B} ({'reduced width' if reduced else 'fake tensors'})"
-    return LoadedModel(model, tokenizer, IMAGE_MEAN, IMAGE_STD, name, torch.device("cpu"), torch.float32)
+    name = f"{RANDOM_2B} ({'reduced width' if reduced else 'fake tensors'}, {str(dtype).removeprefix('torch.')})"
+    return LoadedModel(model, tokenizer, IMAGE_MEAN, IMAGE_STD, name, torch.device("cpu"), dtype)
 
 
 @contextmanager
