@@ -17,7 +17,14 @@ from rich.markup import escape
 from rich.table import Table
 from typer.exceptions import TyperException
 
-from annotator.errors import EXIT_RESUMABLE, EXIT_USER_ERROR, AnnotatorError, RunInterrupted, path_name_errors
+from annotator.errors import (
+    EXIT_RESUMABLE,
+    EXIT_USER_ERROR,
+    AlreadyFinished,
+    AnnotatorError,
+    RunInterrupted,
+    path_name_errors,
+)
 
 MAX_MESSAGE = 3000  # characters of an error message shown; a message never floods the terminal
 
@@ -132,6 +139,10 @@ def user_errors(command):
                     for step in next_steps(typed, can_change_model=command.__name__ != "resume"):
                         console.print(f"  {step}", highlight=False, soft_wrap=True, markup=False)
             raise typer.Exit(exc.exit_code) from None
+        except AlreadyFinished as exc:
+            if not _as_json_line(exc, kwargs, event="finished"):
+                console.print(f"[bold green]Done:[/] {escape(_bounded(exc))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
         except RunInterrupted as exc:
             if not _as_json_line(exc, kwargs):
                 console.print(f"[bold yellow]Interrupted:[/] {escape(_bounded(exc))}", highlight=False, soft_wrap=True)
@@ -149,11 +160,13 @@ def user_errors(command):
     return wrapper
 
 
-def _as_json_line(exc: AnnotatorError | RunInterrupted, kwargs: dict[str, Any]) -> bool:
+def _as_json_line(
+    exc: AnnotatorError | RunInterrupted | AlreadyFinished, kwargs: dict[str, Any], event: str = "error"
+) -> bool:
     """With --log-format json a machine reads stderr: the error is one JSON line too. Whether it was printed so."""
     if kwargs.get("log_format") is not LogFormat.json:
         return False
-    print(json.dumps({"event": "error", "message": _bounded(exc), "exit_code": exc.exit_code}), file=sys.stderr)
+    print(json.dumps({"event": event, "message": _bounded(exc), "exit_code": exc.exit_code}), file=sys.stderr)
     return True
 
 

@@ -16,6 +16,13 @@ class AnnotatorError(Exception):
     exit_code = EXIT_USER_ERROR
 
 
+class AlreadyFinished(Exception):
+    """`resume` of a run that is done: nothing to do, which is success (exit 0), so that a loop that resumes until
+    it succeeds ends."""
+
+    exit_code = EXIT_OK
+
+
 class RunInterrupted(Exception):
     """A run stopped early (signal, write failure) in a state `annotate resume` continues: exit 2."""
 

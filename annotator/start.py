@@ -11,7 +11,7 @@ from typing import Any
 from annotator import __version__
 from annotator.card import input_card
 from annotator.checks import check_run
-from annotator.errors import AnnotatorError
+from annotator.errors import AlreadyFinished, AnnotatorError
 from annotator.folder import Claim, claim, foreign_run_entries, name_entries, problems, recover, start, undo_start
 from annotator.recipe import Recipe, frozen_recipe_yaml, merge, parse_overrides, read_recipe_file, validate_recipe
 from annotator.sink import RUN_MARKER, RunFolder, latest_run
@@ -169,9 +169,10 @@ def _check_settings(folder: RunFolder, recipe: Recipe, overrides: list[str]) -> 
     if grows:
         check_growth(manifest.get("limit"), recipe.input.limit)
     elif folder.finished and not repairable:
-        raise AnnotatorError(
-            f"The run in {str(folder.root)!r} is already finished; see `annotate status {folder.root}`. To annotate "
-            f"more rows of its input, grow it: `annotate resume {folder.root} --set input.limit=M` (or =null for all)."
+        raise AlreadyFinished(
+            f"The run in {str(folder.root)!r} is already finished: nothing to resume. See `annotate status "
+            f"{folder.root}`. To annotate more rows of its input, grow it: `annotate resume {folder.root} --set "
+            "input.limit=M` (or =null for all)."
         )
     if recipe.result_fingerprint() != manifest.get("result_fingerprint"):
         fingerprint = manifest.get("result_fingerprint")

@@ -109,7 +109,6 @@ def test_a_kill_at_any_step_of_the_growth_resumes_exactly(tmp_path, dataset, who
     ("pilot", "then", "expected"),
     [
         (15, "input.limit=10", "can only grow on resume"),
-        (15, "input.limit=15", "is already finished"),
         (None, "input.limit=20", "this run covers the whole input"),
     ],
 )
@@ -123,3 +122,21 @@ def test_a_limit_that_would_drop_rows_is_refused(tmp_path, dataset, whole, pilot
     result = invoke("resume", run, "--set", then, "--no-progress")
     assert result.exit_code == 1 and expected in result.output.replace("\n", " ")
     assert files_of(run) == before and (run / "summary.json").exists() and not (run / "lock").exists()
+
+
+@pytest.mark.parametrize("then", [[], ["--set", "input.limit=15"], ["--log-format", "json"]])
+def test_resuming_a_finished_run_is_done_not_an_error(tmp_path, dataset, then):
+    """Nothing to do is success: a loop that resumes until it succeeds (`until annotate resume DIR; do ...`) ends.
+    The run is left as it was, and the message says how to grow it."""
+    run = tmp_path / "run"
+    assert invoke("run", recipe(tmp_path, dataset, "run"), "--no-progress", "--limit", 15).exit_code == 0
+    before = files_of(run)
+    result = invoke("resume", run, "--no-progress", *then)
+    assert result.exit_code == 0, result.output
+    said = result.output.replace("\n", " ")
+    if "json" in then:
+        line = json.loads(result.stderr.strip().splitlines()[-1])
+        assert line["event"] == "finished" and line["exit_code"] == 0
+        said = line["message"]
+    assert "already finished: nothing to resume" in said and "--set input.limit=M" in said
+    assert files_of(run) == before and not (run / "lock").exists()
