@@ -125,11 +125,13 @@ def rotate(x: torch.Tensor, rotary: Rotary, dtype: torch.dtype | None = None) ->
     """Rotary embedding as transformers applies it (`x * cos + rotate_half(x) * sin`), computed in the tables'
     dtype, returned in `dtype` (x's when not given) and laid out as x is.
 
-    Each half of the result is that half of x times cos plus the other half times sin (`Rotary`), in two kernels (a
-    product, then a multiply-add that casts as it stores on a GPU) that read x where it lies. Rotating the whole
-    vector (a float32 copy of x, products, a roll, a sum, a cast back) moved 3.4x the bytes in the vision tower,
-    its largest elementwise cost. The multiply-add may round once where transformers rounds twice (float32: ~1e-7
-    relative). Compiled, the halves are plain expressions (dynamo takes no `out=` slice; inductor fuses them).
+    Each half of the result is that half of x times cos plus the other half times sin (`Rotary`), read where x lies
+    and written into one output. Rotating the whole vector (a float32 copy of x, products, a roll, a sum, a cast
+    back) moved 3.4x the bytes in the vision tower, its largest elementwise cost. float32 tables (the vision tower's
+    always) take a product and a multiply-add that casts as it stores on a GPU: one float32 rounding less than
+    transformers' (~1e-7 relative). 16-bit tables (the decoder's in a bfloat16 model) take transformers' operations
+    exactly, two products then their sum, since there one rounding less shows. Compiled, the halves are plain
+    expressions (dynamo takes no `out=` slice; inductor fuses them).
     """
     dtype = dtype or x.dtype
     first, second = x.chunk(2, dim=-1)
@@ -138,8 +140,12 @@ def rotate(x: torch.Tensor, rotary: Rotary, dtype: torch.dtype | None = None) ->
         return torch.cat((first * cos1 + second * sin1, second * cos2 + first * sin2), dim=-1).to(dtype)
     out = empty_like_layout(x, dtype)
     out_first, out_second = out.chunk(2, dim=-1)
-    torch.addcmul(first * rotary.cos_first, second, rotary.sin_first, out=out_first)
-    torch.addcmul(second * rotary.cos_second, first, rotary.sin_second, out=out_second)
+    if torch.finfo(rotary.cos_first.dtype).bits < 32:
+        torch.add(first * rotary.cos_first, second * rotary.sin_first, out=out_first)
+        torch.add(second * rotary.cos_second, first * rotary.sin_second, out=out_second)
+    else:
+        torch.addcmul(first * rotary.cos_first, second, rotary.sin_first, out=out_first)
+        torch.addcmul(second * rotary.cos_second, first, rotary.sin_second, out=out_second)
     return out
 
 
@@ -150,11 +156,15 @@ def vision_mlp(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A vision block's MLP, `fc2(QuickGELU(fc1(x)))`, with QuickGELU as one SiLU kernel instead of three passes.
 
     h * sigmoid(1.702 h) is silu(1.702 h) / 1.702: fc1 computes 1.702 h (its product scaled by alpha, its bias
-    scaled beforehand; both in the matrix product's epilogue on a GPU), and fc2 scales its product by 1 / 1.702.
-    Equal to transformers' up to rounding (float32: ~1e-7). Any other activation runs the module.
+    scaled beforehand: a small kernel per block; both in the matrix product's epilogue on a GPU), and fc2 scales its
+    product by 1 / 1.702. Equal to transformers' up to rounding: ~1e-7 relative in float32; in bfloat16 an
+    activation rounds once where transformers rounds it three times. float16 runs the module: 1.702 h would
+    overflow where h lies above 38,486, which transformers' form survives. So do other activations.
     """
+    if not isinstance(getattr(mlp, "act", None), QuickGELUActivation) or x.dim() != 2 or x.dtype == torch.float16:
+        return mlp(x)
     fc1, fc2 = mlp.fc1, mlp.fc2
-    if not isinstance(mlp.act, QuickGELUActivation) or x.dim() != 2 or fc1.bias is None or fc2.bias is None:
+    if fc1.bias is None or fc2.bias is None:
         return mlp(x)
     scaled = torch.addmm(fc1.bias * QUICK_GELU, x, fc1.weight.t(), alpha=QUICK_GELU)
     return torch.addmm(fc2.bias, silu(scaled, inplace=True), fc2.weight.t(), alpha=1 / QUICK_GELU)
@@ -162,7 +172,8 @@ def vision_mlp(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def rms_normed(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Qwen2-VL's RMSNorm with PyTorch's kernel: normalized in float32, cast to x's dtype, then times the weight,
-    bit for bit transformers' rounding; two passes over x where transformers' makes seven. Other norms run as is."""
+    as transformers rounds. On a CPU bit for bit (PyTorch decomposes it as transformers writes it); on a GPU one
+    fused kernel (its sum in another order) where transformers' form makes seven passes. Other norms run as is."""
     eps = getattr(norm, "variance_epsilon", None)
     if eps is None:
         return norm(x)

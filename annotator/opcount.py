@@ -88,22 +88,38 @@ def _tensors(value: Any) -> Iterator[torch.Tensor]:
             yield from _tensors(item)
 
 
+# Ops that move only some rows of a tensor: a gather reads its index and the rows it takes, and writes them; a
+# scatter reads its index and its source, and writes as many elements into `self`.
+GATHER_OPS = frozenset({"aten.embedding", "aten.index_select", "aten.gather"})
+SCATTER_OPS = frozenset({"aten.index_copy_", "aten.index_copy", "aten.index_add_", "aten.scatter_", "aten.scatter"})
+
+
 def memory_bytes(func: Any, name: str, args: tuple, kwargs: dict, result: Any) -> int:
     """Bytes read and written by one memory-bound op as a GPU kernel moves them (its inputs in their own dtypes: CUDA
     casts as it loads); 0 for a matrix product, attention, a view or an allocation.
 
-    Exact for the kernels that ATen ops are, outside inference mode; inside it, composite ops such as `to` or
-    `reshape` arrive whole and, since they may return a view, count as one (`memory_traffic` counts outside it).
+    What a kernel reads and writes for the kernels that ATen ops are, outside inference mode; inside it, composite
+    ops such as `to` or `reshape` arrive whole and, since they may return a view, count as one (`memory_traffic`
+    counts outside it). Composite ops a GPU runs as one kernel are counted as the CPU decomposes them (RMSNorm).
     """
     if name in MATMUL_OPS or name in NO_KERNEL_OPS or "attention" in name:
         return 0
     schema = func._schema
     if all(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns):
         return 0  # a view
+    inputs = list(_tensors(args))
+    if name in GATHER_OPS:  # (weight or self, indices) or (self, dim, index)
+        index = next(t for t in inputs[1:] if not t.is_floating_point())
+        return _stored_bytes(index) + 2 * sum(_stored_bytes(t) for t in _tensors(result))
+    if name in SCATTER_OPS:  # (self, dim, index, source): the index and source read, as much written
+        index, source = inputs[1], inputs[-1]
+        return _stored_bytes(index) + 2 * _stored_bytes(source)
+    if name == "aten.copy_":  # (self, src): src read, self written
+        return _stored_bytes(inputs[1]) + _stored_bytes(inputs[0])
     written_only = {
         a.name for a in schema.arguments if a.kwarg_only and a.alias_info is not None and a.alias_info.is_write
     }  # out= arguments
-    read = [*_tensors(args), *(t for key, value in kwargs.items() if key not in written_only for t in _tensors(value))]
+    read = [*inputs, *(t for key, value in kwargs.items() if key not in written_only for t in _tensors(value))]
     return sum(_stored_bytes(t) for t in read) + sum(_stored_bytes(t) for t in _tensors(result))
 
 
@@ -203,7 +219,8 @@ class ForwardCounts:
         }
 
 
-def _counting_vision(visual: Any, counts: dict[str, OpCount]) -> Iterator[None]:
+@contextmanager
+def counting_vision(visual: Any, counts: dict[str, OpCount]) -> Iterator[None]:
     """Count the vision tower's ops into counts["vision"]: from the first of `visual`/`visual.patch_embed` to the
     end of `visual.merger`, which both forwards call."""
     from contextlib import ExitStack
@@ -227,9 +244,6 @@ def _counting_vision(visual: Any, counts: dict[str, OpCount]) -> Iterator[None]:
         vision.close()
 
 
-counting_vision = contextmanager(_counting_vision)
-
-
 def memory_traffic(scorer: Any, rows: list) -> tuple[OpCount, OpCount]:
     """The forward of `rows` counted kernel by kernel (outside inference mode, where composite ops such as `to` and
     `reshape` arrive as the copies or views they are): the vision tower's count and the whole forward's."""
@@ -240,9 +254,9 @@ def memory_traffic(scorer: Any, rows: list) -> tuple[OpCount, OpCount]:
     return counts["vision"], whole
 
 
-def count_launch(scorer: Any, rows: list) -> ForwardCounts:
+def count_launch(scorer: Any, rows: list, memory: bool = True) -> ForwardCounts:
     """Count the ops of `scorer.launch(rows)`: collate, the vision tower, the whole forward, and every host sync;
-    and the bytes the forward's memory-bound kernels move (`memory_traffic`).
+    and with `memory` the bytes the forward's memory-bound kernels move (`memory_traffic`: a second forward).
 
     Reading the results (the returned function) is the one sync the design allows; it is not called here.
     """
@@ -263,7 +277,7 @@ def count_launch(scorer: Any, rows: list) -> ForwardCounts:
             scorer.launch(rows)
     finally:
         del scorer.collate, scorer.logits
-    vision, forward = memory_traffic(scorer, rows)
+    vision, forward = memory_traffic(scorer, rows) if memory else (OpCount(), OpCount())
     return ForwardCounts(
         len(rows),
         counts["collate"].total,
