@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import json
 import os
@@ -553,8 +554,46 @@ def _print_result(result: dict[str, Any], as_json: bool, title: str) -> None:
     stdout.print(table)
 
 
+class ReaderSafeStream:
+    """Standard output or error whose reader may go away (`annotate run ... 2>&1 | head`, a closed terminal tab):
+    the first write that finds the pipe closed points the descriptor at /dev/null and the command goes on. A run
+    finishes (run.log keeps every line) and exits with its own code, not click's silent exit 1 for a broken pipe."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._reader_gone()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._reader_gone()
+
+    def _reader_gone(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, self._stream.fileno())
+        finally:
+            os.close(devnull)
+        with contextlib.suppress(BrokenPipeError):
+            self._stream.flush()  # what was buffered for the pipe goes to /dev/null now
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def main() -> None:
     """The `annotate` console script."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None and not isinstance(stream, ReaderSafeStream):
+            setattr(sys, name, ReaderSafeStream(stream))
     try:
         app()
     except SystemExit as done:

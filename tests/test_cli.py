@@ -2,6 +2,8 @@
 
 import json
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -400,3 +402,27 @@ def test_the_annotate_command_is_main_which_leaves_a_stopped_run_before_the_inte
     with pytest.raises(SystemExit) as done:  # other exits are the normal ones
         cli.main()
     assert done.value.code == 1 and left == [2]
+
+
+def annotate_main(*args: object, **popen) -> subprocess.Popen:
+    """`annotate ARGS` as the console script runs it (`cli.main`), its stdout and stderr one pipe."""
+    command = [sys.executable, "-c", "from annotator.cli import main; main()", *map(str, args)]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
+
+
+def test_a_run_whose_reader_goes_away_finishes_and_says_done(tmp_path):
+    """`annotate run ... 2>&1 | head -2`: the pipe closes while the run logs. The run went on to its end (its
+    lines are in run.log) and exits 0; it used to stop silently with exit 1 (click's answer to EPIPE)."""
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", DEMO, out, batching={"window": 2})
+    process = annotate_main("run", recipe)
+    first = process.stdout.readline()
+    assert b"loading model=tiny" in first
+    process.stdout.close()  # the reader is gone before the model has loaded
+    assert process.wait(timeout=120) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["finished"] and summary["rows"] == 15
+    assert "finished" in (out / "run.log").read_text()
+    status = annotate_main("status", out)
+    status.stdout.close()
+    assert status.wait(timeout=60) == 0
