@@ -291,6 +291,8 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             value = load_yaml(raw) if raw.strip() else raw
         except yaml.YAMLError:
             value = raw
+        if isinstance(value, dict) and value and all(v is None for v in value.values()):
+            value = raw  # `{text}` or `{a, b}`: YAML reads a mapping of nulls, which no recipe key takes; a template
         node = overrides
         *parents, leaf = key.strip().split(".")
         for part in parents:

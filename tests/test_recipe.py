@@ -75,6 +75,13 @@ def test_parse_overrides_nests_dotted_keys():
     assert parse_overrides(["a.b.c=1", "a.b.d=true", "a.e=x"]) == {"a": {"b": {"c": 1, "d": True}, "e": "x"}}
 
 
+def test_a_set_value_that_is_a_bare_template_stays_text(recipe_file):
+    """`--set prompt.query={text}`: YAML reads `{text}` as a mapping {text: null}; the user meant the template."""
+    assert parse_overrides(["prompt.query={text}", "a={x, y}"]) == {"prompt": {"query": "{text}"}, "a": "{x, y}"}
+    assert load_recipe(recipe_file, ["prompt.query={text}"]).prompt.query == "{text}"
+    assert parse_overrides(["a={b: 1}"]) == {"a": {"b": 1}}, "a real mapping stays one"
+
+
 def test_result_fingerprint_ignores_batching_and_devices_only(recipe_file):
     base = load_recipe(recipe_file).result_fingerprint()
     neutrals = ["batching.max_batch_size=2", "batching.max_batch_tokens=100", "model.device=cpu", "input.limit=5"]
