@@ -368,6 +368,14 @@ def resolve_devices(recipe: Recipe) -> list[str]:
                 f"`engine.devices` names {', '.join(twice)} more than once: one writer per GPU. Name each GPU once."
             )
         return named
+    cores = available_cores()
+    if len(devices) > cores:
+        raise AnnotatorError(
+            f"`engine.devices` names {len(devices)} CPU writers, but this machine gives the run {cores} core(s): a "
+            "CPU writer is faster only with cores of its own, and each holds its own copy of the model in memory. "
+            f"Name at most {cores} (`--devices {','.join(['cpu'] * min(cores, 4))}`), or one `cpu` for every core "
+            "in one writer."
+        )
     return list(devices)
 
 

@@ -314,6 +314,18 @@ def test_one_gpu_spelled_two_ways_is_one_gpu_named_twice(tmp_path, monkeypatch):
         annotator.executors.resolve_devices(recipe)
 
 
+def test_more_cpu_writers_than_cores_is_refused(tmp_path, monkeypatch):
+    """Each CPU writer loads its own model: 5 of them on 2 cores only share the cores (and, with the 2B model in
+    float32, need ~45 GB), so it is refused before anything loads."""
+    import annotator.executors
+
+    monkeypatch.setattr(annotator.executors, "available_cores", lambda: 2)
+    too_many = load_recipe(questions_recipe(tmp_path), ["engine.devices=cpu,cpu,cpu"])
+    with pytest.raises(AnnotatorError, match=r"names 3 CPU writers, but this machine gives the run 2 core\(s\)"):
+        annotator.executors.resolve_devices(too_many)
+    assert annotator.executors.resolve_devices(load_recipe(questions_recipe(tmp_path), ["engine.devices=cpu,cpu"]))
+
+
 def test_a_bad_value_of_a_checked_key_given_by_set_says_so(tmp_path):
     with pytest.raises(AnnotatorError, match=r"'mps' is not cpu, cuda or cuda:N \(from --set\)"):
         load_recipe(questions_recipe(tmp_path), ["engine.devices=mps"])
