@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -209,3 +210,14 @@ def test_bench_forward_refuses_bad_arguments_before_the_model_loads(argv, says, 
     with pytest.raises(SystemExit) as done:
         bench_forward.main()
     assert done.value.code == 1 and says in capsys.readouterr().err
+
+
+def test_bench_forward_elementwise_times_each_lean_piece_against_transformers(monkeypatch, capsys):
+    """The prepared GPU command runs here on the tiny model (to check the script, not to time anything)."""
+    from annotator import bench_forward
+
+    monkeypatch.setattr("sys.argv", ["bench_forward", "elementwise"])
+    bench_forward.main()
+    printed = capsys.readouterr().out
+    for piece in ("vision rotary (q and k)", "vision MLP", "decoder RMSNorm"):
+        assert re.search(rf"{re.escape(piece)}: lean [\d.]+ ms, transformers [\d.]+ ms per batch", printed), printed
