@@ -168,12 +168,6 @@ def _check_settings(folder: RunFolder, recipe: Recipe, overrides: list[str]) -> 
     grows = recipe.input.limit != manifest.get("limit")
     if grows:
         check_growth(manifest.get("limit"), recipe.input.limit)
-    elif folder.finished and not repairable:
-        raise AlreadyFinished(
-            f"The run in {str(folder.root)!r} is already finished: nothing to resume. See `annotate status "
-            f"{folder.root}`. To annotate more rows of its input, grow it: `annotate resume {folder.root} --set "
-            "input.limit=M` (or =null for all)."
-        )
     if recipe.result_fingerprint() != manifest.get("result_fingerprint"):
         fingerprint = manifest.get("result_fingerprint")
         if _frozen_recipe(folder, []).result_fingerprint() != fingerprint:
@@ -195,6 +189,12 @@ def _check_settings(folder: RunFolder, recipe: Recipe, overrides: list[str]) -> 
         raise AnnotatorError(
             f"`batching.window` cannot change on resume (the run uses {manifest['window']}): windows are the unit "
             "of resume. Drop that --set."
+        )
+    if not grows and folder.finished and not repairable:  # last: a --set it would refuse is refused, not ignored
+        raise AlreadyFinished(
+            f"The run in {str(folder.root)!r} is already finished: nothing to resume. See `annotate status "
+            f"{folder.root}`. To annotate more rows of its input, grow it: `annotate resume {folder.root} --set "
+            "input.limit=M` (or =null for all)."
         )
     return grows
 
@@ -256,12 +256,18 @@ def _input_change(recorded: Any, current: Any) -> str | None:
 
 def check_growth(old_limit: int | None, new_limit: int | None) -> None:
     """A resumed run's `input.limit` may only grow: committed rows are never dropped."""
-    if old_limit is None or (new_limit is not None and new_limit < old_limit):
-        covered = "the whole input" if old_limit is None else f"the first {old_limit} rows"
+    keep_fewer = (
+        "To keep fewer rows, export them (`annotate export RUN_DIR --to DIR ...`), or start a new run with --overwrite."
+    )
+    if old_limit is None:
         raise AnnotatorError(
-            f"`input.limit` can only grow on resume: this run covers {covered}, and --set input.limit={new_limit} "
-            "would drop rows it has. To keep fewer rows, export them (`annotate export RUN_DIR --to DIR ...`), or "
-            "start a new run with --overwrite."
+            f"`input.limit` can only grow on resume, and this run covers the whole input already: --set "
+            f"input.limit={new_limit} has nothing to add. Resume without it. {keep_fewer}"
+        )
+    if new_limit is not None and new_limit < old_limit:
+        raise AnnotatorError(
+            f"`input.limit` can only grow on resume: this run covers the first {old_limit} rows, and --set "
+            f"input.limit={new_limit} would drop rows it has. {keep_fewer}"
         )
 
 

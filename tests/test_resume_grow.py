@@ -140,3 +140,21 @@ def test_resuming_a_finished_run_is_done_not_an_error(tmp_path, dataset, then):
         said = line["message"]
     assert "already finished: nothing to resume" in said and "--set input.limit=M" in said
     assert files_of(run) == before and not (run / "lock").exists()
+
+
+@pytest.mark.parametrize(
+    ("then", "says"),
+    [
+        ("prompt.question=Is it {text}?", "--set prompt.question would change results"),
+        ("batching.window=7", "`batching.window` cannot change on resume"),
+    ],
+)
+def test_a_finished_run_refuses_what_an_unfinished_one_refuses(tmp_path, dataset, then, says):
+    """Asked for another question, a finished run said "Done" and ignored it: the user thought the new question
+    was asked. It is the mistake it is on an unfinished run (exit 1)."""
+    run = tmp_path / "run"
+    assert invoke("run", recipe(tmp_path, dataset, "run"), "--no-progress", "--limit", 15).exit_code == 0
+    before = files_of(run)
+    result = invoke("resume", run, "--no-progress", "--set", then)
+    assert result.exit_code == 1 and says in result.output.replace("\n", " "), result.output
+    assert files_of(run) == before
