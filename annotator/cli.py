@@ -555,9 +555,10 @@ def _print_result(result: dict[str, Any], as_json: bool, title: str) -> None:
 
 
 class ReaderSafeStream:
-    """Standard output or error whose reader may go away (`annotate run ... 2>&1 | head`, a closed terminal tab):
-    the first write that finds the pipe closed points the descriptor at /dev/null and the command goes on. A run
-    finishes (run.log keeps every line) and exits with its own code, not click's silent exit 1 for a broken pipe."""
+    """Standard output or error that may stop taking writes: its reader went away (`annotate run ... 2>&1 | head`,
+    a closed terminal tab) or it is a full disk (`> /dev/full`). The first write that fails points the descriptor at
+    /dev/null and the command goes on: a run finishes (run.log keeps every line) and exits with its own code, where
+    click answered a broken pipe with a silent exit 1 and other write errors were tracebacks."""
 
     def __init__(self, stream: Any) -> None:
         self._stream = stream
@@ -565,24 +566,24 @@ class ReaderSafeStream:
     def write(self, text: str) -> int:
         try:
             return self._stream.write(text)
-        except BrokenPipeError:
-            self._reader_gone()
+        except OSError:
+            self._drop_output()
             return len(text)
 
     def flush(self) -> None:
         try:
             self._stream.flush()
-        except BrokenPipeError:
-            self._reader_gone()
+        except OSError:
+            self._drop_output()
 
-    def _reader_gone(self) -> None:
+    def _drop_output(self) -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         try:
             os.dup2(devnull, self._stream.fileno())
         finally:
             os.close(devnull)
-        with contextlib.suppress(BrokenPipeError):
-            self._stream.flush()  # what was buffered for the pipe goes to /dev/null now
+        with contextlib.suppress(OSError):
+            self._stream.flush()  # what was buffered goes to /dev/null now
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)

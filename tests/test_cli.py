@@ -406,8 +406,11 @@ def test_the_annotate_command_is_main_which_leaves_a_stopped_run_before_the_inte
 
 def annotate_main(*args: object, **popen) -> subprocess.Popen:
     """`annotate ARGS` as the console script runs it (`cli.main`), its stdout and stderr one pipe."""
-    command = [sys.executable, "-c", "from annotator.cli import main; main()", *map(str, args)]
+    command = [*annotate_main.command, *map(str, args)]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
+
+
+annotate_main.command = [sys.executable, "-c", "from annotator.cli import main; main()"]
 
 
 def test_a_run_whose_reader_goes_away_finishes_and_says_done(tmp_path):
@@ -426,3 +429,5 @@ def test_a_run_whose_reader_goes_away_finishes_and_says_done(tmp_path):
     status = annotate_main("status", out)
     status.stdout.close()
     assert status.wait(timeout=60) == 0
+    with open("/dev/full", "w") as full:  # a full disk: the same, where it was a traceback and exit 1
+        assert subprocess.run([*annotate_main.command, "status", str(out)], stdout=full, stderr=full).returncode == 0
