@@ -63,8 +63,17 @@ def unreachable_reason(timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
 
 
 def is_hub_id(name: str) -> bool:
-    """A name that can only mean a Hub repository: not a local path, `org/name` or `name`."""
-    return not Path(name).exists() and name.count("/") <= 1 and not name.startswith((".", "/", "~"))
+    """A name that can only mean a Hub repository: not a local path, `org/name` or `name` in the characters the Hub
+    allows (`foo bar` or `{tiny}` is neither a folder nor an id: huggingface_hub raised a traceback for them)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if Path(name).exists() or name.count("/") > 1 or name.startswith((".", "/", "~")):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def cache_dir() -> str:

@@ -710,6 +710,12 @@ def a_model_folder_that_does_not_exist(w):
 
 
 @case("recipes")
+def a_model_name_the_hub_cannot_hold(w):
+    """`foo bar` or `{tiny}`: not a folder, and characters no Hub id has (huggingface_hub raised a traceback)."""
+    return bad_setting(w, "model", {"name": "{tiny} 2"}, "neither a folder here nor a Hugging Face Hub id")
+
+
+@case("recipes")
 def an_output_path_that_is_a_file(w):
     (w / "out").write_text("my notes")
     return bad_setting(w, "model", {}, "is a file, not a folder")
