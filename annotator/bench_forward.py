@@ -22,6 +22,8 @@ import torch
 
 from annotator import forward
 from annotator.batching import grid_thw
+from annotator.cli import ReaderSafeStream
+from annotator.errors import AnnotatorError
 from annotator.graphs import LENGTH_STEP
 from annotator.models import load_model
 from annotator.prompt import PromptBuilder
@@ -215,6 +217,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def main() -> None:
+    for stream in ("stdout", "stderr"):  # `... | head` must not end in a traceback either
+        setattr(sys, stream, ReaderSafeStream(getattr(sys, stream)))
     parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["graphs", "profile", "compile", "elementwise"])
     parser.add_argument("--batches", type=batch_sizes, default="64,16,4", help="batch sizes for `graphs`")
@@ -229,7 +233,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     name = args.model if args.model != "auto" else "qwen2-vl-2b-random" if ON_GPU else "tiny"
-    loaded = load_model(name, None, args.dtype, "auto", "sdpa")
+    try:
+        loaded = load_model(name, None, args.dtype, "auto", "sdpa")
+    except AnnotatorError as exc:  # a model that is not there: annotate's one paragraph, exit 1
+        parser.exit(1, f"{parser.prog}: error: {exc}\n")
     builder = PromptBuilder(loaded.tokenizer, PromptConfig())
     with torch.inference_mode():
         if args.what == "graphs":
