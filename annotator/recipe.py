@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from annotator.errors import AnnotatorError
-from annotator.questions import Question, question_problems, resolve_questions, uses_text
+from annotator.questions import PLACEHOLDER, Question, question_problems, resolve_questions, uses_text
 
 # The seed's exact question: the newline and the 24 spaces are part of the prompt it was tuned with.
 SEED_QUESTION = '请回答以下问题，务必只能回复一个词 "Y"或 "N"：\n                        图片和"{text}"是否相关？'
@@ -221,7 +221,9 @@ class Recipe(_Section):
             problems.append("`input` needs exactly one of `input.parquet` (files) or `input.hf` (a dataset)")
         if self.prompt.query is None and not self.input.text_column and self.uses_text:
             problems.append("set `input.text_column` to the caption column, or `prompt.query` to a fixed text")
-        if self.prompt.questions is None and self.prompt.question.count("{text}") != 1:
+        question = self.prompt.question
+        if self.prompt.questions is None and question.strip() and not PLACEHOLDER.search(question):
+            # (twice, a misspelt placeholder or an empty question: `question_problems` says which)
             problems.append("`prompt.question` must contain `{text}` exactly once: the caption goes there")
         if self.model.min_pixels > self.model.max_pixels:
             problems.append("`model.min_pixels` must not exceed `model.max_pixels`")
@@ -600,7 +602,8 @@ def explain_validation_error(exc: ValidationError, source: str, set_paths: list[
                 f"{_short(error.get('input'))}); set one of its keys, e.g. `{key}.{fields[0]}`."
             )
         elif error["type"] == "value_error":
-            messages.append(str(error["msg"]).removeprefix("Value error, ") + f"{by_set[key]}.")
+            message = str(error["msg"]).removeprefix("Value error, ") + by_set[key]
+            messages.append(message if message.endswith((".", "?", "!")) else message + ".")
         else:  # one line per key: a union (`int | "auto"`) fails once per member
             by_key.setdefault(key, []).append(str(error["msg"]))
             inputs.setdefault(key, error.get("input"))

@@ -329,3 +329,15 @@ def test_more_cpu_writers_than_cores_is_refused(tmp_path, monkeypatch):
 def test_a_bad_value_of_a_checked_key_given_by_set_says_so(tmp_path):
     with pytest.raises(AnnotatorError, match=r"'mps' is not cpu, cuda or cuda:N \(from --set\)"):
         load_recipe(questions_recipe(tmp_path), ["engine.devices=mps"])
+
+
+@pytest.mark.parametrize(
+    ("question", "says"), [("Is {text} here, {text}?", "more than once"), ("Is it {txt}", "did you mean `{text}`?")]
+)
+def test_a_question_problem_is_said_once_and_ends_once(recipe_file, question, says):
+    """`{text}` twice was said twice ("must contain exactly once" and "more than once"); "did you mean...?." ended
+    with two stops."""
+    with pytest.raises(AnnotatorError) as error:
+        load_recipe(recipe_file, [f"prompt.question={question}"])
+    message = str(error.value)
+    assert says in message and "exactly once" not in message and "?." not in message
