@@ -141,7 +141,7 @@ def user_errors(command):
                         console.print(f"  {step}", highlight=False, soft_wrap=True, markup=False)
             raise typer.Exit(exc.exit_code) from None
         except AlreadyFinished as exc:
-            if not _as_json_line(exc, kwargs, event="finished"):
+            if not _as_json_line(exc, kwargs, event="already_finished"):
                 console.print(f"[bold green]Done:[/] {escape(_bounded(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except RunInterrupted as exc:

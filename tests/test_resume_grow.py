@@ -136,7 +136,7 @@ def test_resuming_a_finished_run_is_done_not_an_error(tmp_path, dataset, then):
     said = result.output.replace("\n", " ")
     if "json" in then:
         line = json.loads(result.stderr.strip().splitlines()[-1])
-        assert line["event"] == "finished" and line["exit_code"] == 0
+        assert line["event"] == "already_finished" and line["exit_code"] == 0
         said = line["message"]
     assert "already finished: nothing to resume" in said and "--set input.limit=M" in said
     assert files_of(run) == before and not (run / "lock").exists()
