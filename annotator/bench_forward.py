@@ -22,7 +22,7 @@ import torch
 
 from annotator import forward
 from annotator.batching import grid_thw
-from annotator.cli import ReaderSafeStream
+from annotator.cli import guard_standard_streams
 from annotator.errors import AnnotatorError
 from annotator.graphs import LENGTH_STEP
 from annotator.models import load_model
@@ -217,8 +217,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def main() -> None:
-    for stream in ("stdout", "stderr"):  # `... | head` must not end in a traceback either
-        setattr(sys, stream, ReaderSafeStream(getattr(sys, stream)))
+    guard_standard_streams()  # `... | head` must not end in a traceback either
     parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["graphs", "profile", "compile", "elementwise"])
     parser.add_argument("--batches", type=batch_sizes, default="64,16,4", help="batch sizes for `graphs`")

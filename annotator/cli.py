@@ -589,12 +589,17 @@ class ReaderSafeStream:
         return getattr(self._stream, name)
 
 
-def main() -> None:
-    """The `annotate` console script."""
+def guard_standard_streams() -> None:
+    """stdout and stderr as `ReaderSafeStream`s (once; a closed one stays None), for a console script's start."""
     for name in ("stdout", "stderr"):
         stream = getattr(sys, name)
         if stream is not None and not isinstance(stream, ReaderSafeStream):
             setattr(sys, name, ReaderSafeStream(stream))
+
+
+def main() -> None:
+    """The `annotate` console script."""
+    guard_standard_streams()
     try:
         app()
     except SystemExit as done:
