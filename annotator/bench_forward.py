@@ -164,8 +164,8 @@ def elementwise(loaded, builder) -> None:
     block, layer = visual.blocks[0], text_model.layers[0]
     hidden = visual.patch_embed(inputs.pixel_values)
     length = inputs.vision.length
-    cos, sin = visual.rotary_pos_emb(hidden, inputs.vision.positions)
-    rotary = forward.Rotary.of(cos.view(-1, 1, length, cos.shape[-1]), sin.view(-1, 1, length, sin.shape[-1]))
+    rotary = forward.vision_rotary(visual, hidden, inputs.vision)
+    cos, sin = visual.rotary_pos_emb(hidden, inputs.vision.positions)  # transformers' tables, for its own rotary
     attn = block.attn
     qkv = attn.qkv(block.norm1(hidden))
     packed = qkv.view(-1, 3, attn.num_heads, attn.head_dim)  # transformers' layout: (patches, 3, heads, dim)

@@ -186,13 +186,18 @@ def vision_features(
     """The vision tower on a batch of packed patches: merged image tokens (patches / 4, hidden), in patch order."""
     regions = regions or EAGER
     hidden = visual.patch_embed(pixel_values)
-    length = layout.length
-    cos, sin = visual.rotary_pos_emb(hidden, layout.positions)  # (length or frames * length, head dim)
-    rotary = Rotary.of(cos.view(-1, 1, length, cos.shape[-1]), sin.view(-1, 1, length, sin.shape[-1]))
+    rotary = vision_rotary(visual, hidden, layout)
     with regions.settings():
         for block in visual.blocks:
             hidden = regions.vision_block(block, hidden, rotary, layout.gather, layout.scatter, layout.key_mask)
     return visual.merger(hidden)
+
+
+def vision_rotary(visual: torch.nn.Module, hidden: torch.Tensor, layout: VisionLayout) -> Rotary:
+    """The vision tower's rotary table for a batch, shaped (frames or 1, 1, length, head dim) for all heads."""
+    length = layout.length
+    cos, sin = visual.rotary_pos_emb(hidden, layout.positions)  # (length or frames * length, head dim)
+    return Rotary.of(cos.view(-1, 1, length, cos.shape[-1]), sin.view(-1, 1, length, sin.shape[-1]))
 
 
 def vision_block(
