@@ -544,10 +544,7 @@ def measure_forward_ops(images: int, min_pixels: int, max_pixels: int) -> dict[s
         rows = [ScoreInput.blank(grid, builder.question_tokens(["a cat"])[0])] * images
         with on_fake_tensors(loaded):
             scorer = Scorer(loaded, builder, forward, compile="off")  # the eager forward's ops, whatever `auto` does
-            summary = count_launch(scorer, rows, memory=not reduced).summary()
-        if reduced:
-            summary = {key: value for key, value in summary.items() if "memory" not in key}
-        counts[forward] = {"model": loaded.name, **summary}
+            counts[forward] = {"model": loaded.name, **count_launch(scorer, rows, memory=not reduced).summary()}
     return counts
 
 

@@ -195,13 +195,12 @@ class ForwardCounts:
     forward_ops: int
     host_syncs: int
     sync_ops: dict[str, int]
-    vision_memory_bytes: int = 0
-    forward_memory_bytes: int = 0
+    vision_memory_bytes: int | None = None  # None: not counted
+    forward_memory_bytes: int | None = None
     memory_ops: dict[str, int] = field(default_factory=dict)  # the forward's memory-bound bytes by op
 
     def summary(self) -> dict[str, Any]:
-        megabytes = 1e6 * self.images
-        return {
+        summary = {
             "vision_ops_per_image": round(self.vision_ops / self.images, 2),
             "vision_ops": self.vision_ops,
             "forward_ops": self.forward_ops,
@@ -209,6 +208,12 @@ class ForwardCounts:
             "collate_ops": self.collate_ops,
             "host_syncs_per_batch": self.host_syncs,
             "sync_ops": self.sync_ops,
+        }
+        if self.vision_memory_bytes is None or self.forward_memory_bytes is None:
+            return summary
+        megabytes = 1e6 * self.images
+        return {
+            **summary,
             "vision_memory_mb_per_image": round(self.vision_memory_bytes / megabytes, 1),
             "forward_memory_mb_per_image": round(self.forward_memory_bytes / megabytes, 1),
             "memory_mb_per_image_by_op": {  # the ops that move 1% of the bytes or more
@@ -277,18 +282,19 @@ def count_launch(scorer: Any, rows: list, memory: bool = True) -> ForwardCounts:
             scorer.launch(rows)
     finally:
         del scorer.collate, scorer.logits
-    vision, forward = memory_traffic(scorer, rows) if memory else (OpCount(), OpCount())
-    return ForwardCounts(
+    counted = ForwardCounts(
         len(rows),
         counts["collate"].total,
         counts["vision"].total,
         counts["forward"].total,
         launch.sync_total,
         dict(launch.syncs),
-        vision.memory_total,
-        forward.memory_total,
-        dict(forward.memory_bytes),
     )
+    if memory:
+        vision, forward = memory_traffic(scorer, rows)
+        counted.vision_memory_bytes, counted.forward_memory_bytes = vision.memory_total, forward.memory_total
+        counted.memory_ops = dict(forward.memory_bytes)
+    return counted
 
 
 def qwen2_vl_2b(reduced: bool, dtype: torch.dtype = torch.float32) -> Any:
