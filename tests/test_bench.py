@@ -69,6 +69,7 @@ def test_bench_tiny_prints_every_field_as_json():
     assert reference["host_syncs_per_batch"] >= 32, "transformers syncs in each of the 32 vision blocks"
     assert 0 < lean["vision_ops"] < reference["vision_ops"] and 0 < lean["forward_ops"] < reference["forward_ops"]
     assert lean["vision_ops_per_image"] == lean["vision_ops"] / 2
+    assert lean["vision_memory_mb_per_image"] > 0 and "vision_memory_mb_per_image" not in reference, "not comparable"
 
 
 @pytest.mark.slow
