@@ -116,9 +116,8 @@ class Rotary(NamedTuple):
 
     @classmethod
     def of(cls, cos: torch.Tensor, sin: torch.Tensor) -> Rotary:
-        cos_first, cos_second = cos.chunk(2, dim=-1)
-        sin_first, sin_second = sin.chunk(2, dim=-1)
-        return cls(cos_first, cos_second, -sin_first, sin_second)
+        firsts, seconds = torch.stack((cos, -sin, sin)).chunk(2, dim=-1)  # four views of one layout
+        return cls(firsts[0], seconds[0], firsts[1], seconds[2])
 
 
 def rotate(x: torch.Tensor, rotary: Rotary, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -127,17 +126,31 @@ def rotate(x: torch.Tensor, rotary: Rotary, dtype: torch.dtype | None = None) ->
 
     Each half of the result is that half of x times cos plus the other half times sin (`Rotary`), read where x lies
     and written into one output. Rotating the whole vector (a float32 copy of x, products, a roll, a sum, a cast
-    back) moved 3.4x the bytes in the vision tower, its largest elementwise cost. float32 tables (the vision tower's
-    always) take a product and a multiply-add that casts as it stores on a GPU: one float32 rounding less than
-    transformers' (~1e-7 relative). 16-bit tables (the decoder's in a bfloat16 model) take transformers' operations
-    exactly, two products then their sum, since there one rounding less shows. Compiled, the halves are plain
-    expressions (dynamo takes no `out=` slice; inductor fuses them).
+    back) moved 3.4x the bytes in the vision tower, its largest elementwise cost. On a GPU with Triton, float32
+    tables (the vision tower's) take one kernel (`kernels.fused_rotate`: 4 bytes per element); elsewhere PyTorch's
+    ops (`rotate_with_ops`: 14). Compiled, the halves are plain expressions (dynamo takes no `out=` slice; inductor
+    fuses them).
     """
     dtype = dtype or x.dtype
-    first, second = x.chunk(2, dim=-1)
     if torch.compiler.is_compiling():
+        first, second = x.chunk(2, dim=-1)
         cos1, cos2, sin1, sin2 = rotary
         return torch.cat((first * cos1 + second * sin1, second * cos2 + first * sin2), dim=-1).to(dtype)
+    if x.is_cuda and rotary.cos_first.dtype == torch.float32 and rotary_kernel_runs(x.device):
+        from annotator import kernels
+
+        out = empty_like_layout(x, dtype)
+        if kernels.fused_rotate(x, rotary, out):
+            return out
+    return rotate_with_ops(x, rotary, dtype)
+
+
+def rotate_with_ops(x: torch.Tensor, rotary: Rotary, dtype: torch.dtype) -> torch.Tensor:
+    """`rotate` with PyTorch's ops. float32 tables take a product and a multiply-add that casts as it stores on a
+    GPU: one float32 rounding less than transformers' (~1e-7 relative). 16-bit tables (the decoder's in a bfloat16
+    model) take transformers' operations exactly, two products then their sum, since there one rounding less
+    shows."""
+    first, second = x.chunk(2, dim=-1)
     out = empty_like_layout(x, dtype)
     out_first, out_second = out.chunk(2, dim=-1)
     if torch.finfo(rotary.cos_first.dtype).bits < 32:
@@ -147,6 +160,17 @@ def rotate(x: torch.Tensor, rotary: Rotary, dtype: torch.dtype | None = None) ->
         torch.addcmul(first * rotary.cos_first, second, rotary.sin_first, out=out_first)
         torch.addcmul(second * rotary.cos_second, first, rotary.sin_second, out=out_second)
     return out
+
+
+@lru_cache(maxsize=8)
+def rotary_kernel_runs(device: torch.device) -> bool:
+    """Whether `kernels.fused_rotate` runs on this device: Triton installed, and the kernel built and checked
+    against PyTorch's ops once (`kernels.usable`)."""
+    try:
+        from annotator import kernels
+    except ImportError:
+        return False
+    return kernels.usable(device)
 
 
 QUICK_GELU = 1.702  # QuickGELU(h) = h * sigmoid(1.702 h)

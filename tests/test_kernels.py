@@ -1,0 +1,126 @@
+"""The Triton rotary kernel (annotator/kernels.py): on a CPU through Triton's interpreter, on a GPU compiled."""
+
+import pytest
+import torch
+from transformers.models.qwen2_vl.modeling_qwen2_vl import rotate_half
+
+from annotator import forward
+
+triton = pytest.importorskip("triton", reason="Triton is not installed")
+from annotator import kernels  # noqa: E402 (needs Triton)
+
+ON_GPU = torch.cuda.is_available()
+
+
+def transformers_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' rotary in float32, before the cast back (`apply_rotary_pos_emb_vision`'s operations)."""
+    return x.float() * cos + rotate_half(x.float()) * sin
+
+
+def truncated(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float32 to bfloat16 by dropping the low bits: how Triton's interpreter casts (a GPU rounds to nearest)."""
+    if dtype != torch.bfloat16:
+        return x.to(dtype)
+    return (x.view(torch.int32) & -65536).view(torch.float32).to(dtype)
+
+
+def vision_case(frames: int, dtype: torch.dtype, device: str = "cpu"):
+    """q and k as the vision tower rotates them: views into a packed projection (images, length, 3, heads, dim),
+    with a table per frame or one for all (frames 1)."""
+    generator = torch.Generator().manual_seed(frames)
+    images, length, heads, dim = 3, 7, 2, 10
+    qkv = torch.randn(images, length, 3, heads, dim, generator=generator).to(device, dtype)
+    x = qkv.permute(2, 0, 3, 1, 4)[:2]
+    angles = torch.randn(frames, 1, length, dim // 2, generator=generator).to(device)
+    angles = torch.cat((angles, angles), dim=-1)  # the vision tower's table: its halves are equal
+    return x, angles.cos(), angles.sin()
+
+
+def decoder_case(dtype: torch.dtype, device: str = "cpu"):
+    """A decoder layer's query (rows, heads, length, dim) transposed from the projection, one table per row."""
+    generator = torch.Generator().manual_seed(7)
+    rows, length, heads, dim = 2, 5, 3, 8
+    x = torch.randn(rows, length, heads, dim, generator=generator).to(device, dtype).transpose(1, 2)
+    angles = torch.randn(rows, 1, length, dim, generator=generator).to(device)
+    return x, angles.cos(), angles.sin()
+
+
+def dense_case(dtype: torch.dtype, device: str = "cpu"):
+    """A dense x (rows, length, dim) with a table for every position: the table varies along every dimension."""
+    generator = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 9, 6, generator=generator).to(device, dtype)
+    angles = torch.randn(3, 9, 6, generator=generator).to(device)
+    return x, angles.cos(), angles.sin()
+
+
+CASES = [
+    pytest.param(lambda dtype: vision_case(1, dtype), id="vision-one-table"),
+    pytest.param(lambda dtype: vision_case(3, dtype), id="vision-table-per-image"),
+    pytest.param(decoder_case, id="decoder"),
+    pytest.param(dense_case, id="dense"),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_the_kernel_computes_transformers_rotary(case, dtype):
+    """Every element is transformers' float32 value cast to the output dtype (the interpreter's bfloat16 cast
+    truncates, so that is what it is compared with), written where the output's layout puts it."""
+    x, cos, sin = case(dtype)
+    out = forward.empty_like_layout(x, dtype)
+    assert kernels.fused_rotate(x, forward.Rotary.of(cos, sin), out, interpret=True)
+    assert out.stride() == forward.empty_like_layout(x, dtype).stride()
+    torch.testing.assert_close(out, truncated(transformers_rotary(x, cos, sin), dtype), atol=0, rtol=0)
+
+
+def test_the_kernel_writes_another_dtype_and_nothing_else():
+    """bfloat16 in, float32 out (`rotate`'s dtype argument); the output's other elements untouched."""
+    x, cos, sin = vision_case(1, torch.bfloat16)
+    canvas = torch.full((2, 3, 2, 7, 12), -7.0)
+    out = canvas[..., 1:11]
+    assert kernels.fused_rotate(x, forward.Rotary.of(cos, sin), out, interpret=True)
+    torch.testing.assert_close(out, transformers_rotary(x, cos, sin), atol=0, rtol=0)
+    assert (canvas[..., 0] == -7).all() and (canvas[..., 11] == -7).all()
+
+
+def test_the_kernel_declines_what_it_does_not_handle():
+    """Where it does not apply it writes nothing and says so: `rotate` then uses PyTorch's ops."""
+    x, cos, sin = vision_case(1, torch.float32)
+    rotary = forward.Rotary.of(cos, sin)
+    out = torch.full_like(x, 3.0)
+    half_precision = forward.Rotary.of(cos.bfloat16(), sin.bfloat16())  # the decoder's tables in bfloat16
+    assert not kernels.fused_rotate(x, half_precision, out, interpret=True)
+    strided = torch.randn(2, 3, 2, 7, 20)[..., ::2]  # the head dimension not contiguous
+    assert not kernels.fused_rotate(strided, rotary, out, interpret=True)
+    assert not kernels.fused_rotate(x[..., :9], rotary, out[..., :9], interpret=True)  # an odd head dimension
+    assert not kernels.fused_rotate(x[None], rotary, out[None], interpret=True)  # five leading dimensions
+    mixed_layouts = forward.Rotary(rotary.cos_first.contiguous(), *rotary[1:])
+    assert not kernels.fused_rotate(x, mixed_layouts, out, interpret=True)
+    other_length = forward.Rotary.of(cos[:, :, :3], sin[:, :, :3])
+    assert not kernels.fused_rotate(x, other_length, out, interpret=True)
+    assert (out == 3).all()
+    empty = x[:, :0]
+    assert kernels.fused_rotate(empty, rotary, torch.empty_like(empty), interpret=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotate_on_a_gpu_uses_the_kernel_and_equals_transformers(dtype):
+    """On a GPU `forward.rotate` runs the compiled kernel (checked at first use), and its output is transformers'
+    rounded to nearest: in float32 within float32 rounding (a fused multiply-add), in bfloat16 within one unit in
+    the last place, nearly always equal."""
+    assert forward.rotary_kernel_runs(torch.device("cuda"))
+    for case in (lambda *a: vision_case(1, *a), lambda *a: vision_case(3, *a), decoder_case, dense_case):
+        x, cos, sin = case(dtype, "cuda")
+        rotary = forward.Rotary.of(cos, sin)
+        fused = forward.empty_like_layout(x, dtype)
+        assert kernels.fused_rotate(x, rotary, fused)
+        assert torch.equal(forward.rotate(x, rotary), fused)
+        expected = transformers_rotary(x, cos, sin)
+        if dtype == torch.float32:
+            torch.testing.assert_close(fused, expected, atol=1e-6, rtol=1e-6)
+        else:
+            torch.testing.assert_close(fused.float(), expected, atol=0, rtol=2**-7)
+            assert (fused != expected.to(dtype)).float().mean() < 0.02
+        torch.testing.assert_close(fused, forward.rotate_with_ops(x, rotary, dtype))
