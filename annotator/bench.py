@@ -483,6 +483,8 @@ def run_bench(config: BenchConfig, console: Any) -> dict[str, Any]:
         baseline = run_baseline(loaded, recipe, synthetic, config.baseline_pairs)
     result["baseline_pairs_per_s"] = round(baseline, 3) if baseline else None
     result["speedup_vs_baseline"] = round(result["pairs_per_s"] / baseline, 2) if baseline else None
+    steady = result.get("steady_pairs_per_s")
+    result["steady_speedup_vs_baseline"] = round(steady / baseline, 2) if baseline and steady else None
     result["op_counts"] = None
     if config.count_images:
         console.print(f"bench: ATen ops and host syncs of a batch of {config.count_images} seed-sized images...")

@@ -151,8 +151,9 @@ def compiled(loaded, builder) -> None:
 
 
 def elementwise(loaded, builder) -> None:
-    """The memory-bound pieces the lean forward rewrites, each timed against transformers' own on a batch's real
-    shapes: the vision rotary (halves, float32 inside), the vision MLP (QuickGELU as one SiLU), the decoder's RMSNorm.
+    """The pieces the lean forward rewrites, each timed against transformers' own on a batch's real shapes: the
+    vision rotary (the Triton kernel where it runs, and PyTorch's ops), the vision MLP (QuickGELU as one SiLU), the
+    patch embedding (a matrix product on a GPU), the decoder's RMSNorm.
     Where the bytes saved (`annotate bench`'s `memory_mb_per_image_by_op`) do not buy time, this shows it."""
     from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 
@@ -162,7 +163,7 @@ def elementwise(loaded, builder) -> None:
     batch = 64 if ON_GPU else 2
     inputs = scorer.collate(seed_rows(builder, batch))
     block, layer = visual.blocks[0], text_model.layers[0]
-    hidden = visual.patch_embed(inputs.pixel_values)
+    hidden = forward.patch_embedded(visual.patch_embed, inputs.pixel_values)
     length = inputs.vision.length
     rotary = forward.vision_rotary(visual, hidden, inputs.vision)
     cos, sin = visual.rotary_pos_emb(hidden, inputs.vision.positions)  # transformers' tables, for its own rotary
@@ -181,21 +182,30 @@ def elementwise(loaded, builder) -> None:
             lambda: forward.rotate(ours[:2], rotary, qkv.dtype),
             lambda: apply_rotary_pos_emb_vision(packed[:, 0], packed[:, 1], *tables),
         ),
+        "vision rotary, PyTorch's ops": (
+            lambda: forward.rotate_with_ops(ours[:2], rotary, qkv.dtype),
+            lambda: apply_rotary_pos_emb_vision(packed[:, 0], packed[:, 1], *tables),
+        ),
         "vision MLP": (lambda: forward.vision_mlp(block.mlp, hidden), lambda: block.mlp(hidden)),
+        "patch embedding": (
+            lambda: forward.patch_embedded(visual.patch_embed, inputs.pixel_values),
+            lambda: visual.patch_embed(inputs.pixel_values),
+        ),
         "decoder RMSNorm": (
             lambda: forward.rms_normed(layer.input_layernorm, embeds),
             lambda: layer.input_layernorm(embeds),
         ),
     }
     print(f"batch {batch}, {hidden.shape[0]} patches, {embeds.shape[0]}x{embeds.shape[1]} tokens, {loaded.dtype}")
+    print(f"vision rotary through the Triton kernel: {forward.rotary_kernel_runs(hidden.device)}")
+    per_forward = {"vision": len(visual.blocks), "decoder": 2 * len(text_model.layers), "patch": 1}
     for name, (lean, reference) in pieces.items():
         for run in (lean, reference):
             run()
         lean_s, reference_s = timed(lean, 20)[0], timed(reference, 20)[0]
         print(
             f"{name}: lean {1000 * lean_s:.2f} ms, transformers {1000 * reference_s:.2f} ms per batch "
-            f"({reference_s / lean_s:.2f}x); x {len(visual.blocks) if 'vision' in name else 2 * len(text_model.layers)}"
-            " per forward",
+            f"({reference_s / lean_s:.2f}x); x {per_forward[name.split()[0]]} per forward",
             flush=True,
         )
 

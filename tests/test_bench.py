@@ -42,8 +42,9 @@ def bench_tiny(*options: object) -> dict:
 
 def test_bench_tiny_prints_every_field_as_json():
     out = bench_tiny(
-        "--pairs", 6, "--sizes", "1600x1200,756x476", "--baseline", "--baseline-pairs", 2, "--count-images", 2
-    )
+        "--pairs", 6, "--sizes", "1600x1200,756x476", "--baseline", "--baseline-pairs", 2, "--count-images", 2,
+        "--max-batch-size", 2,  # three batches: a steady rate after the first
+    )  # fmt: skip
     assert out["model"] == "tiny" and out["pairs"] == 6 and out["errors"] == 0
     assert out["sizes"] == ["1600x1200:1", "756x476:1"] and out["image_format"] == "jpeg"
     assert out["device"].startswith("cuda" if ON_GPU else "cpu")
@@ -51,6 +52,8 @@ def test_bench_tiny_prints_every_field_as_json():
         assert out[key] > 0, key
     speedup = out["pairs_per_s"] / out["baseline_pairs_per_s"]  # the field is rounded to 2 decimals: 0.34 for 0.3354
     assert out["speedup_vs_baseline"] == pytest.approx(speedup, rel=0.01, abs=0.005)
+    steady = out["steady_pairs_per_s"] / out["baseline_pairs_per_s"]
+    assert out["steady_speedup_vs_baseline"] == pytest.approx(steady, rel=0.01, abs=0.005)
     assert 0 < out["padding_efficiency"] <= 1
     assert out["preprocess_images_per_s_per_core_no_draft"] > 0
     assert out["preprocess_by_size"]["1600x1200"]["psnr_db"] >= 40, "draft decoding applies to 1600x1200"
@@ -97,6 +100,7 @@ def test_bench_devices_refuses_too_few_windows_for_its_writers():
 def test_bench_without_baseline_has_no_ratio():
     out = bench_tiny("--pairs", 2, "--sizes", "320x240", "--count-images", 0, "--forward", "transformers")
     assert out["baseline_pairs_per_s"] is None and out["speedup_vs_baseline"] is None
+    assert out["steady_speedup_vs_baseline"] is None
     assert out["steady_pairs_per_s"] is None, "one batch has no steady state"
     assert out["op_counts"] is None and out["forward"] == "transformers"
 
