@@ -20,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from annotator import forward
+from annotator import forward, rotary
 from annotator.batching import grid_thw
 from annotator.cli import guard_standard_streams
 from annotator.errors import AnnotatorError
@@ -98,8 +98,8 @@ def profile(loaded, builder) -> None:
         features = forward.vision_features(model.model.visual, inputs.pixel_values, inputs.vision)
         mark(1)
         embeds = forward.embed(text_model, inputs.input_ids, inputs.image_index, features)
-        rotary = forward.rotary_tables(text_model, embeds, inputs.position_ids)
-        hidden, _ = forward.decode(text_model, embeds, forward.question_mask(inputs.segments, embeds.dtype), rotary)
+        tables = forward.rotary_tables(text_model, embeds, inputs.position_ids)
+        hidden, _ = forward.decode(text_model, embeds, forward.question_mask(inputs.segments, embeds.dtype), tables)
         mark(2)
         forward.head(model, hidden, inputs.answer_index)
         mark(3)
@@ -165,7 +165,7 @@ def elementwise(loaded, builder) -> None:
     block, layer = visual.blocks[0], text_model.layers[0]
     hidden = forward.patch_embedded(visual.patch_embed, inputs.pixel_values)
     length = inputs.vision.length
-    rotary = forward.vision_rotary(visual, hidden, inputs.vision)
+    halves = forward.vision_rotary(visual, hidden, inputs.vision)
     cos, sin = visual.rotary_pos_emb(hidden, inputs.vision.positions)  # transformers' tables, for its own rotary
     attn = block.attn
     qkv = attn.qkv(block.norm1(hidden))
@@ -179,11 +179,11 @@ def elementwise(loaded, builder) -> None:
     embeds = forward.embed(text_model, inputs.input_ids, inputs.image_index, visual.merger(hidden))
     pieces = {
         "vision rotary (q and k)": (
-            lambda: forward.rotate(ours[:2], rotary, qkv.dtype),
+            lambda: rotary.rotate(ours[:2], halves, qkv.dtype),
             lambda: apply_rotary_pos_emb_vision(packed[:, 0], packed[:, 1], *tables),
         ),
         "vision rotary, PyTorch's ops": (
-            lambda: forward.rotate_with_ops(ours[:2], rotary, qkv.dtype),
+            lambda: rotary.rotate_with_ops(ours[:2], halves, qkv.dtype),
             lambda: apply_rotary_pos_emb_vision(packed[:, 0], packed[:, 1], *tables),
         ),
         "vision MLP": (lambda: forward.vision_mlp(block.mlp, hidden), lambda: block.mlp(hidden)),
@@ -197,7 +197,8 @@ def elementwise(loaded, builder) -> None:
         ),
     }
     print(f"batch {batch}, {hidden.shape[0]} patches, {embeds.shape[0]}x{embeds.shape[1]} tokens, {loaded.dtype}")
-    print(f"vision rotary through the Triton kernel: {forward.rotary_kernel_runs(hidden.device)}")
+    fused = rotary.kernel_runs(hidden.device, block.attn.head_dim, qkv.dtype, qkv.dtype)
+    print(f"vision rotary through the Triton kernel: {fused}")
     per_forward = {"vision": len(visual.blocks), "decoder": 2 * len(text_model.layers), "patch": 1}
     for name, (lean, reference) in pieces.items():
         for run in (lean, reference):

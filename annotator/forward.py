@@ -6,7 +6,6 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -15,6 +14,7 @@ from transformers.activations import QuickGELUActivation
 from transformers.models.qwen2_vl.modeling_qwen2_vl import repeat_kv
 
 from annotator.batching import MERGE_SIZE
+from annotator.rotary import Rotary, rotate
 
 KeyValues = list[tuple[torch.Tensor, torch.Tensor]]  # per decoder layer: (key, value), (batch, kv heads, length, dim)
 
@@ -94,83 +94,6 @@ def image_token_index(placements: Sequence[tuple[int, int, int]], length: int) -
     Where the vision tower's merged patches go, image after image in the order the tower saw them.
     """
     return np.concatenate([row * length + start + np.arange(count) for row, start, count in placements])
-
-
-def empty_like_layout(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised tensor of x's shape whose dimensions lie in memory in x's order (outermost first), even
-    where x is not dense: a query or key rotated out of a packed projection keeps that projection's layout, which is
-    the layout attention kernels take and give back without a copy."""
-    order = sorted(range(x.dim()), key=lambda dim: -x.stride(dim))
-    out = torch.empty([x.shape[dim] for dim in order], dtype=dtype, device=x.device)
-    return out.permute([order.index(dim) for dim in range(x.dim())])
-
-
-class Rotary(NamedTuple):
-    """A rotary table split in halves, built once per forward: `x * cos + rotate_half(x) * sin` is, half by half,
-    (x1 * cos1 - x2 * sin1, x2 * cos2 + x1 * sin2); the first half of sin is kept negated."""
-
-    cos_first: torch.Tensor
-    cos_second: torch.Tensor
-    sin_first: torch.Tensor  # -sin1
-    sin_second: torch.Tensor
-
-    @classmethod
-    def of(cls, cos: torch.Tensor, sin: torch.Tensor) -> Rotary:
-        firsts, seconds = torch.stack((cos, -sin, sin)).chunk(2, dim=-1)  # four views of one layout
-        return cls(firsts[0], seconds[0], firsts[1], seconds[2])
-
-
-def rotate(x: torch.Tensor, rotary: Rotary, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Rotary embedding as transformers applies it (`x * cos + rotate_half(x) * sin`), computed in the tables'
-    dtype, returned in `dtype` (x's when not given) and laid out as x is.
-
-    Each half of the result is that half of x times cos plus the other half times sin (`Rotary`), read where x lies
-    and written into one output. Rotating the whole vector (a float32 copy of x, products, a roll, a sum, a cast
-    back) moved 3.4x the bytes in the vision tower, its largest elementwise cost. On a GPU with Triton, float32
-    tables (the vision tower's) take one kernel (`kernels.fused_rotate`: 4 bytes per element); elsewhere PyTorch's
-    ops (`rotate_with_ops`: 14). Compiled, the halves are plain expressions (dynamo takes no `out=` slice; inductor
-    fuses them).
-    """
-    dtype = dtype or x.dtype
-    if torch.compiler.is_compiling():
-        first, second = x.chunk(2, dim=-1)
-        cos1, cos2, sin1, sin2 = rotary
-        return torch.cat((first * cos1 + second * sin1, second * cos2 + first * sin2), dim=-1).to(dtype)
-    if x.is_cuda and rotary.cos_first.dtype == torch.float32 and rotary_kernel_runs(x.device):
-        from annotator import kernels
-
-        out = empty_like_layout(x, dtype)
-        if kernels.fused_rotate(x, rotary, out):
-            return out
-    return rotate_with_ops(x, rotary, dtype)
-
-
-def rotate_with_ops(x: torch.Tensor, rotary: Rotary, dtype: torch.dtype) -> torch.Tensor:
-    """`rotate` with PyTorch's ops. float32 tables take a product and a multiply-add that casts as it stores on a
-    GPU: one float32 rounding less than transformers' (~1e-7 relative). 16-bit tables (the decoder's in a bfloat16
-    model) take transformers' operations exactly, two products then their sum, since there one rounding less
-    shows."""
-    first, second = x.chunk(2, dim=-1)
-    out = empty_like_layout(x, dtype)
-    out_first, out_second = out.chunk(2, dim=-1)
-    if torch.finfo(rotary.cos_first.dtype).bits < 32:
-        torch.add(first * rotary.cos_first, second * rotary.sin_first, out=out_first)
-        torch.add(second * rotary.cos_second, first * rotary.sin_second, out=out_second)
-    else:
-        torch.addcmul(first * rotary.cos_first, second, rotary.sin_first, out=out_first)
-        torch.addcmul(second * rotary.cos_second, first, rotary.sin_second, out=out_second)
-    return out
-
-
-@lru_cache(maxsize=8)
-def rotary_kernel_runs(device: torch.device) -> bool:
-    """Whether `kernels.fused_rotate` runs on this device: Triton installed, and the kernel built and checked
-    against PyTorch's ops once (`kernels.usable`)."""
-    try:
-        from annotator import kernels
-    except ImportError:
-        return False
-    return kernels.usable(device)
 
 
 QUICK_GELU = 1.702  # QuickGELU(h) = h * sigmoid(1.702 h)

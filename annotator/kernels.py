@@ -1,12 +1,11 @@
 """Triton kernels for the eager lean forward on a GPU: the vision tower's rotary embedding in one pass.
 
-Imported only where Triton is installed (`forward.rotary_kernel_runs`); the forward falls back to PyTorch's ops.
+Imported only where Triton is installed (`rotary.kernel_runs`); elsewhere the forward uses PyTorch's ops.
 """
 
 from __future__ import annotations
 
 import logging
-from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -14,7 +13,7 @@ import triton
 import triton.language as tl
 
 if TYPE_CHECKING:
-    from annotator.forward import Rotary
+    from annotator.rotary import Rotary
 
 log = logging.getLogger(__name__)
 
@@ -23,34 +22,59 @@ BLOCK_ROWS = 32  # head vectors per program
 
 
 @triton.jit(do_not_specialize=["rows", "size1", "size2", "size3"])  # vary with the batch: no recompile for them
-def rotary_halves(x, out, cos1, cos2, sin1, sin2, rows, size1, size2, size3, x0, x1, x2, x3, o0, o1, o2, o3, t0, t1, t2, t3, HALF: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_HALF: tl.constexpr):  # fmt: skip  # noqa: E501, N803
+def rotary_halves(
+    x,
+    out,
+    cos_first,
+    cos_second,
+    sin_first,
+    sin_second,
+    rows,
+    size1,
+    size2,
+    size3,
+    x_stride0,
+    x_stride1,
+    x_stride2,
+    x_stride3,
+    out_stride0,
+    out_stride1,
+    out_stride2,
+    out_stride3,
+    table_stride0,
+    table_stride1,
+    table_stride2,
+    table_stride3,
+    HALF: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
     """Rotary embedding of `BLOCK_ROWS` head vectors: each half read once, computed in float32 (the tables'
-    dtype), written once in out's dtype. A row is an index over up to 4 leading dimensions (sizes ?, size1, size2,
-    size3, the last varying fastest), with x's, out's and the tables' own strides there (the four tables share
-    theirs; 0 where a table is broadcast).
-    """
+    dtype), written once in out's dtype. A row is an index over 4 leading dimensions (sizes -, size1, size2, size3,
+    the last varying fastest), with x's, out's and the tables' own strides there (the four tables share theirs; 0
+    where a table is broadcast)."""
     row = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    i3 = row % size3
+    index3 = row % size3
     rest = row // size3
-    i2 = rest % size2
+    index2 = rest % size2
     rest = rest // size2
-    i1 = rest % size1
-    i0 = rest // size1
-    x_at = (i0 * x0 + i1 * x1 + i2 * x2 + i3 * x3)[:, None]
-    out_at = (i0 * o0 + i1 * o1 + i2 * o2 + i3 * o3)[:, None]
-    table_at = (i0 * t0 + i1 * t1 + i2 * t2 + i3 * t3)[:, None]
+    index1 = rest % size1
+    index0 = rest // size1
+    x_at = (index0 * x_stride0 + index1 * x_stride1 + index2 * x_stride2 + index3 * x_stride3)[:, None]
+    out_at = (index0 * out_stride0 + index1 * out_stride1 + index2 * out_stride2 + index3 * out_stride3)[:, None]
+    table_at = (index0 * table_stride0 + index1 * table_stride1 + index2 * table_stride2 + index3 * table_stride3)[
+        :, None
+    ]
     column = tl.arange(0, BLOCK_HALF)[None, :]
     mask = (row < rows)[:, None] & (column < HALF)
     first = tl.load(x + x_at + column, mask=mask).to(tl.float32)
     second = tl.load(x + x_at + HALF + column, mask=mask).to(tl.float32)
-    rotated_first = first * tl.load(cos1 + table_at + column, mask=mask) + second * tl.load(
-        sin1 + table_at + column, mask=mask
-    )
-    rotated_second = second * tl.load(cos2 + table_at + column, mask=mask) + first * tl.load(
-        sin2 + table_at + column, mask=mask
-    )
-    tl.store(out + out_at + column, rotated_first.to(out.dtype.element_ty), mask=mask)
-    tl.store(out + out_at + HALF + column, rotated_second.to(out.dtype.element_ty), mask=mask)
+    cos1 = tl.load(cos_first + table_at + column, mask=mask)
+    cos2 = tl.load(cos_second + table_at + column, mask=mask)
+    sin1 = tl.load(sin_first + table_at + column, mask=mask)
+    sin2 = tl.load(sin_second + table_at + column, mask=mask)
+    tl.store(out + out_at + column, (first * cos1 + second * sin1).to(out.dtype.element_ty), mask=mask)
+    tl.store(out + out_at + HALF + column, (second * cos2 + first * sin2).to(out.dtype.element_ty), mask=mask)
 
 
 def rotary_kernel(interpret: bool = False) -> Any:
@@ -64,21 +88,33 @@ def rotary_kernel(interpret: bool = False) -> Any:
 
 
 def fused_rotate(x: torch.Tensor, rotary: Rotary, out: torch.Tensor, interpret: bool = False) -> bool:
-    """`forward.rotate` in one kernel, into `out` (x's shape): True where it ran, False where it does not apply
-    (then nothing is written; the caller computes it with PyTorch's ops).
+    """`rotary.rotate` in one kernel, into `out`: True where it ran, False where it does not apply (then nothing is
+    written; the caller computes it with PyTorch's ops).
 
-    It applies to float32 tables (the vision tower's) sharing one layout, and to an x and out whose head dimension
-    is contiguous with at most `LEADING_DIMS` dimensions before it. One pass reads x's bf16 halves and writes out's:
-    4 bytes per element where PyTorch's product and multiply-add move 14, through a slower mixed-dtype path.
+    It applies to float32 tables (the vision tower's) of one shape and layout, contiguous in the head dimension and
+    broadcasting to x; to an x and an out of one shape and device, contiguous in an even, non-empty head dimension,
+    with at most `LEADING_DIMS` dimensions before it, out broadcast along none of them; and not where autograd
+    would record x's use. One pass reads x's halves and writes out's: 4 bytes per element (bfloat16) where
+    PyTorch's product and multiply-add move 14, through a slower mixed-dtype path.
     """
+    if x.dim() == 0:
+        return False
     tables = tuple(rotary)
     half = x.shape[-1] // 2
+    layout = (tables[0].shape, tables[0].stride())
     if (
-        x.dim() - 1 > LEADING_DIMS
+        half == 0
         or x.shape[-1] != 2 * half
+        or x.dim() - 1 > LEADING_DIMS
+        or out.shape != x.shape
+        or out.device != x.device
         or x.stride(-1) != 1
         or out.stride(-1) != 1
-        or any(t.dtype != torch.float32 or t.stride() != tables[0].stride() or t.shape[-1] != half for t in tables)
+        or any(size > 1 and stride == 0 for size, stride in zip(out.shape, out.stride(), strict=True))
+        or (x.requires_grad and torch.is_grad_enabled())
+        or tables[0].stride(-1) != 1
+        or tables[0].shape[-1] != half
+        or any((t.dtype, t.device, t.shape, t.stride()) != (torch.float32, x.device, *layout) for t in tables)
     ):
         return False
     try:
@@ -94,35 +130,39 @@ def fused_rotate(x: torch.Tensor, rotary: Rotary, out: torch.Tensor, interpret: 
     rows = x.numel() // x.shape[-1]
     if rows == 0:
         return True
-    kernel = rotary_kernel(interpret)
-    kernel[(triton.cdiv(rows, BLOCK_ROWS),)](
-        x, out, *tables, rows, *sizes[1:], *strides[0], *strides[1], *strides[2],
-        HALF=half, BLOCK_ROWS=BLOCK_ROWS, BLOCK_HALF=triton.next_power_of_2(half),
-    )  # fmt: skip
+    launch = rotary_kernel(interpret)[(triton.cdiv(rows, BLOCK_ROWS),)]
+    arguments = (x, out, *tables, rows, *sizes[1:], *strides[0], *strides[1], *strides[2])
+    constants = {"HALF": half, "BLOCK_ROWS": BLOCK_ROWS, "BLOCK_HALF": triton.next_power_of_2(half)}
+    if x.is_cuda:  # Triton launches on the current device's current stream: x's
+        with torch.cuda.device(x.device):
+            launch(*arguments, **constants)
+    else:
+        launch(*arguments, **constants)
     return True
 
 
-@lru_cache(maxsize=8)
-def usable(device: torch.device) -> bool:
-    """Whether the kernel runs on this GPU and equals PyTorch's ops there: checked once per device on a small
-    problem, so that a machine where Triton cannot build (no C compiler, an old GPU) keeps PyTorch's ops."""
-    if device.type != "cuda":
-        return False
-    from annotator.forward import Rotary, rotate_with_ops
+def usable(device: torch.device, head_dim: int, dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
+    """Whether the kernel runs on this GPU for this head size and these dtypes and equals PyTorch's ops there:
+    checked on q and k laid out as the vision tower's projection gives them (so the check builds the variant a
+    forward launches), so that a machine where Triton cannot build (no C compiler, an old GPU) keeps PyTorch's ops.
+    """
+    from annotator.rotary import Rotary, empty_like_layout, rotate_with_ops
 
     try:
         generator = torch.Generator().manual_seed(0)
-        x = torch.randn(2, 3, 5, 8, generator=generator).to(device, torch.bfloat16)
-        angles = torch.randn(1, 1, 5, 8, generator=generator).to(device)
+        images, length, heads = 2, 5, 2
+        qkv = torch.randn(images, length, 3, heads, head_dim, generator=generator).to(device, dtype)
+        x = qkv.permute(2, 0, 3, 1, 4)[:2]
+        angles = torch.randn(1, 1, length, head_dim, generator=generator).to(device)
         rotary = Rotary.of(angles.cos(), angles.sin())
-        out = torch.empty_like(x)
+        out = empty_like_layout(x, out_dtype)
         if not fused_rotate(x, rotary, out):
             return False
-        expected = rotate_with_ops(x, rotary, torch.bfloat16)
+        expected = rotate_with_ops(x, rotary, out_dtype)
         close = torch.allclose(out.float(), expected.float(), rtol=2**-7, atol=1e-6)
     except Exception as error:  # noqa: BLE001 (any failure to build or run means PyTorch's ops)
-        log.warning("the Triton rotary kernel does not run here (%s); the vision rotary uses PyTorch's ops", error)
+        log.warning("The Triton rotary kernel does not run on %s (%s): PyTorch's ops rotate instead.", device, error)
         return False
     if not close:
-        log.warning("the Triton rotary kernel differs from PyTorch's ops here; using PyTorch's ops")
+        log.warning("The Triton rotary kernel differs from PyTorch's ops on %s: PyTorch's ops rotate instead.", device)
     return close

@@ -16,6 +16,7 @@ from annotator.forward import LeanInputs, Regions, VisionLayout, compiled_region
 from annotator.graphs import LENGTH_STEP, GraphedForward, use_graphs
 from annotator.models import LoadedModel
 from annotator.prompt import PromptBuilder, TextTokens, rope_positions
+from annotator.rotary import prepare_kernels
 
 TEMPORAL_PATCH_SIZE = 2
 
@@ -119,6 +120,8 @@ class Scorer:
         elif use_graphs(cuda_graphs, forward, self.device):
             self.graphs = GraphedForward(functools.partial(lean_logits, loaded.model), self.device)
             self.length_step = LENGTH_STEP
+        if forward == "lean" and self.regions is None:
+            prepare_kernels(loaded.model, self.device, loaded.dtype)
 
     @torch.inference_mode()
     def warm_up(self) -> None:

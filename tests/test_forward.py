@@ -1,13 +1,14 @@
 """The lean forward equals transformers' own, never reads a device value on the host, and costs no ops per image."""
 
 import copy
+import importlib.util
 
 import numpy as np
 import pytest
 import torch
 from transformers.vision_utils import get_vision_position_ids
 
-from annotator import forward
+from annotator import forward, rotary
 from annotator.batching import grid_thw
 from annotator.forward import VisionLayout, grid_rotary_positions
 from annotator.opcount import count_launch, count_ops, on_fake_tensors, qwen2_vl_2b
@@ -104,17 +105,17 @@ def test_decoding_a_prefix_then_a_suffix_with_its_keys_equals_one_pass(tiny):
     positions = (valid.cumsum(-1) - 1).clamp(min=0).expand(3, 2, 12)
     with torch.inference_mode():
         embeds = text_model.embed_tokens(ids)
-        rotary = forward.rotary_tables(text_model, embeds, positions)
-        whole, _ = forward.decode(text_model, embeds, forward.causal_mask(valid, embeds.dtype), rotary)
+        tables = forward.rotary_tables(text_model, embeds, positions)
+        whole, _ = forward.decode(text_model, embeds, forward.causal_mask(valid, embeds.dtype), tables)
         first_mask = forward.causal_mask(valid[:, :8], embeds.dtype)
-        first_rotary = forward.Rotary(*(t[..., :8, :] for t in rotary))
+        first_rotary = rotary.Rotary(*(t[..., :8, :] for t in tables))
         head, past = forward.decode(text_model, embeds[:, :8], first_mask, first_rotary, keep_key_values=True)
         assert len(past) == len(text_model.layers) and past[0][0].shape[2] == 8
         tail, _ = forward.decode(
             text_model,
             embeds[:, 8:],
             forward.causal_mask(valid, embeds.dtype, past=8),
-            forward.Rotary(*(t[..., 8:, :] for t in rotary)),
+            rotary.Rotary(*(t[..., 8:, :] for t in tables)),
             past=past,
         )
     # Hidden states reach ~80 in the tiny model: 1e-4 is float32 rounding of attention over 8 vs 12 keys.
@@ -125,7 +126,7 @@ def test_decoding_a_prefix_then_a_suffix_with_its_keys_equals_one_pass(tiny):
 def test_the_lean_forward_traces_as_one_graph(tiny, questions):
     """No data-dependent Python either: dynamo captures the whole forward without a break, as CUDA graphs need.
 
-    Traced, the rotary embedding takes its plain form (`forward.rotate`), which rounds a multiply-add twice.
+    Traced, the rotary embedding takes its plain form (`rotary.rotate`), which rounds a multiply-add twice.
     """
     builder = PromptBuilder(tiny.tokenizer, PromptConfig() if questions == 1 else FOUR_QUESTIONS)
     scorer = Scorer(tiny, builder, "lean")
@@ -219,17 +220,17 @@ def test_rotate_is_transformers_rotary_in_halves_and_keeps_the_layout(tiny):
     qkv = torch.randn(6 * 50, 3, 4, 16, generator=generator).mul(30).view(6, 50, 3, 4, 16).permute(2, 0, 3, 1, 4)
     half = torch.randn(50, 8, generator=generator)
     cos, sin = torch.cat([half.cos()] * 2, -1), torch.cat([half.sin()] * 2, -1)
-    rotary = forward.Rotary.of(cos[None, None], sin[None, None])
+    halves = rotary.Rotary.of(cos[None, None], sin[None, None])
     for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 1.0)):  # values reach ~100: ~1 ulp
         x = qkv.to(dtype)
-        query, key = forward.rotate(x[:2], rotary, dtype).unbind(0)
+        query, key = rotary.rotate(x[:2], halves, dtype).unbind(0)
         for image in range(6):  # transformers' vision rotary: (length, heads, dim) per image, float32 inside
             q, k = apply_rotary_pos_emb_vision(x[0, image].transpose(0, 1), x[1, image].transpose(0, 1), cos, sin)
             torch.testing.assert_close(query[image], q.transpose(0, 1), atol=tolerance, rtol=0)
             torch.testing.assert_close(key[image], k.transpose(0, 1), atol=tolerance, rtol=0)
         assert query.dtype == dtype
         order = sorted(range(5), key=lambda dim: -x[:2].stride(dim))
-        out = forward.rotate(x[:2], rotary)
+        out = rotary.rotate(x[:2], halves)
         assert sorted(range(5), key=lambda dim: -out.stride(dim)) == order, "the projection's layout is kept"
 
 
@@ -243,7 +244,7 @@ def test_rotate_with_16_bit_tables_is_transformers_rotary_bit_for_bit(dtype):
     x = torch.randn(2, 50, 3, 16, generator=generator).mul(30).to(dtype).transpose(1, 2)  # (rows, heads, length, dim)
     half = torch.randn(50, 8, generator=generator)
     cos, sin = torch.cat([half.cos()] * 2, -1).to(dtype), torch.cat([half.sin()] * 2, -1).to(dtype)
-    rotated = forward.rotate(x, forward.Rotary.of(cos, sin))
+    rotated = rotary.rotate(x, rotary.Rotary.of(cos, sin))
     torch.testing.assert_close(rotated, x * cos + rotate_half(x) * sin, atol=0, rtol=0)
 
 
@@ -349,6 +350,8 @@ def test_lean_forward_does_not_sync_a_gpu(tiny):
     builder = PromptBuilder(loaded.tokenizer, PromptConfig())
     rows = score_inputs(builder, SIZES)
     scorer = Scorer(loaded, builder, "lean")
+    if importlib.util.find_spec("triton") is not None:  # the Triton rotary, built and checked as the scorer loads
+        assert rotary.kernel_runs(loaded.device, loaded.model.model.visual.blocks[0].attn.head_dim, *[loaded.dtype] * 2)
     scorer.score(rows)  # warm-up: first calls allocate and load kernels
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

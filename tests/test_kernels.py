@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers.models.qwen2_vl.modeling_qwen2_vl import rotate_half
 
-from annotator import forward
+from annotator import rotary
 
 triton = pytest.importorskip("triton", reason="Triton is not installed")
 from annotator import kernels  # noqa: E402 (needs Triton)
@@ -67,9 +67,8 @@ def test_the_kernel_computes_transformers_rotary(case, dtype):
     """Every element is transformers' float32 value cast to the output dtype (the interpreter's bfloat16 cast
     truncates, so that is what it is compared with), written where the output's layout puts it."""
     x, cos, sin = case(dtype)
-    out = forward.empty_like_layout(x, dtype)
-    assert kernels.fused_rotate(x, forward.Rotary.of(cos, sin), out, interpret=True)
-    assert out.stride() == forward.empty_like_layout(x, dtype).stride()
+    out = rotary.empty_like_layout(x, dtype)
+    assert kernels.fused_rotate(x, rotary.Rotary.of(cos, sin), out, interpret=True)
     torch.testing.assert_close(out, truncated(transformers_rotary(x, cos, sin), dtype), atol=0, rtol=0)
 
 
@@ -78,49 +77,76 @@ def test_the_kernel_writes_another_dtype_and_nothing_else():
     x, cos, sin = vision_case(1, torch.bfloat16)
     canvas = torch.full((2, 3, 2, 7, 12), -7.0)
     out = canvas[..., 1:11]
-    assert kernels.fused_rotate(x, forward.Rotary.of(cos, sin), out, interpret=True)
+    assert kernels.fused_rotate(x, rotary.Rotary.of(cos, sin), out, interpret=True)
     torch.testing.assert_close(out, transformers_rotary(x, cos, sin), atol=0, rtol=0)
     assert (canvas[..., 0] == -7).all() and (canvas[..., 11] == -7).all()
+
+
+def declined(x: torch.Tensor, halves: rotary.Rotary, out: torch.Tensor) -> bool:
+    """The kernel said it does not apply, and wrote nothing."""
+    before = out.clone()
+    return not kernels.fused_rotate(x, halves, out, interpret=True) and torch.equal(out, before)
 
 
 def test_the_kernel_declines_what_it_does_not_handle():
     """Where it does not apply it writes nothing and says so: `rotate` then uses PyTorch's ops."""
     x, cos, sin = vision_case(1, torch.float32)
-    rotary = forward.Rotary.of(cos, sin)
+    halves = rotary.Rotary.of(cos, sin)
     out = torch.full_like(x, 3.0)
-    half_precision = forward.Rotary.of(cos.bfloat16(), sin.bfloat16())  # the decoder's tables in bfloat16
-    assert not kernels.fused_rotate(x, half_precision, out, interpret=True)
-    strided = torch.randn(2, 3, 2, 7, 20)[..., ::2]  # the head dimension not contiguous
-    assert not kernels.fused_rotate(strided, rotary, out, interpret=True)
-    assert not kernels.fused_rotate(x[..., :9], rotary, out[..., :9], interpret=True)  # an odd head dimension
-    assert not kernels.fused_rotate(x[None], rotary, out[None], interpret=True)  # five leading dimensions
-    mixed_layouts = forward.Rotary(rotary.cos_first.contiguous(), *rotary[1:])
-    assert not kernels.fused_rotate(x, mixed_layouts, out, interpret=True)
-    other_length = forward.Rotary.of(cos[:, :, :3], sin[:, :, :3])
-    assert not kernels.fused_rotate(x, other_length, out, interpret=True)
-    assert (out == 3).all()
+    assert declined(x, rotary.Rotary.of(cos.bfloat16(), sin.bfloat16()), out)  # the decoder's tables in bfloat16
+    assert declined(torch.randn(2, 3, 2, 7, 20)[..., ::2], halves, out)  # the head dimension not contiguous
+    assert declined(x[..., :9], halves, out[..., :9])  # an odd head dimension
+    assert declined(x[None], halves, out[None])  # five leading dimensions
+    assert declined(x, rotary.Rotary(halves.cos_first.contiguous(), *halves[1:]), out)  # tables of two layouts
+    assert declined(x, rotary.Rotary.of(cos[:, :, :3], sin[:, :, :3]), out)  # tables that do not broadcast to x
+    # Found by a review: each of these was written, wrongly.
+    assert declined(x, halves, torch.full((2, 3, 2, 7, 10 + 10), 3.0)[..., :10].flatten(0, 1))  # out of fewer dims
+    canvas = torch.full((40, 10), 3.0)
+    assert declined(torch.randn(4, 10), rotary.Rotary.of(*torch.randn(2, 4, 10)), canvas[:2])  # a smaller out
+    assert declined(torch.randn(4, 10), rotary.Rotary.of(*torch.randn(2, 4, 10)), torch.zeros(1, 10).expand(4, 10))
+    strided_table = torch.randn(10, 7).t()  # (7, 10), its head dimension 7 apart
+    strided = rotary.Rotary(strided_table[:, :5], strided_table[:, 5:], -strided_table[:, :5], strided_table[:, 5:])
+    assert declined(torch.randn(7, 10), strided, torch.zeros(7, 10))
+    cos_one, sin_three = torch.randn(1, 7, 10), torch.randn(3, 7, 10)
+    assert declined(torch.randn(3, 7, 10), rotary.Rotary(*cos_one.chunk(2, -1), *sin_three.chunk(2, -1)), x[0, :, 0])
+    assert declined(torch.randn(2, 0), rotary.Rotary.of(*torch.randn(2, 2, 0)), torch.zeros(2, 0))  # no head dim
+    needs_grad = x.clone().requires_grad_()
+    assert declined(needs_grad, halves, out)  # autograd would not see the kernel
+    with torch.no_grad():
+        assert kernels.fused_rotate(needs_grad, halves, torch.empty_like(x), interpret=True)
     empty = x[:, :0]
-    assert kernels.fused_rotate(empty, rotary, torch.empty_like(empty), interpret=True)
+    assert kernels.fused_rotate(empty, halves, torch.empty_like(empty), interpret=True)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rotate_on_a_gpu_uses_the_kernel_and_equals_transformers(dtype):
-    """On a GPU `forward.rotate` runs the compiled kernel (checked at first use), and its output is transformers'
-    rounded to nearest: in float32 within float32 rounding (a fused multiply-add), in bfloat16 within one unit in
-    the last place, nearly always equal."""
-    assert forward.rotary_kernel_runs(torch.device("cuda"))
+    """On a GPU `rotary.rotate` runs the compiled kernel (built and checked once per head size and dtype), and its
+    output is transformers' rounded to nearest: in float32 within float32 rounding (a fused multiply-add), in
+    bfloat16 within one unit in the last place, nearly always equal."""
     for case in (lambda *a: vision_case(1, *a), lambda *a: vision_case(3, *a), decoder_case, dense_case):
         x, cos, sin = case(dtype, "cuda")
-        rotary = forward.Rotary.of(cos, sin)
-        fused = forward.empty_like_layout(x, dtype)
-        assert kernels.fused_rotate(x, rotary, fused)
-        assert torch.equal(forward.rotate(x, rotary), fused)
+        assert rotary.kernel_runs(x.device, x.shape[-1], dtype, dtype)
+        halves = rotary.Rotary.of(cos, sin)
+        fused = rotary.empty_like_layout(x, dtype)
+        assert kernels.fused_rotate(x, halves, fused)
+        assert torch.equal(rotary.rotate(x, halves), fused)
         expected = transformers_rotary(x, cos, sin)
         if dtype == torch.float32:
             torch.testing.assert_close(fused, expected, atol=1e-6, rtol=1e-6)
         else:
             torch.testing.assert_close(fused.float(), expected, atol=0, rtol=2**-7)
             assert (fused != expected.to(dtype)).float().mean() < 0.02
-        torch.testing.assert_close(fused, forward.rotate_with_ops(x, rotary, dtype))
+        torch.testing.assert_close(fused, rotary.rotate_with_ops(x, halves, dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_the_kernel_runs_on_the_device_of_its_tensors():
+    """Triton launches on the current device: the kernel makes it x's, so a writer on cuda:1 rotates there."""
+    x, cos, sin = vision_case(3, torch.bfloat16, "cuda:1")
+    assert torch.cuda.current_device() == 0
+    assert rotary.kernel_runs(x.device, x.shape[-1], x.dtype, x.dtype)
+    rotated = rotary.rotate(x, rotary.Rotary.of(cos, sin))
+    torch.testing.assert_close(rotated.float(), transformers_rotary(x, cos, sin), atol=0, rtol=2**-7)
