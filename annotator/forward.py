@@ -141,25 +141,30 @@ def vision_features(
 
 
 def patch_embedded(patch_embed: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """The patch embedding, on a GPU as one matrix product: its 3-D convolution has a kernel the size of a patch and
-    a stride as long, so each output is the patch's flattened pixels times the flattened kernel. cuDNN ran that
-    convolution through a generic kernel: 11.6 ms per batch of 64 seed-sized images on an H100 (2026-11-26), where
-    the product's 0.28 TFLOP take ~0.4 ms. A CPU runs the module: there the convolution is no slower, and it keeps
-    transformers' roundings (the product is closer to float64, 1.5e-5 against 6.3e-5 on the tiny model's
-    outputs of ~50, which would move the lean forward that far from transformers')."""
+    """The patch embedding, on a GPU as one matrix product (`patch_product`). cuDNN ran its convolution through a
+    generic kernel: 10.9 ms per batch of 64 seed-sized images on an H100 (2026-11-26), where the product's 0.28
+    TFLOP took 0.43 ms. A CPU runs the module: there the convolution is no slower, and it keeps transformers'
+    roundings (the product is closer to float64, 1.5e-5 against 6.3e-5 on the tiny model's outputs of ~50, which
+    would move the lean forward that far from transformers')."""
+    if pixel_values.is_cuda and is_patch_product(patch_embed, pixel_values):
+        return patch_product(patch_embed.proj, pixel_values)
+    return patch_embed(pixel_values)
+
+
+def is_patch_product(patch_embed: torch.nn.Module, pixel_values: torch.Tensor) -> bool:
+    """Whether the patch embedding is a matrix product: a 3-D convolution without bias whose kernel is a patch and
+    whose stride is as long (Qwen2-VL's), so that each output is the patch's flattened pixels times the flattened
+    kernel, on rows of exactly one patch."""
     conv = getattr(patch_embed, "proj", None)
-    if (
-        not pixel_values.is_cuda
-        or not isinstance(conv, torch.nn.Conv3d)
-        or conv.bias is not None
-        or conv.kernel_size != conv.stride
-        or conv.padding != (0, 0, 0)
-        or conv.dilation != (1, 1, 1)
-        or conv.groups != 1
-        or pixel_values.shape[-1] != conv.weight[0].numel()
-    ):
-        return patch_embed(pixel_values)
-    return patch_product(conv, pixel_values)
+    return (
+        isinstance(conv, torch.nn.Conv3d)
+        and conv.bias is None
+        and conv.kernel_size == conv.stride
+        and conv.padding == (0, 0, 0)
+        and conv.dilation == (1, 1, 1)
+        and conv.groups == 1
+        and pixel_values.shape[-1] == conv.weight[0].numel()
+    )
 
 
 def patch_product(conv: torch.nn.Conv3d, pixel_values: torch.Tensor) -> torch.Tensor:

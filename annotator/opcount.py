@@ -226,8 +226,9 @@ class ForwardCounts:
 
 @contextmanager
 def counting_vision(visual: Any, counts: dict[str, OpCount]) -> Iterator[None]:
-    """Count the vision tower's ops into counts["vision"]: from the first of `visual`/`visual.patch_embed` to the
-    end of `visual.merger`, which both forwards call."""
+    """Count the vision tower's ops into counts["vision"]: from the first of `visual`, its patch embedding or its
+    rotary table to the end of `visual.merger`, which both forwards call. (On a GPU the lean
+    forward's patch embedding is a product that calls no module: its ops then count for the forward only.)"""
     from contextlib import ExitStack
 
     vision = ExitStack()
@@ -239,6 +240,7 @@ def counting_vision(visual: Any, counts: dict[str, OpCount]) -> Iterator[None]:
     hooks = [
         visual.register_forward_pre_hook(vision_starts),
         visual.patch_embed.register_forward_pre_hook(vision_starts),
+        visual.rotary_pos_emb.register_forward_pre_hook(vision_starts),
         visual.merger.register_forward_hook(lambda *_: vision.close()),
     ]
     try:

@@ -315,6 +315,48 @@ def test_one_question_mask_is_the_causal_mask():
     assert allowed[4].tolist() == [True, True, True, True, True, False]
 
 
+def test_the_patch_embedding_as_a_product_equals_the_convolution(tiny):
+    """On a GPU the lean forward's patch embedding is one matrix product (cuDNN's convolution took 25x as long on
+    an H100): equal to the module's convolution within float32 rounding, both near float64. A CPU keeps the module;
+    other convolutions are not products."""
+    patch_embed = tiny.model.model.visual.patch_embed
+    pixels = torch.randn(300, patch_embed.proj.weight[0].numel(), generator=torch.Generator().manual_seed(0))
+    assert forward.is_patch_product(patch_embed, pixels)
+    with torch.inference_mode():
+        convolved = patch_embed(pixels)
+        product = forward.patch_product(patch_embed.proj, pixels)
+        exact = copy.deepcopy(patch_embed).double()(pixels.double())
+        assert torch.equal(forward.patch_embedded(patch_embed, pixels), convolved), "a CPU runs the module"
+    scale = float(exact.abs().max())
+    torch.testing.assert_close(product.double(), exact, atol=1e-6 * scale, rtol=0)
+    torch.testing.assert_close(convolved.double(), exact, atol=1e-5 * scale, rtol=0)
+
+    assert not forward.is_patch_product(patch_embed, pixels[:, :-1])  # rows that are not one patch
+    for change in ("bias", "stride", "padding"):
+        other = copy.deepcopy(patch_embed)
+        conv = other.proj
+        if change == "bias":
+            conv.bias = torch.nn.Parameter(torch.zeros(conv.out_channels))
+        elif change == "stride":
+            conv.stride = (1, 1, 1)
+        else:
+            conv.padding = (1, 0, 0)
+        assert not forward.is_patch_product(other, pixels), change
+    assert not forward.is_patch_product(torch.nn.Identity(), pixels)
+
+
+def test_counting_a_forward_whose_patch_embedding_calls_no_module(tiny, monkeypatch):
+    """On a GPU the patch product calls no module, which the vision count started on: the count still runs (found
+    by a review: it raised KeyError) and starts at the vision tower's rotary table."""
+    monkeypatch.setattr(
+        forward, "patch_embedded", lambda patch_embed, pixels: forward.patch_product(patch_embed.proj, pixels)
+    )
+    product = counts(tiny, "lean", [(64, 64)] * 2, MAX_PIXELS)
+    monkeypatch.undo()
+    module = counts(tiny, "lean", [(64, 64)] * 2, MAX_PIXELS)
+    assert product.host_syncs == 0 and 0 < product.vision_ops < module.vision_ops
+
+
 def test_the_counter_sees_transformers_syncs_and_per_image_ops(tiny):
     """The detector itself: transformers' forward syncs in every vision block and grows with the images."""
     few, many = counts(tiny, "transformers", [(64, 64)] * 2, MAX_PIXELS), counts(tiny, "transformers", [(64, 64)] * 4)
