@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -83,7 +84,9 @@ def kernel_runs(device: torch.device, head_dim: int, dtype: torch.dtype, out_dty
         return False
     try:
         from annotator import kernels
-    except ImportError:
+    except Exception as error:  # noqa: BLE001 (no Triton, or one that fails as it imports: PyTorch's ops rotate)
+        if not isinstance(error, ImportError):
+            logging.getLogger(__name__).warning("Triton fails to import (%s): PyTorch's ops rotate.", error)
         return False
     return kernels.usable(device, head_dim, dtype, out_dtype)
 

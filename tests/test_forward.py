@@ -315,6 +315,20 @@ def test_one_question_mask_is_the_causal_mask():
     assert allowed[4].tolist() == [True, True, True, True, True, False]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a GPU")
+def test_a_kernel_that_cannot_run_leaves_the_rotary_to_pytorch(caplog):
+    """Asked for a GPU the machine lacks (so Triton, where installed, fails to build or launch): no error, False,
+    and `rotate` keeps PyTorch's ops; asked again, the answer is remembered."""
+    cuda = torch.device("cuda")
+    rotary.kernel_runs.cache_clear()
+    assert not rotary.kernel_runs(cuda, 8, torch.bfloat16, torch.bfloat16)
+    assert rotary.kernel_runs.cache_info().currsize == 1
+    assert not rotary.kernel_runs(cuda, 8, torch.bfloat16, torch.bfloat16)
+    assert rotary.kernel_runs.cache_info().hits == 1
+    if importlib.util.find_spec("triton") is not None:
+        assert "PyTorch's ops rotate instead" in caplog.text
+
+
 def test_the_patch_embedding_as_a_product_equals_the_convolution(tiny):
     """On a GPU the lean forward's patch embedding is one matrix product (cuDNN's convolution took 25x as long on
     an H100): equal to the module's convolution within float32 rounding, both near float64. A CPU keeps the module;
