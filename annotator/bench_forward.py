@@ -1,7 +1,7 @@
 """The lean forward alone on one collated batch of seed-sized pairs: eager vs CUDA graphs, a profile, torch.compile.
 
     python -m annotator.bench_forward graphs [--batches 64,16,4]   # ms per batch, eager vs graph replay
-    python -m annotator.bench_forward profile                      # vision / decoder split, top kernels (batch 64)
+    python -m annotator.bench_forward profile [--compile]          # vision / decoder split, top kernels (batch 64)
     python -m annotator.bench_forward compile [--dtype float32]    # eager vs model.compile vs a whole-graph compile
     python -m annotator.bench_forward elementwise                  # the lean forms vs transformers' (rotary, MLP, norm)
 
@@ -81,10 +81,12 @@ def graphs(loaded, builder, batches: list[int]) -> None:
         print(f"forward alone, batch {batch}: {line}", flush=True)
 
 
-def profile(loaded, builder) -> None:
-    """GPU ms of the vision tower, embeddings + decoder and head (CUDA events), then the top kernels."""
+def profile(loaded, builder, compile_regions: bool = False) -> None:
+    """GPU ms of the vision tower, embeddings + decoder and head (CUDA events), then the top kernels; with
+    `compile_regions`, of the forward `model.compile: on` runs (its blocks and layers compiled at load)."""
     model, text_model = loaded.model, loaded.model.model.language_model
-    scorer = Scorer(loaded, builder, "lean", "off")
+    scorer = Scorer(loaded, builder, "lean", "off", "on" if compile_regions else "off")
+    regions = scorer.regions
     inputs = scorer.collate(seed_rows(builder, 64 if ON_GPU else 2))
 
     def stages() -> list[float] | None:
@@ -95,11 +97,12 @@ def profile(loaded, builder) -> None:
                 marks[stage].record()
 
         mark(0)
-        features = forward.vision_features(model.model.visual, inputs.pixel_values, inputs.vision)
+        features = forward.vision_features(model.model.visual, inputs.pixel_values, inputs.vision, regions)
         mark(1)
         embeds = forward.embed(text_model, inputs.input_ids, inputs.image_index, features)
         tables = forward.rotary_tables(text_model, embeds, inputs.position_ids)
-        hidden, _ = forward.decode(text_model, embeds, forward.question_mask(inputs.segments, embeds.dtype), tables)
+        mask = forward.question_mask(inputs.segments, embeds.dtype)
+        hidden, _ = forward.decode(text_model, embeds, mask, tables, regions=regions)
         mark(2)
         forward.head(model, hidden, inputs.answer_index)
         mark(3)
@@ -239,9 +242,14 @@ def main() -> None:
         help="model dtype (auto: bfloat16 on a GPU, float32 on a CPU)",
     )
     parser.add_argument(
+        "--compile", action="store_true", help="`profile`: the forward with model.compile's regions (compiled first)"
+    )
+    parser.add_argument(
         "--model", default="auto", help="auto: qwen2-vl-2b-random on a GPU, tiny on a CPU (to check the script)"
     )
     args = parser.parse_args()
+    if args.compile and args.what != "profile":
+        parser.error(f"--compile applies to `profile` only (`{args.what}` has its own variants)")
     name = args.model if args.model != "auto" else "qwen2-vl-2b-random" if ON_GPU else "tiny"
     try:
         loaded = load_model(name, None, args.dtype, "auto", "sdpa")
@@ -252,7 +260,7 @@ def main() -> None:
         if args.what == "graphs":
             graphs(loaded, builder, args.batches)
         elif args.what == "profile":
-            profile(loaded, builder)
+            profile(loaded, builder, args.compile)
         elif args.what == "elementwise":
             elementwise(loaded, builder)
         else:

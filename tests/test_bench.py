@@ -204,6 +204,7 @@ def test_bench_questions_times_k_questions_against_one_on_the_same_images():
         (["graphs", "--batches", "0"], "give positive numbers"),
         (["graphs", "--batches=-4"], "give positive numbers"),
         (["compile", "--dtype", "float64"], "invalid choice: 'float64'"),
+        (["elementwise", "--compile"], "--compile applies to `profile` only"),
     ],
 )
 def test_bench_forward_refuses_bad_arguments_before_the_model_loads(argv, says, monkeypatch, capsys):
@@ -224,5 +225,12 @@ def test_bench_forward_elementwise_times_each_lean_piece_against_transformers(mo
     monkeypatch.setattr("sys.argv", ["bench_forward", "elementwise"])
     bench_forward.main()
     printed = capsys.readouterr().out
-    for piece in ("vision rotary (q and k)", "vision MLP", "decoder RMSNorm"):
+    assert "vision rotary through the Triton kernel: False" in printed  # a CPU
+    for piece in (
+        "vision rotary (q and k)",
+        "vision rotary, PyTorch's ops",
+        "vision MLP",
+        "patch embedding",
+        "decoder RMSNorm",
+    ):
         assert re.search(rf"{re.escape(piece)}: lean [\d.]+ ms, transformers [\d.]+ ms per batch", printed), printed
