@@ -75,13 +75,22 @@ def rotate_with_ops(x: torch.Tensor, rotary: Rotary, dtype: torch.dtype) -> torc
     return out
 
 
-@lru_cache(maxsize=32)
 def kernel_runs(device: torch.device, head_dim: int, dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
     """Whether `kernels.fused_rotate` runs on this device for this head size and these dtypes: Triton installed,
     and the kernel built and checked against PyTorch's ops (`kernels.usable`), once per process. The scorer asks at
     load (`prepare_kernels`), so that the build and the check's sync do not fall in a batch."""
     if device.type != "cuda":
         return False
+    if device.index is None:  # "cuda" is the current GPU; tensors name theirs ("cuda:0"): one answer for both
+        if not torch.cuda.is_available():
+            return False
+        device = torch.device("cuda", torch.cuda.current_device())
+    return kernel_checked(device, head_dim, dtype, out_dtype)
+
+
+@lru_cache(maxsize=32)
+def kernel_checked(device: torch.device, head_dim: int, dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
+    """`kernel_runs` for a GPU named with its index, remembered."""
     try:
         from annotator import kernels
     except Exception as error:  # noqa: BLE001 (no Triton, or one that fails as it imports: PyTorch's ops rotate)

@@ -319,12 +319,13 @@ def test_one_question_mask_is_the_causal_mask():
 def test_a_kernel_that_cannot_run_leaves_the_rotary_to_pytorch(caplog):
     """Asked for a GPU the machine lacks (so Triton, where installed, fails to build or launch): no error, False,
     and `rotate` keeps PyTorch's ops; asked again, the answer is remembered."""
-    cuda = torch.device("cuda")
-    rotary.kernel_runs.cache_clear()
-    assert not rotary.kernel_runs(cuda, 8, torch.bfloat16, torch.bfloat16)
-    assert rotary.kernel_runs.cache_info().currsize == 1
-    assert not rotary.kernel_runs(cuda, 8, torch.bfloat16, torch.bfloat16)
-    assert rotary.kernel_runs.cache_info().hits == 1
+    first_gpu = torch.device("cuda", 0)
+    rotary.kernel_checked.cache_clear()
+    assert not rotary.kernel_runs(first_gpu, 8, torch.bfloat16, torch.bfloat16)
+    assert rotary.kernel_checked.cache_info().currsize == 1
+    assert not rotary.kernel_runs(first_gpu, 8, torch.bfloat16, torch.bfloat16)
+    assert rotary.kernel_checked.cache_info().hits == 1
+    assert not rotary.kernel_runs(torch.device("cuda"), 8, torch.bfloat16, torch.bfloat16)  # no GPU to be current
     if importlib.util.find_spec("triton") is not None:
         assert "PyTorch's ops rotate instead" in caplog.text
 
@@ -406,9 +407,11 @@ def test_lean_forward_does_not_sync_a_gpu(tiny):
     builder = PromptBuilder(loaded.tokenizer, PromptConfig())
     rows = score_inputs(builder, SIZES)
     scorer = Scorer(loaded, builder, "lean")
+    checked = rotary.kernel_checked.cache_info().currsize
     if importlib.util.find_spec("triton") is not None:  # the Triton rotary, built and checked as the scorer loads
         assert rotary.kernel_runs(loaded.device, loaded.model.model.visual.blocks[0].attn.head_dim, *[loaded.dtype] * 2)
     scorer.score(rows)  # warm-up: first calls allocate and load kernels
+    assert rotary.kernel_checked.cache_info().currsize == checked, "the forward's kernels were all checked at load"
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
