@@ -8,6 +8,12 @@ from typing import NamedTuple
 
 import torch
 
+log = logging.getLogger(__name__)
+
+# (device, head size, dtype, output dtype) where the kernel passed its check but a launch failed (a variant Triton
+# could not build for another layout, say): PyTorch's ops rotate there for the rest of the process.
+FAILED: set[tuple[torch.device, int, torch.dtype, torch.dtype]] = set()
+
 
 def empty_like_layout(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised tensor of x's shape whose dimensions lie in memory in x's order (outermost first), even
@@ -49,13 +55,29 @@ def rotate(x: torch.Tensor, rotary: Rotary, dtype: torch.dtype | None = None) ->
         first, second = x.chunk(2, dim=-1)
         cos1, cos2, sin1, sin2 = rotary
         return torch.cat((first * cos1 + second * sin1, second * cos2 + first * sin2), dim=-1).to(dtype)
-    if x.is_cuda and rotary.cos_first.dtype == torch.float32 and kernel_runs(x.device, x.shape[-1], x.dtype, dtype):
-        from annotator import kernels
-
+    if fused_applies(x, rotary, dtype):
         out = empty_like_layout(x, dtype)
-        if kernels.fused_rotate(x, rotary, out):
+        if rotate_fused(x, rotary, out):
             return out
     return rotate_with_ops(x, rotary, dtype)
+
+
+def fused_applies(x: torch.Tensor, rotary: Rotary, dtype: torch.dtype) -> bool:
+    """Whether `rotate` tries the Triton kernel: x on a GPU, float32 tables, and the kernel checked there."""
+    return x.is_cuda and rotary.cos_first.dtype == torch.float32 and kernel_runs(x.device, x.shape[-1], x.dtype, dtype)
+
+
+def rotate_fused(x: torch.Tensor, rotary: Rotary, out: torch.Tensor) -> bool:
+    """`kernels.fused_rotate`, where a failure (a variant Triton cannot build for another layout, say) is not the
+    batch's: it says False, and PyTorch's ops rotate this (device, head size, dtypes) from then on."""
+    from annotator import kernels
+
+    try:
+        return kernels.fused_rotate(x, rotary, out)
+    except Exception as error:  # noqa: BLE001 (whatever failed, PyTorch's ops can do it)
+        FAILED.add((x.device, x.shape[-1], x.dtype, out.dtype))
+        log.warning("The Triton rotary kernel failed (%s): PyTorch's ops rotate from now on.", error)
+        return False
 
 
 def rotate_with_ops(x: torch.Tensor, rotary: Rotary, dtype: torch.dtype) -> torch.Tensor:
@@ -85,7 +107,7 @@ def kernel_runs(device: torch.device, head_dim: int, dtype: torch.dtype, out_dty
         if not torch.cuda.is_available():
             return False
         device = torch.device("cuda", torch.cuda.current_device())
-    return kernel_checked(device, head_dim, dtype, out_dtype)
+    return (device, head_dim, dtype, out_dtype) not in FAILED and kernel_checked(device, head_dim, dtype, out_dtype)
 
 
 @lru_cache(maxsize=32)
@@ -95,7 +117,7 @@ def kernel_checked(device: torch.device, head_dim: int, dtype: torch.dtype, out_
         from annotator import kernels
     except Exception as error:  # noqa: BLE001 (no Triton, or one that fails as it imports: PyTorch's ops rotate)
         if not isinstance(error, ImportError):
-            logging.getLogger(__name__).warning("Triton fails to import (%s): PyTorch's ops rotate.", error)
+            log.warning("Triton fails to import (%s): PyTorch's ops rotate.", error)
         return False
     return kernels.usable(device, head_dim, dtype, out_dtype)
 

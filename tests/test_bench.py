@@ -101,6 +101,8 @@ def test_bench_without_baseline_has_no_ratio():
     out = bench_tiny("--pairs", 2, "--sizes", "320x240", "--count-images", 0, "--forward", "transformers")
     assert out["baseline_pairs_per_s"] is None and out["speedup_vs_baseline"] is None
     assert out["steady_speedup_vs_baseline"] is None
+    several = bench_tiny("--pairs", 6, "--sizes", "320x240", "--count-images", 0, "--max-batch-size", 2)
+    assert several["steady_pairs_per_s"] > 0 and several["steady_speedup_vs_baseline"] is None, "no naive loop run"
     assert out["steady_pairs_per_s"] is None, "one batch has no steady state"
     assert out["op_counts"] is None and out["forward"] == "transformers"
 
@@ -216,6 +218,18 @@ def test_bench_forward_refuses_bad_arguments_before_the_model_loads(argv, says, 
     with pytest.raises(SystemExit) as done:
         bench_forward.main()
     assert done.value.code == 1 and says in capsys.readouterr().err
+
+
+def test_bench_forward_profile_splits_the_forward_and_lists_kernels(monkeypatch, capsys):
+    """The prepared GPU profile runs here on the tiny model: its stages (GPU timings: None on a CPU), then the top
+    ops by self time."""
+    from annotator import bench_forward
+
+    monkeypatch.setattr("sys.argv", ["bench_forward", "profile"])
+    bench_forward.main()
+    printed = capsys.readouterr().out
+    assert printed.count("GPU ms: vision tower, embeddings + decoder, head: None") == 3
+    assert "aten::" in printed and "Self CPU time total" in printed
 
 
 def test_bench_forward_elementwise_times_each_lean_piece_against_transformers(monkeypatch, capsys):

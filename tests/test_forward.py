@@ -317,8 +317,8 @@ def test_one_question_mask_is_the_causal_mask():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a GPU")
 def test_a_kernel_that_cannot_run_leaves_the_rotary_to_pytorch(caplog):
-    """Asked for a GPU the machine lacks (so Triton, where installed, fails to build or launch): no error, False,
-    and `rotate` keeps PyTorch's ops; asked again, the answer is remembered."""
+    """Asked for a GPU the machine lacks (Triton, where installed, then fails as the check moves its tensors there):
+    no error, False (so `rotate` keeps PyTorch's ops); asked again, the answer is remembered."""
     first_gpu = torch.device("cuda", 0)
     rotary.kernel_checked.cache_clear()
     assert not rotary.kernel_runs(first_gpu, 8, torch.bfloat16, torch.bfloat16)
@@ -406,9 +406,11 @@ def test_lean_forward_does_not_sync_a_gpu(tiny):
     loaded = load_model(tiny.name, None, "bfloat16", "cuda", "sdpa")
     builder = PromptBuilder(loaded.tokenizer, PromptConfig())
     rows = score_inputs(builder, SIZES)
+    rotary.kernel_checked.cache_clear()  # (another test's scorer may have checked this model's kernel already)
     scorer = Scorer(loaded, builder, "lean")
     checked = rotary.kernel_checked.cache_info().currsize
     if importlib.util.find_spec("triton") is not None:  # the Triton rotary, built and checked as the scorer loads
+        assert checked == 1
         assert rotary.kernel_runs(loaded.device, loaded.model.model.visual.blocks[0].attn.head_dim, *[loaded.dtype] * 2)
     scorer.score(rows)  # warm-up: first calls allocate and load kernels
     assert rotary.kernel_checked.cache_info().currsize == checked, "the forward's kernels were all checked at load"

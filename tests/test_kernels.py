@@ -110,12 +110,40 @@ def test_the_kernel_declines_what_it_does_not_handle():
     cos_one, sin_three = torch.randn(1, 7, 10), torch.randn(3, 7, 10)
     assert declined(torch.randn(3, 7, 10), rotary.Rotary(*cos_one.chunk(2, -1), *sin_three.chunk(2, -1)), x[0, :, 0])
     assert declined(torch.randn(2, 0), rotary.Rotary.of(*torch.randn(2, 2, 0)), torch.zeros(2, 0))  # no head dim
+    one_wide = rotary.Rotary.of(*torch.randn(2, 7, 2))  # head-size-1 halves, which would broadcast
+    assert declined(torch.randn(7, 10), one_wide, torch.zeros(7, 10))
+    x2, table = torch.randn(7, 10), rotary.Rotary.of(*torch.randn(2, 7, 10))
+    assert declined(x2, table, torch.zeros(7, 20)[:, ::2])  # out's head dimension not contiguous
+    assert not kernels.fused_rotate(x2, table, torch.zeros(7, 10, device="meta"), interpret=True)  # another device
+    assert not kernels.fused_rotate(torch.tensor(1.0), table, torch.tensor(0.0), interpret=True)  # no dimension
     needs_grad = x.clone().requires_grad_()
     assert declined(needs_grad, halves, out)  # autograd would not see the kernel
     with torch.no_grad():
         assert kernels.fused_rotate(needs_grad, halves, torch.empty_like(x), interpret=True)
     empty = x[:, :0]
     assert kernels.fused_rotate(empty, halves, torch.empty_like(empty), interpret=True)
+
+
+def test_a_kernel_that_fails_in_a_batch_leaves_that_variant_to_pytorch(monkeypatch, caplog):
+    """A launch that raises after the check passed (a layout whose variant Triton cannot build, say) is not the
+    batch's error: `rotate` gives PyTorch's result, warns, and does not try that variant again."""
+    monkeypatch.setattr(rotary, "FAILED", set())
+    monkeypatch.setattr(rotary, "fused_applies", lambda *_: True)  # as on a GPU where the check passed
+    launches = []
+
+    def fails(*args, **kwargs):
+        launches.append(args)
+        raise RuntimeError("PassManager::run failed")
+
+    monkeypatch.setattr(kernels, "fused_rotate", fails)
+    x, cos, sin = vision_case(1, torch.bfloat16)
+    halves = rotary.Rotary.of(cos, sin)
+    torch.testing.assert_close(rotary.rotate(x, halves), rotary.rotate_with_ops(x, halves, x.dtype), atol=0, rtol=0)
+    assert len(launches) == 1 and "PassManager::run failed" in caplog.text
+    assert {(x.device, x.shape[-1], x.dtype, x.dtype)} == rotary.FAILED
+    gpu = torch.device("cuda", 0)
+    rotary.FAILED.add((gpu, 10, torch.bfloat16, torch.bfloat16))
+    assert not rotary.kernel_runs(gpu, 10, torch.bfloat16, torch.bfloat16)
 
 
 @pytest.mark.gpu
