@@ -180,14 +180,15 @@ def elementwise(loaded, builder) -> None:
         else (cos, sin)
     )
     embeds = forward.embed(text_model, inputs.input_ids, inputs.image_index, visual.merger(hidden))
+
+    def transformers_rotary() -> tuple[torch.Tensor, torch.Tensor]:
+        return apply_rotary_pos_emb_vision(packed[:, 0], packed[:, 1], *tables)
+
     pieces = {
-        "vision rotary (q and k)": (
-            lambda: rotary.rotate(ours[:2], halves, qkv.dtype),
-            lambda: apply_rotary_pos_emb_vision(packed[:, 0], packed[:, 1], *tables),
-        ),
+        "vision rotary (q and k)": (lambda: rotary.rotate(ours[:2], halves, qkv.dtype), transformers_rotary),
         "vision rotary, PyTorch's ops": (
             lambda: rotary.rotate_with_ops(ours[:2], halves, qkv.dtype),
-            lambda: apply_rotary_pos_emb_vision(packed[:, 0], packed[:, 1], *tables),
+            transformers_rotary,
         ),
         "vision MLP": (lambda: forward.vision_mlp(block.mlp, hidden), lambda: block.mlp(hidden)),
         "patch embedding": (
@@ -200,7 +201,7 @@ def elementwise(loaded, builder) -> None:
         ),
     }
     print(f"batch {batch}, {hidden.shape[0]} patches, {embeds.shape[0]}x{embeds.shape[1]} tokens, {loaded.dtype}")
-    fused = rotary.kernel_runs(hidden.device, block.attn.head_dim, qkv.dtype, qkv.dtype)
+    fused = rotary.kernel_runs(hidden.device, attn.head_dim, qkv.dtype, qkv.dtype)
     print(f"vision rotary through the Triton kernel: {fused}")
     per_forward = {"vision": len(visual.blocks), "decoder": 2 * len(text_model.layers), "patch": 1}
     for name, (lean, reference) in pieces.items():

@@ -284,7 +284,7 @@ def count_launch(scorer: Any, rows: list, memory: bool = True) -> ForwardCounts:
             scorer.launch(rows)
     finally:
         del scorer.collate, scorer.logits
-    counted = ForwardCounts(
+    result = ForwardCounts(
         len(rows),
         counts["collate"].total,
         counts["vision"].total,
@@ -294,9 +294,9 @@ def count_launch(scorer: Any, rows: list, memory: bool = True) -> ForwardCounts:
     )
     if memory:
         vision, forward = memory_traffic(scorer, rows)
-        counted.vision_memory_bytes, counted.forward_memory_bytes = vision.memory_total, forward.memory_total
-        counted.memory_ops = dict(forward.memory_bytes)
-    return counted
+        result.vision_memory_bytes, result.forward_memory_bytes = vision.memory_total, forward.memory_total
+        result.memory_ops = dict(forward.memory_bytes)
+    return result
 
 
 def qwen2_vl_2b(reduced: bool, dtype: torch.dtype = torch.float32) -> Any:
